@@ -1,0 +1,346 @@
+"""Qwen2 / Qwen2.5 decoder-only Transformer in plain PyTorch.
+
+    x_0 = E[ids]
+    for each block l:   x = x + Attn_l(RMSNorm(x))        (GQA, RoPE, q/k/v bias, no o bias)
+                        x = x + MLP_l(RMSNorm(x))         (SwiGLU: W_down(silu(W_gate x) * W_up x))
+    logits = W_head RMSNorm(x)                            (W_head = E when tie_word_embeddings)
+
+Parameter names equal the Hugging Face checkpoint names with the leading "model." removed, so loading is a
+plain state-dict copy (see checkpoint.py). RoPE uses the rotate-half layout of HF checkpoints.
+
+Two things the rest of the code needs from the model:
+- a static KV cache (`KVCache`) owned by the caller: the sampler preallocates [B, H_kv, T_max, D] per layer and
+  the model writes new keys/values at cache columns `cache_position`;
+- `token_logprobs`, log pi(y_t | y_<t) of given tokens, computed in chunks so that the [B, T, V] fp32
+  log-softmax is never materialised (V = 152k for Qwen2.5).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class ModelConfig:
+    """The subset of a Qwen2 `config.json` that defines the network (defaults: Qwen2.5-0.5B)."""
+
+    vocab_size: int = 151936
+    hidden_size: int = 896
+    intermediate_size: int = 4864
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 14
+    num_key_value_heads: int = 2
+    head_dim: int = 0  # 0: hidden_size // num_attention_heads
+    max_position_embeddings: int = 32768
+    rope_theta: float = 1_000_000.0
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = True
+
+    def __post_init__(self) -> None:
+        if self.head_dim == 0:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads={self.num_attention_heads} must be a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}"
+            )
+
+    @classmethod
+    def from_hf(cls, hf: dict, source: str = "config.json") -> "ModelConfig":
+        """Build from a Hugging Face Qwen2 config dict; reject features this model does not implement."""
+        archs = hf.get("architectures") or []
+        if hf.get("model_type") != "qwen2" or (archs and "Qwen2ForCausalLM" not in archs):
+            raise ValueError(
+                f"{source}: model_type={hf.get('model_type')!r}, architectures={archs}; sqlr1 implements only "
+                "Qwen2 / Qwen2.5 (model_type 'qwen2', Qwen2ForCausalLM)"
+            )
+        if hf.get("use_sliding_window", False):
+            raise ValueError(
+                f"{source}: use_sliding_window=true is not supported (no Qwen2.5 release enables it); "
+                "set it to false"
+            )
+        scaling = hf.get("rope_scaling")
+        if scaling is not None and scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
+            raise ValueError(
+                f"{source}: rope_scaling={scaling} is not supported yet (only null; YaRN may come later); "
+                "remove rope_scaling to use the native context length"
+            )
+        if hf.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"{source}: hidden_act={hf['hidden_act']!r} is not supported (Qwen2 uses 'silu')")
+        known = {f.name for f in fields(cls)}
+        kwargs = {k: v for k, v in hf.items() if k in known and v is not None}
+        if "rope_theta" not in kwargs and isinstance(hf.get("rope_parameters"), dict):
+            kwargs["rope_theta"] = hf["rope_parameters"].get("rope_theta", cls.rope_theta)
+        return cls(**kwargs)
+
+    def to_hf(self) -> dict:
+        """The `config.json` contents transformers and vLLM expect for Qwen2ForCausalLM."""
+        return {
+            "architectures": ["Qwen2ForCausalLM"],
+            "model_type": "qwen2",
+            **asdict(self),
+            "hidden_act": "silu",
+            "attention_dropout": 0.0,
+            "use_sliding_window": False,
+            "sliding_window": None,
+            "max_window_layers": self.num_hidden_layers,
+            "rope_scaling": None,
+            "use_cache": True,
+            "initializer_range": 0.02,
+        }
+
+
+class KVCache:
+    """Static, preallocated keys and values: one [B, H_kv, T_max, D] buffer pair per layer.
+
+    The model writes the keys/values of the tokens it processes at cache columns `cache_position` (shared by all
+    rows) and attends over all T_max columns under the caller's `attention_mask` [B, T_max]. Nothing is reallocated
+    while decoding; `select_rows` builds the smaller cache used when finished rows are dropped.
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
+        shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+
+    @property
+    def batch_size(self) -> int:
+        return self.k[0].shape[0]
+
+    @property
+    def max_len(self) -> int:
+        return self.k[0].shape[2]
+
+    def update(self, layer: int, cache_position: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v [B, H_kv, T, D] at columns cache_position [T]; return the layer's full buffers."""
+        self.k[layer].index_copy_(2, cache_position, k)
+        self.v[layer].index_copy_(2, cache_position, v)
+        return self.k[layer], self.v[layer]
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keep (or repeat) batch rows `rows` [B'] — used for prefix sharing and for dropping finished rows."""
+        self.k = [k.index_select(0, rows) for k in self.k]
+        self.v = [v.index_select(0, rows) for v in self.v]
+
+
+class RMSNorm(nn.Module):
+    """y = w * x / sqrt(mean(x^2) + eps), computed in fp32 as in the reference implementation."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos/sin [B, T, D] for angles pos * theta^(-2i/D), duplicated over both halves (rotate-half layout)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim)
+    angles = position_ids.float()[..., None] * inv_freq
+    emb = torch.cat((angles, angles), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, T, D] rotated: x*cos + rotate_half(x)*sin, rotate_half([a, b]) = [-b, a]."""
+    a, b = x.chunk(2, dim=-1)
+    return x * cos[:, None] + torch.cat((-b, a), dim=-1) * sin[:, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer, self.n_head, self.n_kv, self.head_dim = layer, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_head * self.head_dim, bias=True)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=True)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=True)
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, mask, kv_cache: KVCache | None, cache_position):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer, cache_position, k, v)
+        # mask None means "plain causal, no padding" (training on unpadded rows): let SDPA pick a fused kernel.
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv != self.n_head
+        )
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, kv_cache=None, cache_position=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, cache_position)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Qwen2(nn.Module):
+    """Qwen2 causal LM. Parameter names = HF names without the "model." prefix."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.gradient_checkpointing = False  # recompute each block in backward (activation checkpointing)
+
+    def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
+        """Random init (normal(0, std) matrices, zero biases, unit norms) for models trained from scratch."""
+        for name, p in self.named_parameters():
+            with torch.no_grad():
+                if name.endswith("norm.weight"):
+                    p.fill_(1.0)
+                elif name.endswith("bias"):
+                    p.zero_()
+                else:
+                    p.normal_(0.0, std, generator=generator)
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        cache_position: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Final-norm hidden states [B, T, hidden].
+
+        input_ids [B, T]: the new tokens. attention_mask: 1 for real tokens, 0 for padding, over the keys —
+        [B, T] without a cache, [B, T_max] over the cache columns with one. cache_position [T]: the key columns the
+        new tokens occupy (default 0..T-1). position_ids [B, T] (default: number of real tokens before each one,
+        which makes left padding invisible to RoPE).
+        """
+        B, T = input_ids.shape
+        device = input_ids.device
+        if cache_position is None:
+            cache_position = torch.arange(T, device=device)
+        if kv_cache is not None and attention_mask is None:
+            raise ValueError("attention_mask [B, T_max] is required when decoding with a kv_cache")
+        if position_ids is None:
+            if attention_mask is None:
+                position_ids = cache_position.expand(B, T)
+            else:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, cache_position]
+        mask = None
+        if attention_mask is not None:
+            keys = torch.arange(attention_mask.shape[1], device=device)
+            causal = keys[None, :] <= cache_position[:, None]  # [T, S]
+            mask = causal[None] & attention_mask.bool()[:, None, :]  # [B, T, S]
+            # A padding query sees no real key; let it see itself so its (ignored) output stays finite.
+            mask = mask | (keys[None, :] == cache_position[:, None])[None]
+            mask = mask[:, None]  # [B, 1, T, S], broadcast over heads
+        x = self.embed_tokens(input_ids)
+        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
+        for layer in self.layers:
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cos, sin, mask, kv_cache, cache_position, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, kv_cache, cache_position)
+        return self.norm(x)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        cache_position: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits [B, T, V] (in the weights' dtype). See `hidden_states` for the arguments."""
+        return self.lm_head(self.hidden_states(input_ids, attention_mask, position_ids, kv_cache, cache_position))
+
+    def token_logprobs(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        start: int = 0,
+        temperature: float = 1.0,
+        with_entropy: bool = False,
+        vocab_size: int | None = None,
+        chunk_size: int = 1024,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """log pi(y_t | y_<t) for the tokens input_ids[:, start+1:], and optionally the policy entropy there.
+
+        Returns logp [B, T-start-1] (fp32) and entropy H_t = -sum_v p_v log p_v [B, T-start-1] (or None), with
+        p = softmax(logits[:vocab_size] / temperature) so that scores match what the sampler drew from (ids past the
+        tokenizer's real `vocab_size` — Qwen's padded embedding rows — are excluded). Prompt positions before
+        `start` get no head computation. Rows are processed in chunks of `chunk_size` positions; with gradients on,
+        each chunk is recomputed in backward, so at most one [chunk, V] fp32 block of logits is alive at a time.
+        """
+        h = self.hidden_states(input_ids, attention_mask)[:, start:-1]
+        targets = input_ids[:, start + 1 :]
+        B, T, D = h.shape
+        h, targets = h.reshape(B * T, D), targets.reshape(B * T)
+        weight = self.lm_head.weight
+        logps, ents = [], []
+        for i in range(0, B * T, chunk_size):
+            args = (h[i : i + chunk_size], weight[:vocab_size], targets[i : i + chunk_size], temperature, with_entropy)
+            if torch.is_grad_enabled():
+                lp, ent = checkpoint(_chunk_logprobs, *args, use_reentrant=False)
+            else:
+                lp, ent = _chunk_logprobs(*args)
+            logps.append(lp)
+            ents.append(ent)
+        logp = torch.cat(logps).view(B, T)
+        entropy = torch.cat(ents).view(B, T) if with_entropy else None
+        return logp, entropy
+
+
+def _chunk_logprobs(h, weight, targets, temperature: float, with_entropy: bool):
+    """log softmax(h W^T / tau)[target] (and entropy) for one chunk of positions, in fp32."""
+    logits = (h @ weight.t()).float() / temperature
+    logz = logits.logsumexp(-1)
+    logp = logits.gather(-1, targets[:, None]).squeeze(-1) - logz
+    if not with_entropy:
+        return logp, logp.new_zeros(0)
+    entropy = logz - (logits.softmax(-1) * logits).sum(-1)
+    return logp, entropy
+
+
+def num_params(model: nn.Module) -> int:
+    """Number of distinct parameters (tied weights counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def flops_per_token(config: ModelConfig, seq_len: int) -> float:
+    """Forward FLOPs per token: 2 * (matmul params) + attention 2 * 2 * L * T * d_attn (causal: half of T^2)."""
+    c = config
+    attn_dim = c.num_attention_heads * c.head_dim
+    kv_dim = c.num_key_value_heads * c.head_dim
+    per_layer = c.hidden_size * (attn_dim + 2 * kv_dim) + attn_dim * c.hidden_size + 3 * c.hidden_size * c.intermediate_size
+    matmul = c.num_hidden_layers * per_layer + c.hidden_size * c.vocab_size
+    return 2 * matmul + 2 * c.num_hidden_layers * seq_len * attn_dim  # causal attention: ~T/2 keys on average
