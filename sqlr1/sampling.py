@@ -1,0 +1,260 @@
+"""Batched, KV-cached sampling with group prefix sharing: the GRPO rollout engine.
+
+GRPO needs, for each prompt q, a group of G completions o_1..o_G ~ pi_old(. | q) and, for every sampled token,
+log pi_old(o_t | q, o_<t). `generate` produces both:
+
+1. Prefill each prompt once. The P prompts are left-padded to the longest length L and run through the model in one
+   batch, writing keys/values into a static `KVCache` of T_max = L + max_new_tokens - 1 columns (the last sampled
+   token is never fed back). Prefill cost depends on P, not on G.
+2. Share the prefix. `kv_cache.select_rows` repeats each prompt's cache row G times (rows i*G .. i*G+G-1).
+3. Decode all P*G rows together, one token per step, writing column L + s at step s. Left padding is invisible:
+   the mask over cache columns hides pad keys and positions are "real tokens before this one" (RoPE positions of a
+   padded prompt equal those of the prompt alone).
+4. Every `check_every` steps (one host sync), stop if every row has emitted a stop id, else drop finished rows from
+   the cache, mask and state. Rows that finish between checks keep decoding; what they emit after the stop id is
+   discarded.
+
+The sampling distribution at each step is p = softmax(z[:V] / tau), z the logits and V = `vocab_size` (ids >= V,
+Qwen's padded embedding rows, are never computed, so never sampled), optionally truncated by top-k then top-p
+(nucleus) and renormalised. The returned log-prob of a sampled token y is the UNtruncated
+
+    log p(y) = z_y / tau - logsumexp(z[:V] / tau),
+
+exactly what `Qwen2.token_logprobs(ids, temperature=tau, vocab_size=V)` computes on prompt + completion, which the
+GRPO loss uses as log pi_old. Greedy decoding (tau = 0) reports the tau = 1 log-prob.
+
+Randomness (the exponential race, a form of the Gumbel-max trick): with E_v ~ Exp(1) i.i.d.,
+argmax_v p_v / E_v is distributed as p. Every step draws one [N, V] block of E from a `torch.Generator` seeded
+with `seed`, N = P*G the number of rows at the start; row r (prompt r // G, sample r % G) always reads row r of
+the block, whatever compaction has done. Guarantee: for a fixed seed, the samples are a function of the prompt list,
+num_samples and the sampling settings only: they do not depend on `check_every` (compaction), `share_prefix`,
+`compile`, or on the contents and lengths of the other prompts. Changing the number of prompts (hence N) changes the
+stream. (Up to float rounding: the kernels may round differently at different batch sizes, which can flip an
+argmax only at an exact near-tie.)
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from sqlr1.model import KVCache, Qwen2
+
+
+@dataclass
+class Samples:
+    """Completions in prompt-major order: completion i*num_samples + j is sample j of prompt i."""
+
+    prompt_index: list[int]  # which prompt each completion belongs to
+    tokens: list[list[int]]  # completion ids, the stop id included when hit, nothing after it
+    logprobs: list[list[float]]  # log p(token) under softmax(logits[:vocab_size] / temperature), before truncation
+    finish_reason: list[str]  # "stop" (emitted a stop id) or "length" (reached max_new_tokens)
+
+
+def truncate_logprobs(logp: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Keep the top_k most likely ids (0: all), then the smallest set of most likely ids whose renormalised mass
+    reaches top_p (nucleus); the rest get -inf. logp [B, V] -> [B, V] (unnormalised once truncated)."""
+    if 0 < top_k < logp.shape[-1]:
+        kth = logp.topk(top_k, dim=-1).values[:, -1:]
+        logp = logp.masked_fill(logp < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logp, order = logp.sort(dim=-1, descending=True)
+        probs = sorted_logp.softmax(-1)
+        mass_before = probs.cumsum(-1) - probs  # mass of the strictly more likely ids
+        drop_sorted = mass_before >= top_p  # the most likely id always stays (mass_before = 0)
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logp = logp.masked_fill(drop, float("-inf"))
+    return logp
+
+
+def sample_tokens(
+    logits: torch.Tensor, temperature: float, top_k: int, top_p: float, noise: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw one id per row and return (ids [B], log p(ids) [B]).
+
+    logits [B, V] fp32; noise [B, V] i.i.d. Exp(1) (unused when temperature == 0, greedy). The draw is the
+    exponential race argmax_v (log p~_v - log E_v), p~ the truncated distribution; the log-prob is the untruncated
+    log softmax(logits / tau) at the drawn id (tau = 1 for greedy).
+    """
+    if temperature == 0:
+        logp = logits.log_softmax(-1)
+        ids = logp.argmax(-1)
+    else:
+        logp = (logits / temperature).log_softmax(-1)
+        ids = (truncate_logprobs(logp, top_k, top_p) - noise.log()).argmax(-1)
+    return ids, logp.gather(-1, ids[:, None]).squeeze(-1)
+
+
+def _decode_step(model: Qwen2, vocab_size: int, ids, attention_mask, position_ids, kv_cache, cache_position):
+    """Feed one token per row; return next-token logits [B, vocab_size] in fp32 (head rows >= vocab_size skipped)."""
+    h = model.hidden_states(ids[:, None], attention_mask, position_ids[:, None], kv_cache, cache_position)
+    return F.linear(h[:, -1], model.lm_head.weight[:vocab_size]).float()
+
+
+_compiled_decode_step = torch.compile(_decode_step, dynamic=False)
+
+
+def _check_args(model, prompts, num_samples, max_new_tokens, temperature, top_p, top_k, vocab_size, check_every):
+    cfg = model.config
+    if len(prompts) == 0:
+        raise ValueError("prompts: empty list; pass at least one prompt (a list of token ids)")
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"prompts[{i}]: empty prompt; every prompt needs at least one token")
+        if len(p) > cfg.max_position_embeddings:
+            raise ValueError(
+                f"prompts[{i}]: {len(p)} tokens exceeds the model's max_position_embeddings="
+                f"{cfg.max_position_embeddings}; truncate the prompt"
+            )
+        if min(p) < 0 or max(p) >= cfg.vocab_size:
+            raise ValueError(f"prompts[{i}]: token ids must lie in [0, {cfg.vocab_size}) for this model")
+    if num_samples < 1:
+        raise ValueError(f"num_samples={num_samples}: must be >= 1")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 1")
+    if temperature < 0:
+        raise ValueError(f"temperature={temperature}: must be >= 0 (0 means greedy)")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p={top_p}: must lie in (0, 1]")
+    if top_k < 0:
+        raise ValueError(f"top_k={top_k}: must be >= 0 (0 disables top-k)")
+    if not 1 <= vocab_size <= cfg.vocab_size:
+        raise ValueError(f"vocab_size={vocab_size}: must lie in [1, {cfg.vocab_size}] (the model's embedding rows)")
+    if check_every < 1:
+        raise ValueError(f"check_every={check_every}: must be >= 1")
+
+
+def generate(
+    model: Qwen2,
+    prompts: list[list[int]],
+    num_samples: int = 1,
+    max_new_tokens: int = 256,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    stop_ids: Sequence[int] = (),
+    vocab_size: int | None = None,
+    seed: int | None = None,
+    compile: bool = False,
+    progress: bool | None = None,
+    check_every: int = 8,
+    share_prefix: bool = True,
+) -> Samples:
+    """Sample `num_samples` completions for each prompt (see the module docstring for the algorithm).
+
+    temperature 0 is greedy; top_k 0 and top_p 1 disable truncation; `vocab_size` (default: the model's) is the
+    tokenizer's real vocabulary — ids >= vocab_size are never produced. Generation of a row ends at the first id in
+    `stop_ids` or after `max_new_tokens`. `seed` fixes the random stream (None: nondeterministic). `compile` runs the
+    decode step under torch.compile with static shapes; compaction then only shrinks the batch to powers of two
+    (finished rows fill the rest), so there are at most log2(P*G) + 1 recompiles per (L, max_new_tokens) shape.
+    `share_prefix=False` prefills every row separately (same results; for tests and benchmarks). `progress` shows a
+    tqdm bar over generated tokens (None: only when stderr is a terminal). The model runs in eval mode under
+    inference_mode; its training flag is restored afterwards.
+    """
+    vocab_size = model.config.vocab_size if vocab_size is None else vocab_size
+    _check_args(model, prompts, num_samples, max_new_tokens, temperature, top_p, top_k, vocab_size, check_every)
+    progress = sys.stderr.isatty() if progress is None else progress
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            return _generate(
+                model, prompts, num_samples, max_new_tokens, temperature, top_p, top_k, stop_ids, vocab_size,
+                seed, compile, progress, check_every, share_prefix,
+            )
+    finally:
+        model.train(was_training)
+
+
+def _generate(
+    model, prompts, num_samples, max_new_tokens, temperature, top_p, top_k, stop_ids, vocab_size,
+    seed, compile, progress, check_every, share_prefix,
+) -> Samples:
+    weight = model.lm_head.weight
+    device, dtype = weight.device, weight.dtype
+    P, G = len(prompts), num_samples
+    N = P * G  # rows at the start; row r = sample r % G of prompt r // G
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    L = int(lengths.max())
+    T_max = L + max_new_tokens - 1
+
+    # Left padding: prompt i occupies columns L - len_i .. L-1. Mask columns from L on are set once, up front: the
+    # causal mask hides future columns, so the mask never needs an update while decoding.
+    ids = torch.zeros(P, L, dtype=torch.long, device=device)
+    mask = torch.ones(P, T_max, dtype=torch.bool, device=device)
+    for i, p in enumerate(prompts):
+        ids[i, L - len(p) :] = torch.tensor(p, device=device)
+        mask[i, : L - len(p)] = False
+    group = torch.arange(P, device=device).repeat_interleave(G)  # prompt of each row
+    if not share_prefix:
+        ids, mask = ids[group], mask[group]
+
+    kv_cache = KVCache(model.config, ids.shape[0], T_max, device=device, dtype=dtype)
+    h = model.hidden_states(ids, mask, kv_cache=kv_cache, cache_position=torch.arange(L, device=device))
+    logits = F.linear(h[:, -1], weight[:vocab_size]).float()
+    del h
+    if share_prefix:
+        kv_cache.select_rows(group)
+        mask, logits = mask[group], logits[group]
+
+    positions = lengths[group]  # RoPE position of the next token of each row
+    rows = torch.arange(N, device=device)  # original row id of each live row
+    done = torch.zeros(N, dtype=torch.bool, device=device)
+    stops = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
+    out_ids = torch.full((N, max_new_tokens), -1, dtype=torch.long, device=device)
+    out_logp = torch.zeros(N, max_new_tokens, device=device)
+    columns = torch.arange(L, T_max, device=device)
+    generator = torch.Generator(device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    noise_block = torch.empty(N, vocab_size, device=device)
+    step_fn = _compiled_decode_step if compile else _decode_step
+
+    bar = tqdm(total=N * max_new_tokens, unit="tok", desc="sampling", disable=not progress)
+    for s in range(max_new_tokens):
+        noise = None
+        if temperature > 0:
+            noise = noise_block.exponential_(generator=generator)
+            noise = noise if noise.shape[0] == rows.shape[0] else noise.index_select(0, rows)
+        next_ids, next_logp = sample_tokens(logits, temperature, top_k, top_p, noise)
+        out_ids[rows, s] = next_ids
+        out_logp[rows, s] = next_logp
+        bar.update(rows.shape[0])
+        if s == max_new_tokens - 1:
+            break
+        if len(stops):
+            done |= torch.isin(next_ids, stops)
+            if (s + 1) % check_every == 0:
+                num_live = int((~done).sum())  # the one host sync per check
+                if num_live == 0:
+                    break
+                keep_size = num_live if not compile else min(rows.shape[0], 1 << (num_live - 1).bit_length())
+                if keep_size < rows.shape[0]:
+                    keep = done.int().argsort(stable=True)[:keep_size]  # live rows first, in order
+                    kv_cache.select_rows(keep)
+                    mask, positions, rows, done, next_ids = (
+                        t.index_select(0, keep) for t in (mask, positions, rows, done, next_ids)
+                    )
+        logits = step_fn(model, vocab_size, next_ids, mask, positions, kv_cache, columns[s : s + 1])
+        positions += 1
+    bar.close()
+    del kv_cache
+
+    # Cut each row after its first stop id (tokens emitted after it, between checks, are discarded).
+    is_stop = torch.isin(out_ids, stops)
+    stopped = is_stop.any(-1)
+    lengths_out = torch.where(stopped, is_stop.int().argmax(-1) + 1, max_new_tokens).tolist()
+    tokens, logprobs = out_ids.tolist(), out_logp.tolist()
+    return Samples(
+        prompt_index=group.tolist(),
+        tokens=[t[:n] for t, n in zip(tokens, lengths_out)],
+        logprobs=[lp[:n] for lp, n in zip(logprobs, lengths_out)],
+        finish_reason=["stop" if x else "length" for x in stopped.tolist()],
+    )
