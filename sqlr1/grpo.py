@@ -165,13 +165,13 @@ def _check(name: str, x: Tensor | None, shape: torch.Size) -> None:
 
 
 def aggregate(per_token: Tensor, mask: Tensor, cfg: GRPOConfig, norm: LossNorm) -> Tensor:
-    """This micro-batch's share of the step loss, from per-token losses l [B, T] and mask weights m [B, T]:
+    """This micro-batch's share of the step loss, from finite per-token losses l [B, T] and mask weights m [B, T]:
 
         token-mean:              sum_{i,t} m l / num_tokens                        (DAPO)
         seq-mean-token-mean:     sum_i (sum_t m l / sum_t m) / num_seqs            (GRPO as in DeepSeekMath)
         seq-mean-token-sum-norm: sum_i (sum_t m l / max_len) / num_seqs            (Dr.GRPO)
     """
-    masked = torch.where(mask != 0, per_token * mask, 0.0)
+    masked = per_token * mask
     if cfg.loss_agg == "token-mean":
         return masked.sum() / norm.num_tokens
     if cfg.loss_agg == "seq-mean-token-mean":
@@ -228,7 +228,7 @@ def policy_loss(
     if cfg.ratio_level == "sequence":
         seq_log_ratio = (w * log_ratio).sum(dim=1, keepdim=True) / w.sum(dim=1, keepdim=True).clamp(min=1e-12)
         lp = torch.where(valid, logp, 0.0)
-        ratio = torch.where(valid, torch.exp(seq_log_ratio.detach() + lp - lp.detach()), 1.0)
+        ratio = torch.exp(seq_log_ratio.detach() + lp - lp.detach())
     else:
         ratio = torch.exp(log_ratio)
     clipped = ratio.clamp(1 - cfg.clip_low, 1 + cfg.clip_high)
