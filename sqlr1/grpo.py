@@ -220,7 +220,7 @@ def policy_loss(
     if cfg.kl_coef > 0 and ref_logp is None:
         raise ValueError("ref_logp is None but GRPOConfig.kl_coef > 0: pass reference log-probs or set kl_coef=0")
     if cfg.entropy_coef > 0 and entropy is None:
-        raise ValueError("entropy is None but GRPOConfig.entropy_coef > 0: compute it with token_logprobs(with_entropy=True)")
+        raise ValueError("entropy is None but GRPOConfig.entropy_coef > 0: use token_logprobs(with_entropy=True)")
 
     valid = mask != 0
     w = mask.to(logp.dtype)
@@ -256,7 +256,12 @@ def policy_loss(
 
 
 def finalize_metrics(summed: dict) -> dict[str, float]:
-    """Turn metric sums (added over micro-batches and ranks) into token means: clip fractions, ratio, KLs, entropy."""
+    """Turn metric sums (added over micro-batches and ranks) into token means.
+
+    Keys: clip_low / clip_high (fraction of tokens clipped on the active side), ratio (mean rho), kl_old (k2 estimate
+    of KL(pi_old || pi)), kl_ref (k3 vs the reference; only if ref_logp was given), entropy (true H_t; only if given),
+    plus the totals tokens and seqs.
+    """
     tokens = float(summed["tokens"])
     out = {"tokens": tokens, "seqs": float(summed["seqs"])}
     for key, value in summed.items():
