@@ -78,7 +78,7 @@ def sample_tokens(
     """Draw one id per row and return (ids [B], log p(ids) [B]).
 
     logits [B, V] fp32; noise [B, V] i.i.d. Exp(1) (unused when temperature == 0, greedy). The draw is the
-    exponential race argmax_v (log p~_v - log E_v), p~ the truncated distribution; the log-prob is the untruncated
+    exponential race argmax_v p~_v / E_v, p~ the truncated (unnormalised) distribution; the log-prob is the untruncated
     log softmax(logits / tau) at the drawn id (tau = 1 for greedy).
     """
     if temperature == 0:
@@ -86,7 +86,7 @@ def sample_tokens(
         ids = logp.argmax(-1)
     else:
         logp = (logits / temperature).log_softmax(-1)
-        ids = (truncate_logprobs(logp, top_k, top_p) - noise.log()).argmax(-1)
+        ids = (truncate_logprobs(logp, top_k, top_p).exp() / noise).argmax(-1)
     return ids, logp.gather(-1, ids[:, None]).squeeze(-1)
 
 
@@ -96,7 +96,9 @@ def _decode_step(model: Qwen2, vocab_size: int, ids, attention_mask, position_id
     return F.linear(h[:, -1], model.lm_head.weight[:vocab_size]).float()
 
 
-_compiled_decode_step = torch.compile(_decode_step, dynamic=False)
+# Shapes change with the batch (compaction) and with T_max (prompt lengths): torch.compile's automatic dynamic
+# shapes recompile once with those dimensions symbolic instead of once per size.
+_compiled_decode_step = torch.compile(_decode_step)
 
 
 def _check_args(model, prompts, num_samples, max_new_tokens, temperature, top_p, top_k, vocab_size, check_every):
@@ -150,8 +152,8 @@ def generate(
     temperature 0 is greedy; top_k 0 and top_p 1 disable truncation; `vocab_size` (default: the model's) is the
     tokenizer's real vocabulary — ids >= vocab_size are never produced. Generation of a row ends at the first id in
     `stop_ids` or after `max_new_tokens`. `seed` fixes the random stream (None: nondeterministic). `compile` runs the
-    decode step under torch.compile with static shapes; compaction then only shrinks the batch to powers of two
-    (finished rows fill the rest), so there are at most log2(P*G) + 1 recompiles per (L, max_new_tokens) shape.
+    decode step under torch.compile (same results; the first calls pay a compilation: one static graph, then one
+    with the batch size and cache length symbolic).
     `share_prefix=False` prefills every row separately (same results; for tests and benchmarks). `progress` shows a
     tqdm bar over generated tokens (None: only when stderr is a terminal). The model runs in eval mode under
     inference_mode; its training flag is restored afterwards.
@@ -221,7 +223,8 @@ def _generate(
     for s in range(max_new_tokens):
         noise = None
         if temperature > 0:
-            noise = noise_block.exponential_(generator=generator)
+            # E = -log U ~ Exp(1); uniform_ + log is ~3x faster on CPU than exponential_.
+            noise = noise_block.uniform_(generator=generator).log_().neg_()
             noise = noise if noise.shape[0] == rows.shape[0] else noise.index_select(0, rows)
         next_ids, next_logp = sample_tokens(logits, temperature, top_k, top_p, noise)
         out_ids[rows, s] = next_ids
@@ -235,9 +238,8 @@ def _generate(
                 num_live = int((~done).sum())  # the one host sync per check
                 if num_live == 0:
                     break
-                keep_size = num_live if not compile else min(rows.shape[0], 1 << (num_live - 1).bit_length())
-                if keep_size < rows.shape[0]:
-                    keep = done.int().argsort(stable=True)[:keep_size]  # live rows first, in order
+                if num_live < rows.shape[0]:
+                    keep = (~done).nonzero().squeeze(-1)
                     kv_cache.select_rows(keep)
                     mask, positions, rows, done, next_ids = (
                         t.index_select(0, keep) for t in (mask, positions, rows, done, next_ids)
