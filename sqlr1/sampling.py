@@ -35,6 +35,7 @@ argmax only at an exact near-tie.)
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -96,9 +97,12 @@ def _decode_step(model: Qwen2, vocab_size: int, ids, attention_mask, position_id
     return F.linear(h[:, -1], model.lm_head.weight[:vocab_size]).float()
 
 
-# Shapes change with the batch (compaction) and with T_max (prompt lengths): torch.compile's automatic dynamic
-# shapes recompile once with those dimensions symbolic instead of once per size.
-_compiled_decode_step = torch.compile(_decode_step)
+@functools.cache
+def _compiled_decode_step():
+    """`_decode_step` under torch.compile, built on first use (importing the compiler takes seconds). Shapes change
+    with the batch (compaction) and T_max (prompt lengths): automatic dynamic shapes recompile once with those
+    dimensions symbolic instead of once per size."""
+    return torch.compile(_decode_step)
 
 
 def _check_args(model, prompts, num_samples, max_new_tokens, temperature, top_p, top_k, vocab_size, check_every):
@@ -217,7 +221,7 @@ def _generate(
     else:
         generator.manual_seed(seed)
     noise_block = torch.empty(N, vocab_size, device=device)
-    step_fn = _compiled_decode_step if compile else _decode_step
+    step_fn = _compiled_decode_step() if compile else _decode_step
 
     bar = tqdm(total=N * max_new_tokens, unit="tok", desc="sampling", disable=not progress)
     for s in range(max_new_tokens):

@@ -1,0 +1,178 @@
+"""Benchmark sqlr1.sampling.generate against transformers' generate on the same random Qwen2 weights.
+
+Both sides decode the same batch for the same number of new tokens (no stop ids / eos, so every row runs to
+max_new_tokens) with the same sampling settings, in the same process, and we print tokens/s and the ratio.
+Also measured: prefill with prefix sharing (each prompt once, then its cache rows repeated G times) vs without.
+
+    python benchmarks/bench_sampling.py                  # CPU: small 4-layer model
+    python benchmarks/bench_sampling.py --device cuda    # GPU: Qwen2.5-0.5B and -7B shapes, bf16, batch 1 and 64
+
+On GPU it also reports the achieved memory traffic of a decode step, (weight bytes + KV-cache bytes read) / step
+time, against the copy bandwidth of the device (torch copy of a 1 GiB tensor, read + write bytes / time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from sqlr1.model import ModelConfig, Qwen2, num_params
+from sqlr1.sampling import generate
+
+CPU_CONFIG = ModelConfig(
+    vocab_size=8192, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
+    num_key_value_heads=2, max_position_embeddings=4096,
+)
+QWEN25_05B = ModelConfig()  # the defaults are Qwen2.5-0.5B
+QWEN25_7B = ModelConfig(
+    vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+    num_key_value_heads=4, tie_word_embeddings=False,
+)
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def best_times(fns: dict, device: str, repeats: int) -> dict:
+    """Best wall time of each callable over `repeats` rounds, after one warm-up call each. The callables run
+    interleaved (a, b, a, b, ...) so that a slow spell of a shared machine hits all of them alike."""
+    for fn in fns.values():
+        fn()
+    best = {name: float("inf") for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return best
+
+
+def build_models(config: ModelConfig, device: str, dtype: torch.dtype):
+    """Our Qwen2 with random weights, and a transformers Qwen2ForCausalLM holding a copy of the same weights."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    with torch.device(device):
+        ours = Qwen2(config).to(dtype)
+        ours.init_weights(generator=torch.Generator(device).manual_seed(0))
+        hf = Qwen2ForCausalLM._from_config(Qwen2Config(**config.to_hf()), dtype=dtype)
+    state = {("" if k.startswith("lm_head") else "model.") + k: v for k, v in ours.state_dict().items()}
+    hf.load_state_dict(state, strict=True)
+    return ours.eval(), hf.eval()
+
+
+def bench_decode(ours, hf, batch: int, prompt_len: int, new_tokens: int, temperature: float, device: str,
+                 repeats: int, compile: bool) -> dict:
+    """Seconds for: transformers, ours, ours with max_new_tokens=1 (prefill); greedy when temperature == 0, else
+    multinomial sampling at that temperature without truncation. No eos: every row makes new_tokens tokens."""
+    vocab = ours.config.vocab_size
+    prompts = torch.randint(0, vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(1))
+    ids = prompts.to(device)
+    sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature else dict(do_sample=False)
+
+    def run_hf():
+        with torch.inference_mode():
+            hf.generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens, eos_token_id=None, pad_token_id=0, **sampling,
+            )
+
+    def run_ours(n=new_tokens):
+        generate(ours, prompts.tolist(), max_new_tokens=n, temperature=temperature, seed=0, compile=compile,
+                 progress=False)
+
+    return best_times({"hf": run_hf, "ours": run_ours, "prefill": lambda: run_ours(1)}, device, repeats)
+
+
+def bench_prefill_sharing(model, num_prompts: int, group: int, prompt_len: int, device: str, repeats: int):
+    """Seconds for prefill + 1 token with and without prefix sharing."""
+    vocab = model.config.vocab_size
+    prompts = torch.randint(0, vocab, (num_prompts, prompt_len), generator=torch.Generator().manual_seed(2)).tolist()
+
+    def run(share: bool):
+        generate(model, prompts, num_samples=group, max_new_tokens=1, seed=0, share_prefix=share, progress=False)
+
+    return best_times({"shared": lambda: run(True), "unshared": lambda: run(False)}, device, repeats)
+
+
+def kv_cache_bytes(config: ModelConfig, batch: int, cache_len: int, dtype: torch.dtype) -> int:
+    """Bytes of keys + values a decode step reads: the whole static cache (every column is attended, masked or not)."""
+    elements = 2 * config.num_hidden_layers * batch * config.num_key_value_heads * cache_len * config.head_dim
+    return elements * torch.tensor([], dtype=dtype).element_size()
+
+
+def copy_bandwidth(device: str) -> float:
+    """Bytes/s of a device-to-device copy of a 1 GiB tensor (read + write)."""
+    x = torch.empty(2**28, dtype=torch.float32, device=device)
+    y = torch.empty_like(x)
+    t = timed(lambda: y.copy_(x), device, 5)
+    return 2 * x.numel() * x.element_size() / t
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--compile", action="store_true", help="also time generate(compile=True)")
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}")
+    if args.device == "cpu":
+        run_cpu(args)
+    else:
+        run_cuda(args)
+
+
+def run_cpu(args) -> None:
+    ours, hf = build_models(CPU_CONFIG, "cpu", torch.float32)
+    batch, prompt_len, new_tokens = 16, 128, 128
+    print(f"\nmodel: 4 layers, hidden 256, 8/2 heads, vocab 8192 ({num_params(ours) / 1e6:.1f}M params, fp32)")
+    print(f"decode: {batch} prompts x {prompt_len} tokens, {new_tokens} new tokens each, best of {args.repeats}\n")
+    print(f"| {'decoding':<22} | {'HF tok/s':>9} | {'sqlr1 tok/s':>11} | {'ratio':>6} | {'sqlr1 ms/step':>13} |")
+    print(f"|{'-' * 24}|{'-' * 11}|{'-' * 13}|{'-' * 8}|{'-' * 15}|")
+    for name, temperature, compile in (
+        ("sampling T=1", 1.0, False), ("greedy", 0.0, False), ("sampling T=1, compile", 1.0, True)
+    ):
+        if compile and not args.compile:
+            continue
+        t = bench_decode(ours, hf, batch, prompt_len, new_tokens, temperature, "cpu", args.repeats, compile)
+        tokens = batch * new_tokens
+        step_ms = 1e3 * (t["ours"] - t["prefill"]) / (new_tokens - 1)
+        print(f"| {name:<22} | {tokens / t['hf']:>9.0f} | {tokens / t['ours']:>11.0f} | {t['hf'] / t['ours']:>5.2f}x |"
+              f" {step_ms:>13.2f} |")
+    t = bench_prefill_sharing(ours, 2, 8, 512, "cpu", args.repeats)
+    print("\nprefill, 2 prompts x 512 tokens, G = 8 samples each (prefill + first token):")
+    print(f"  shared prefix  {t['shared'] * 1e3:8.1f} ms\n  unshared       {t['unshared'] * 1e3:8.1f} ms"
+          f"\n  speed-up       {t['unshared'] / t['shared']:8.2f}x")
+
+
+def run_cuda(args) -> None:
+    bandwidth = copy_bandwidth("cuda")
+    print(f"device copy bandwidth: {bandwidth / 1e9:.0f} GB/s")
+    prompt_len, new_tokens = 128, 256
+    print(f"\n| {'model':<12} | {'batch':>5} | {'sqlr1 tok/s':>11} | {'HF tok/s':>9} | {'ratio':>6} |"
+          f" {'GB/s':>6} | {'% of copy':>9} |")
+    print(f"|{'-' * 14}|{'-' * 7}|{'-' * 13}|{'-' * 11}|{'-' * 8}|{'-' * 8}|{'-' * 11}|")
+    for name, config in (("Qwen2.5-0.5B", QWEN25_05B), ("Qwen2.5-7B", QWEN25_7B)):
+        ours, hf = build_models(config, "cuda", torch.bfloat16)
+        # A decode step reads every weight matrix once; an untied embedding table only at the looked-up rows.
+        weight_bytes = 2 * (num_params(ours) - (0 if config.tie_word_embeddings else ours.embed_tokens.weight.numel()))
+        for batch in (1, 64):
+            t = bench_decode(ours, hf, batch, prompt_len, new_tokens, 1.0, "cuda", args.repeats, args.compile)
+            tps, tps_hf = batch * new_tokens / t["ours"], batch * new_tokens / t["hf"]
+            steps = new_tokens - 1  # forward passes after the prefill
+            cache_len = prompt_len + new_tokens - 1
+            step_bytes = weight_bytes + kv_cache_bytes(config, batch, cache_len, torch.bfloat16)
+            achieved = step_bytes * steps / (t["ours"] - t["prefill"])
+            print(f"| {name:<12} | {batch:>5} | {tps:>11.0f} | {tps_hf:>9.0f} | {tps / tps_hf:>5.2f}x |"
+                  f" {achieved / 1e9:>6.0f} | {100 * achieved / bandwidth:>8.0f}% |")
+        del ours, hf
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
