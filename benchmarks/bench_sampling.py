@@ -9,6 +9,7 @@ Also measured: prefill with prefix sharing (each prompt once, then its cache row
 
 On GPU it also reports the achieved memory traffic of a decode step, (weight bytes + KV-cache bytes read) / step
 time, against the copy bandwidth of the device (torch copy of a 1 GiB tensor, read + write bytes / time).
+The static cache is attended over all T_max columns at every step, so its full size counts as read.
 """
 
 from __future__ import annotations

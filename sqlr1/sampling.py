@@ -23,14 +23,13 @@ Qwen's padded embedding rows, are never computed, so never sampled), optionally 
 exactly what `Qwen2.token_logprobs(ids, temperature=tau, vocab_size=V)` computes on prompt + completion, which the
 GRPO loss uses as log pi_old. Greedy decoding (tau = 0) reports the tau = 1 log-prob.
 
-Randomness (the exponential race, a form of the Gumbel-max trick): with E_v ~ Exp(1) i.i.d.,
-argmax_v p_v / E_v is distributed as p. Every step draws one [N, V] block of E from a `torch.Generator` seeded
-with `seed`, N = P*G the number of rows at the start; row r (prompt r // G, sample r % G) always reads row r of
-the block, whatever compaction has done. Guarantee: for a fixed seed, the samples are a function of the prompt list,
-num_samples and the sampling settings only: they do not depend on `check_every` (compaction), `share_prefix`,
-`compile`, or on the contents and lengths of the other prompts. Changing the number of prompts (hence N) changes the
-stream. (Up to float rounding: the kernels may round differently at different batch sizes, which can flip an
-argmax only at an exact near-tie.)
+Randomness: inverse-CDF sampling, one uniform u per (row, step). Every step draws a block of N uniforms from a
+`torch.Generator` seeded with `seed`, N = P*G the number of rows at the start; row r (prompt r // G, sample r % G)
+always reads entry r of the block, whatever compaction has done. Guarantee: for a fixed seed, the samples are a
+function of the prompt list, num_samples and the sampling settings only: they do not depend on `check_every`
+(compaction), `share_prefix`, `compile`, or on the contents and lengths of the other prompts. Changing the number
+of prompts (hence N) changes the stream. (Up to float rounding: kernels may round differently at different batch
+sizes, which can move a draw only when u falls within ~1e-6 of a CDF step.)
 """
 
 from __future__ import annotations
@@ -74,12 +73,13 @@ def truncate_logprobs(logp: torch.Tensor, top_k: int, top_p: float) -> torch.Ten
 
 
 def sample_tokens(
-    logits: torch.Tensor, temperature: float, top_k: int, top_p: float, noise: torch.Tensor | None
+    logits: torch.Tensor, temperature: float, top_k: int, top_p: float, uniform: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw one id per row and return (ids [B], log p(ids) [B]).
 
-    logits [B, V] fp32; noise [B, V] i.i.d. Exp(1) (unused when temperature == 0, greedy). The draw is the
-    exponential race argmax_v p~_v / E_v, p~ the truncated (unnormalised) distribution; the log-prob is the untruncated
+    logits [B, V] fp32; uniform [B] i.i.d. U(0, 1) (unused when temperature == 0, greedy). The draw is inverse-CDF
+    sampling of the truncated distribution p~: y = min{v : F(v) > u F(V)}, F the cumulative sum of p~ (u F(V) is
+    kept below F(V) so a float rounding can never pick an id with p~ = 0). The log-prob is the untruncated
     log softmax(logits / tau) at the drawn id (tau = 1 for greedy).
     """
     if temperature == 0:
@@ -87,7 +87,10 @@ def sample_tokens(
         ids = logp.argmax(-1)
     else:
         logp = (logits / temperature).log_softmax(-1)
-        ids = (truncate_logprobs(logp, top_k, top_p).exp() / noise).argmax(-1)
+        cdf = truncate_logprobs(logp, top_k, top_p).exp().cumsum(-1)
+        total = cdf[:, -1:]
+        target = torch.minimum(uniform[:, None] * total, total.nextafter(torch.zeros_like(total)))
+        ids = torch.searchsorted(cdf, target, right=True).squeeze(-1)
     return ids, logp.gather(-1, ids[:, None]).squeeze(-1)
 
 
@@ -220,17 +223,13 @@ def _generate(
         generator.seed()
     else:
         generator.manual_seed(seed)
-    noise_block = torch.empty(N, vocab_size, device=device)
     step_fn = _compiled_decode_step() if compile else _decode_step
 
     bar = tqdm(total=N * max_new_tokens, unit="tok", desc="sampling", disable=not progress)
     for s in range(max_new_tokens):
-        noise = None
-        if temperature > 0:
-            # E = -log U ~ Exp(1); uniform_ + log is ~3x faster on CPU than exponential_.
-            noise = noise_block.uniform_(generator=generator).log_().neg_()
-            noise = noise if noise.shape[0] == rows.shape[0] else noise.index_select(0, rows)
-        next_ids, next_logp = sample_tokens(logits, temperature, top_k, top_p, noise)
+        # One uniform per original row and step, drawn whether or not the row is still live: row r reads entry r.
+        uniform = torch.rand(N, generator=generator, device=device)[rows] if temperature > 0 else None
+        next_ids, next_logp = sample_tokens(logits, temperature, top_k, top_p, uniform)
         out_ids[rows, s] = next_ids
         out_logp[rows, s] = next_logp
         bar.update(rows.shape[0])
