@@ -1,0 +1,275 @@
+"""Execution accuracy: do two queries return the same result? Spider and BIRD rules, the scoring CLI, voting.
+
+Spider (test-suite execution rules, Zhong et al. 2020): results R_pred and R_gold are equal when both are empty,
+or when they have the same number of rows and columns and some permutation pi of the pred's columns gives
+    rows(R_pred o pi) == rows(R_gold)       as lists, if the gold SQL has ORDER BY,
+    bag(R_pred o pi) == bag(R_gold)         as multisets, otherwise;
+DISTINCT is removed from both queries before executing them (unless keep_distinct) and `> =` is read as `>=`.
+BIRD (Li et al. 2023):  set(R_pred) == set(R_gold).
+Values compare with Python `==` (and hash), so 1 == 1.0.
+
+Spider hardness levels are not computed: they need the official SQL parser (absent here).
+
+CLI, in the official file formats:
+    python -m sqlr1.evaluate --gold dev_gold.sql --pred pred.sql --db-root database [--mode spider|bird]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlr1.sandbox import ExecResult, Sandbox, resolve_db
+
+MODES = ("spider", "bird")
+
+_ORDER_BY = re.compile(r"\border\s+by\b", re.IGNORECASE)
+# Things normalize_sql must leave alone (string literals, quoted identifiers, comments), then the things it edits.
+_SQL_TOKEN = re.compile(r"""'(?:[^']|'')*'|"(?:[^"]|"")*"|`[^`]*`|\[[^\]]*\]|--[^\n]*|/\*.*?\*/"""
+                        r"""|\bdistinct\b|[<>!]\s+=""", re.IGNORECASE | re.DOTALL)
+
+
+def order_matters(gold_sql: str) -> bool:
+    """Spider compares rows in order exactly when the gold query has ORDER BY."""
+    return _ORDER_BY.search(gold_sql) is not None
+
+
+def normalize_sql(sql: str, keep_distinct: bool = False) -> str:
+    """Spider's pre-execution rewrite: drop every DISTINCT keyword (unless keep_distinct), `> =` -> `>=`.
+
+    Like the official script this also drops DISTINCT inside aggregates (`count(DISTINCT x)`); text inside string
+    literals, quoted identifiers and comments is never touched.
+    """
+    def rewrite(m: re.Match) -> str:
+        token = m.group(0)
+        if token.lower() == "distinct":
+            return token if keep_distinct else ""
+        if token[0] in "<>!":
+            return token[0] + "="
+        return token
+
+    return _SQL_TOKEN.sub(rewrite, sql)
+
+
+def _spider_rows_equal(pred: list[tuple], gold: list[tuple], in_order: bool) -> bool:
+    if not pred and not gold:
+        return True
+    if len(pred) != len(gold) or len(pred[0]) != len(gold[0]):
+        return False
+    pred_cols, gold_cols = list(zip(*pred)), list(zip(*gold))
+    if in_order:
+        # Lists of rows are equal under pi iff every gold column equals its pred column as a sequence, so a pi
+        # exists iff the two multisets of column sequences are equal.
+        return Counter(pred_cols) == Counter(gold_cols)
+    return _bag_permutation_exists(pred_cols, gold_cols)
+
+
+def _bag_permutation_exists(pred_cols: list[tuple], gold_cols: list[tuple]) -> bool:
+    """Is there a pi with bag(rows of pred columns pi(0..n-1)) == bag(gold rows)? Backtracking search.
+
+    Gold column j may only map to a pred column with the same multiset of values; gold columns are assigned fewest
+    candidates first; a partial assignment survives only if the projected rows already agree as bags; and
+    pred columns identical as sequences are interchangeable, so only one of them is tried at each step. Together
+    these keep the search linear in practice even with many columns.
+    """
+    def signature(col: tuple) -> frozenset:
+        return frozenset(Counter(col).items())
+
+    pred_sigs = [signature(c) for c in pred_cols]
+    candidates = [[i for i, s in enumerate(pred_sigs) if s == gold_sig] for gold_sig in map(signature, gold_cols)]
+    gold_order = sorted(range(len(gold_cols)), key=lambda j: len(candidates[j]))
+
+    def projected_bag(cols: list[tuple]) -> Counter:
+        return Counter(zip(*cols))
+
+    def extend(chosen: list[int]) -> bool:
+        depth = len(chosen)
+        if depth == len(gold_order):
+            return True
+        tried: set[tuple] = set()
+        for i in candidates[gold_order[depth]]:
+            if i in chosen or pred_cols[i] in tried:
+                continue
+            tried.add(pred_cols[i])
+            trial = chosen + [i]
+            if projected_bag([pred_cols[k] for k in trial]) == projected_bag(
+                    [gold_cols[j] for j in gold_order[:depth + 1]]) and extend(trial):
+                return True
+        return False
+
+    return extend([])
+
+
+def results_match(pred: ExecResult, gold: ExecResult, mode: str = "spider", order_matters: bool = False) -> bool:
+    """Equal results under `mode` ("spider" or "bird", see the module docstring). A failed side never matches."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if not (pred.ok and gold.ok):
+        return False
+    if mode == "bird":
+        return set(pred.rows) == set(gold.rows)
+    return _spider_rows_equal(pred.rows, gold.rows, order_matters)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One scored pair. `gold_error`: the gold query failed, so the pair is unscorable (never a match)."""
+
+    match: bool
+    pred: ExecResult
+    gold: ExecResult
+
+    @property
+    def gold_error(self) -> bool:
+        return not self.gold.ok
+
+
+_NOT_EXECUTED = ExecResult("error", error="no SQL to execute")
+
+
+def score_pairs(sandbox: Sandbox, preds: list[str | None], golds: list[str], db_paths: list[str | Path],
+                mode: str = "spider", timeout: float | None = None, keep_distinct: bool = False,
+                gold_cache: dict | None = None, progress: bool = False) -> list[Verdict]:
+    """Execute every (pred, gold) pair on its database and compare the results under `mode`.
+
+    One `execute_many` call runs each distinct (db, sql) once. Gold results are reused from `gold_cache`
+    (default: `sandbox.gold_cache`, which lives as long as the pool). A pred of None is not executed.
+    """
+    if not len(preds) == len(golds) == len(db_paths):
+        raise ValueError(f"score_pairs: {len(preds)} preds, {len(golds)} golds, {len(db_paths)} db_paths; "
+                         "need one of each per pair")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    cache = sandbox.gold_cache if gold_cache is None else gold_cache
+
+    def prepare(sql: str) -> str:
+        return normalize_sql(sql, keep_distinct) if mode == "spider" else sql
+
+    gold_keys = [(str(db), prepare(g)) for db, g in zip(db_paths, golds)]
+    pred_keys = [(str(db), prepare(p)) if p is not None else None for db, p in zip(db_paths, preds)]
+    todo = list(dict.fromkeys([k for k in gold_keys if k not in cache] + [k for k in pred_keys if k is not None]))
+    fresh = dict(zip(todo, sandbox.execute_many(todo, timeout=timeout, progress=progress)))
+    for key in gold_keys:
+        if key in fresh and fresh[key].status != "timeout":  # timeouts depend on load: not cached
+            cache[key] = fresh[key]
+
+    verdicts = []
+    for gold_sql, gold_key, pred_key in zip(golds, gold_keys, pred_keys):
+        gold = fresh[gold_key] if gold_key in fresh else cache[gold_key]
+        pred = fresh[pred_key] if pred_key is not None else _NOT_EXECUTED
+        verdicts.append(Verdict(results_match(pred, gold, mode, order_matters(gold_sql)), pred, gold))
+    return verdicts
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Self-consistency voting
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Vote:
+    """The winner of a self-consistency vote: its SQL and index, the size of its group, how many could vote."""
+
+    sql: str
+    index: int
+    votes: int
+    num_valid: int
+    all_failed: bool
+
+
+_NAN = object()  # stands for every NaN, which is otherwise unequal to itself
+
+
+def _vote_key(rows: list[tuple]) -> frozenset:
+    """The result as a set of rows; hashing makes 1 and 1.0 one value, and NaNs are made equal to each other."""
+    return frozenset(tuple(_NAN if isinstance(v, float) and math.isnan(v) else v for v in row) for row in rows)
+
+
+def vote(candidates: list[tuple[str, ExecResult]]) -> Vote:
+    """Self-consistency: group candidates whose results are the same set of rows; the largest group wins.
+
+    Failed or timed-out candidates do not vote. Ties go to the group seen first, and the answer is the first SQL
+    of the winning group. If every candidate failed, all_failed is set and the first candidate is kept.
+    """
+    if not candidates:
+        raise ValueError("vote: no candidates")
+    groups: dict[frozenset, list[int]] = {}  # insertion order = order first seen
+    for index, (_, result) in enumerate(candidates):
+        if result.ok:
+            groups.setdefault(_vote_key(result.rows), []).append(index)
+    if not groups:
+        return Vote(candidates[0][0], 0, 0, 0, all_failed=True)
+    winner = max(groups.values(), key=len)  # max keeps the first of equals
+    return Vote(candidates[winner[0]][0], winner[0], len(winner), sum(map(len, groups.values())), all_failed=False)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------------------------
+
+
+def read_pairs(gold_file: Path, pred_file: Path) -> list[tuple[str, str, str]]:
+    """(pred_sql, gold_sql, db_id) per pair. GOLD lines are `SQL<TAB>db_id`, PRED lines one SQL each (text after a
+    tab ignored); a blank GOLD line separates interactions and is skipped with the PRED line beside it."""
+    gold_lines = gold_file.read_text(encoding="utf-8").splitlines()
+    pred_lines = pred_file.read_text(encoding="utf-8").splitlines()
+    while gold_lines and not gold_lines[-1].strip():
+        gold_lines.pop()
+    if len(pred_lines) < len(gold_lines) or any(line.strip() for line in pred_lines[len(gold_lines):]):
+        raise ValueError(f"{pred_file} has {len(pred_lines)} lines but {gold_file} has {len(gold_lines)}: "
+                         "write one prediction per gold line (blank where the gold line is blank)")
+    pairs = []
+    for number, (gold_line, pred_line) in enumerate(zip(gold_lines, pred_lines), start=1):
+        if not gold_line.strip():
+            continue
+        if "\t" not in gold_line:
+            raise ValueError(f"{gold_file}:{number}: expected `SQL<TAB>db_id`, found no tab")
+        gold_sql, db_id = gold_line.strip().rsplit("\t", 1)
+        pairs.append((pred_line.split("\t")[0].strip(), gold_sql.strip(), db_id.strip()))
+    return pairs
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sqlr1.evaluate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--gold", type=Path, required=True, help="lines `SQL<TAB>db_id`")
+    parser.add_argument("--pred", type=Path, required=True, help="one predicted SQL per line")
+    parser.add_argument("--db-root", type=Path, required=True, help="folder holding <db_id>/<db_id>.sqlite")
+    parser.add_argument("--mode", choices=MODES, default="spider")
+    parser.add_argument("--timeout", type=float, default=30.0, help="seconds per query")
+    parser.add_argument("--keep-distinct", action="store_true", help="spider mode: do not strip DISTINCT")
+    parser.add_argument("--workers", type=int, default=None, help="worker processes (default: all cores)")
+    parser.add_argument("--out", type=Path, default=None, help="write one JSON verdict per pair here")
+    args = parser.parse_args(argv)
+    try:
+        pairs = read_pairs(args.gold, args.pred)
+        db_paths = [resolve_db(args.db_root, db_id) for _, _, db_id in pairs]
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    with Sandbox(args.workers, timeout=args.timeout) as sandbox:
+        verdicts = score_pairs(sandbox, [p for p, _, _ in pairs], [g for _, g, _ in pairs], db_paths,
+                               mode=args.mode, keep_distinct=args.keep_distinct, progress=True)
+    if args.out is not None:
+        with open(args.out, "w", encoding="utf-8") as f:
+            for index, ((_, _, db_id), v) in enumerate(zip(pairs, verdicts)):
+                f.write(json.dumps({"index": index, "db_id": db_id, "match": v.match,
+                                    "pred_status": v.pred.status, "gold_status": v.gold.status}) + "\n")
+
+    n = len(verdicts)
+    matches = sum(v.match for v in verdicts)
+    print(f"EX ({args.mode} rules): {matches / max(n, 1):.4f}  ({matches}/{n})")
+    print(f"gold errors: {sum(v.gold_error for v in verdicts)} (never counted as matches)  "
+          f"pred errors: {sum(v.pred.status == 'error' for v in verdicts)}  "
+          f"pred timeouts: {sum(v.pred.status == 'timeout' for v in verdicts)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,367 @@
+"""Execute untrusted SQL read-only, in parallel, with real deadlines.
+
+Every reward and every evaluation number comes from running model-written SQL against SQLite databases,
+thousands of times per training step. `Sandbox` is a pool of worker processes that does this safely:
+
+* read-only and contained: databases are opened with the URI `mode=ro&immutable=1` (immutable: no locks, no
+  journal files, no change check per query, about 1.2x faster; so a database must not change while a pool runs),
+  `PRAGMA query_only`, no attached databases (`SQLITE_LIMIT_ATTACHED = 0`, which also stops `VACUUM INTO`),
+  extension loading off, and an authorizer that allows only SELECT, column reads, recursive CTEs, functions other
+  than `load_extension`, and a few schema-reading pragmas. Python's sqlite3 runs one statement at most:
+  `SELECT 1; DROP TABLE t` is an error and nothing runs. Invalid UTF-8 text is an error, as in the official scripts.
+* deadlines: a SQLite progress handler interrupts a query at its deadline inside the worker; a worker that has not
+  answered by deadline + `grace` (a single C-level operation the handler cannot interrupt) is killed and respawned.
+* bounded: SQLite's heap is capped (`PRAGMA hard_heap_limit`), the worker's address space too (`RLIMIT_AS`), text
+  and blobs are capped at `max_bytes`, and a result with more than `max_rows` rows or `max_bytes` bytes is an error.
+
+Workers come from a `forkserver`: importing `sqlr1` may import torch (seconds), which the fork server pays once;
+each worker (and each respawn after a kill) is then a cheap fork of it. `spawn` would pay the import per worker
+and per respawn; `fork` would copy a parent that may hold CUDA state and threads.
+Work is sent in chunks (guided scheduling: chunk = remaining / (2 x workers), at most 64) so that the pipe
+round trip is amortised over many queries; each worker publishes which query it is running and since when in
+shared memory, so the parent can still kill exactly the culprit and re-queue the rest of its chunk.
+
+Only stdlib: this module must not import torch.
+"""
+
+from __future__ import annotations
+
+import marshal
+import math
+import multiprocessing as mp
+import os
+import re
+import resource
+import signal
+import sqlite3
+import sys
+import time
+import urllib.parse
+import weakref
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from itertools import chain
+from multiprocessing.connection import wait
+from pathlib import Path
+
+MAX_CHUNK = 64  # queries per message to a worker
+CONNECTIONS_PER_WORKER = 32  # open read-only connections a worker keeps (LRU)
+PROGRESS_OPS = 1000  # SQLite VM instructions between two deadline checks
+
+# Pragmas that only read the schema. Anything else (writable_schema, journal_mode, query_only=0, ...) is denied.
+READ_PRAGMAS = frozenset({"table_info", "table_xinfo", "index_list", "index_info", "index_xinfo", "foreign_key_list"})
+DENIED_FUNCTIONS = frozenset({"load_extension"})
+
+
+@dataclass(slots=True)
+class ExecResult:
+    """The outcome of one query: `status` is "ok", "error" (with SQLite's message) or "timeout".
+
+    `rows` holds the result when ok; `truncated` is set when the result broke the row/byte cap (then status is
+    "error": a partial result cannot be compared with anything).
+    """
+
+    status: str
+    rows: list[tuple] = field(default_factory=list)
+    ncols: int = 0
+    error: str | None = None
+    truncated: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+_DB_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
+
+
+def resolve_db(db_root: str | Path, db_id: str) -> Path:
+    """`<db_root>/<db_id>/<db_id>.sqlite` (the Spider / BIRD layout); refuses ids that could leave db_root."""
+    if not _DB_ID.fullmatch(db_id) or ".." in db_id:
+        raise ValueError(f"db_id {db_id!r} is not a plain database name (letters, digits, '_', '-', '.'); refused")
+    path = Path(db_root) / db_id / f"{db_id}.sqlite"
+    if not path.is_file():
+        raise FileNotFoundError(f"database {path} not found: check --db-root / db_root and the db_id {db_id!r}")
+    return path
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Worker side
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _authorize(action: int, arg1: str | None, arg2: str | None, db_name: str | None, source: str | None) -> int:
+    """SQLite authorizer: allow reading, deny everything else (writes, DDL, ATTACH, transactions, VACUUM, ...)."""
+    if action in (sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_RECURSIVE):
+        return sqlite3.SQLITE_OK
+    if action == sqlite3.SQLITE_FUNCTION:  # arg2 is the function name
+        return sqlite3.SQLITE_DENY if (arg2 or "").lower() in DENIED_FUNCTIONS else sqlite3.SQLITE_OK
+    if action == sqlite3.SQLITE_PRAGMA:  # arg1 is the pragma name
+        return sqlite3.SQLITE_OK if (arg1 or "").lower() in READ_PRAGMAS else sqlite3.SQLITE_DENY
+    return sqlite3.SQLITE_DENY
+
+
+class _Executor:
+    """Runs queries inside one worker process: a small LRU of read-only connections, one deadline at a time."""
+
+    def __init__(self, max_rows: int, max_bytes: int):
+        self.max_rows = max_rows
+        self.max_bytes = max_bytes
+        self.deadline = math.inf
+        self.connections: OrderedDict[str, sqlite3.Connection] = OrderedDict()
+
+    def _past_deadline(self) -> bool:
+        return time.monotonic() > self.deadline
+
+    def connect(self, db_path: str) -> sqlite3.Connection:
+        conn = self.connections.get(db_path)
+        if conn is not None:
+            self.connections.move_to_end(db_path)
+            return conn
+        uri = f"file:{urllib.parse.quote(db_path)}?mode=ro&immutable=1"
+        conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA query_only = 1")
+        conn.execute("PRAGMA temp_store = MEMORY")  # sorts and temp b-trees count against the heap limit, not disk
+        conn.setlimit(sqlite3.SQLITE_LIMIT_ATTACHED, 0)  # no ATTACH, and so no VACUUM INTO
+        conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, self.max_bytes)  # randomblob(1e9) -> "string or blob too big"
+        if hasattr(conn, "enable_load_extension"):
+            conn.enable_load_extension(False)
+        conn.set_authorizer(_authorize)
+        conn.set_progress_handler(self._past_deadline, PROGRESS_OPS)
+        self.connections[db_path] = conn
+        if len(self.connections) > CONNECTIONS_PER_WORKER:
+            self.connections.popitem(last=False)[1].close()
+        return conn
+
+    def run(self, db_path: str, sql: str, timeout: float) -> ExecResult:
+        self.deadline = time.monotonic() + timeout
+        try:
+            cursor = self.connect(db_path).execute(sql)
+            if cursor.description is None:
+                return ExecResult("error", error="not a query: the statement returns no columns")
+            ncols = len(cursor.description)
+            rows: list[tuple] = []
+            nbytes = 0
+            while batch := cursor.fetchmany(256):
+                rows += batch
+                nbytes += sum(map(sys.getsizeof, chain.from_iterable(batch)))  # Python object sizes, in C
+                if len(rows) > self.max_rows or nbytes > self.max_bytes:
+                    cursor.close()
+                    return ExecResult("error", ncols=ncols, truncated=True,
+                                      error=f"result too large (over {self.max_rows} rows or {self.max_bytes} bytes)")
+            return ExecResult("ok", rows=rows, ncols=ncols)
+        except sqlite3.OperationalError as e:
+            if self._past_deadline():
+                return ExecResult("timeout", error=f"query exceeded {timeout:g} s")
+            return ExecResult("error", error=str(e))
+        except MemoryError:
+            return ExecResult("error", error="out of memory")
+        except Exception as e:  # sqlite3.Error, ValueError for NUL characters, decoding errors, ...
+            return ExecResult("error", error=str(e) or type(e).__name__)
+        finally:
+            self.deadline = math.inf
+
+
+def _limit_memory(memory_mb: int) -> None:
+    """Cap SQLite's heap at memory_mb and the address space at what the process already maps + 2 x memory_mb."""
+    sqlite3.connect(":memory:").execute(f"PRAGMA hard_heap_limit = {memory_mb << 20}")  # process-wide
+    with open("/proc/self/statm") as f:
+        mapped = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    cap = mapped + 2 * (memory_mb << 20)
+    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+
+
+def _worker_main(conn, heartbeat, max_rows: int, max_bytes: int, memory_mb: int) -> None:
+    """Worker loop: receive (timeout, [(db_path, sql), ...]), answer the ExecResult fields of each; b"" means stop.
+
+    Messages are `marshal`led plain tuples: SQLite values are only None/int/float/str/bytes, and marshal moves
+    them about twice as fast as pickle (this round trip is a fifth of the cost of a typical Spider query).
+    Before each query it writes (position in chunk, start time) to `heartbeat` so the parent knows whom to kill.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it then stops us
+    _limit_memory(memory_mb)
+    executor = _Executor(max_rows, max_bytes)
+    while message := conn.recv_bytes():
+        timeout, chunk = marshal.loads(message)
+        answers = []
+        for position, (db_path, sql) in enumerate(chunk):
+            heartbeat[0] = position
+            heartbeat[1] = time.monotonic()
+            r = executor.run(db_path, sql, timeout)
+            answers.append((r.status, r.rows, r.ncols, r.error, r.truncated))
+        conn.send_bytes(marshal.dumps(answers))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Parent side
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _context() -> mp.context.BaseContext:
+    """The forkserver context, preloading this module so workers fork with sqlr1 (and its imports) in place."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["sqlr1.sandbox"])
+    return ctx
+
+
+@dataclass
+class _Worker:
+    process: mp.process.BaseProcess
+    conn: object  # multiprocessing.connection.Connection, our end of the pipe
+    heartbeat: object  # shared double[2]: (position in chunk of the running query, its start time)
+    chunk: list[int] = field(default_factory=list)  # indices of the items it is working on
+
+
+def _stop(workers: list[_Worker]) -> None:
+    """Kill and reap worker processes (also the finalizer, so that a forgotten Sandbox leaves no process)."""
+    for w in workers:
+        if w.process.is_alive():
+            w.process.kill()
+    for w in workers:
+        w.process.join(timeout=5)
+        w.conn.close()
+    workers.clear()
+
+
+class Sandbox:
+    """A pool of SQLite worker processes. Use as a context manager, or call `close()`.
+
+    `timeout` is the default per-query deadline in seconds; `grace` is how long after it a silent worker is killed.
+    `gold_cache` keeps results of reference (gold) queries for the pool's lifetime, i.e. one run; it is filled by
+    `evaluate.score_pairs` unless that is given its own cache.
+    """
+
+    def __init__(self, num_workers: int | None = None, timeout: float = 30.0, max_rows: int = 100_000,
+                 max_bytes: int = 32 << 20, memory_mb: int = 1024, grace: float = 0.5):
+        if num_workers is None:
+            num_workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        if num_workers < 1 or timeout <= 0 or max_rows < 1 or max_bytes < 1 or memory_mb < 16 or grace < 0:
+            raise ValueError("Sandbox: need num_workers >= 1, timeout > 0, max_rows >= 1, max_bytes >= 1, "
+                             "memory_mb >= 16, grace >= 0")
+        self.timeout = timeout
+        self.grace = grace
+        self._limits = (max_rows, max_bytes, memory_mb)
+        self._ctx = _context()
+        self.gold_cache: dict[tuple[str, str], ExecResult] = {}
+        self._workers: list[_Worker] = []
+        self._finalizer = weakref.finalize(self, _stop, self._workers)
+        for _ in range(num_workers):
+            self._workers.append(self._start_worker())
+
+    @property
+    def num_workers(self) -> int:
+        return len(self._workers)
+
+    def _start_worker(self) -> _Worker:
+        parent_end, child_end = self._ctx.Pipe()
+        heartbeat = self._ctx.RawArray("d", 2)
+        process = self._ctx.Process(target=_worker_main, args=(child_end, heartbeat, *self._limits),
+                                    daemon=True, name="sqlr1-sandbox")
+        process.start()
+        child_end.close()
+        return _Worker(process, parent_end, heartbeat)
+
+    def _replace(self, worker: _Worker) -> None:
+        """Kill a worker (hung or dead) and put a fresh one in its place."""
+        index = self._workers.index(worker)
+        _stop([worker])
+        self._workers[index] = self._start_worker()
+
+    def execute_many(self, items: list[tuple[str, str]], timeout: float | None = None,
+                     progress: bool = False) -> list[ExecResult]:
+        """Execute each (db_path, sql) read-only; results in input order.
+
+        Every item is executed: no caching, no de-duplication (callers that want them: `evaluate.score_pairs`).
+        """
+        if not self._workers:
+            raise RuntimeError("Sandbox is closed; create a new one")
+        timeout = self.timeout if timeout is None else timeout
+        items = [(str(db_path), sql) for db_path, sql in items]
+        results: list[ExecResult | None] = [None] * len(items)
+        todo = deque(range(len(items)))
+        meter = _Progress(len(items)) if progress else None
+        try:
+            while todo or any(w.chunk for w in self._workers):
+                self._dispatch(items, todo, timeout)
+                busy = [w for w in self._workers if w.chunk]
+                next_kill = min(w.heartbeat[1] for w in busy) + timeout + self.grace
+                ready = wait([w.conn for w in busy], timeout=max(0.0, next_kill - time.monotonic()))
+                for w in busy:
+                    if w.conn in ready:
+                        self._collect(w, results, todo, meter)
+                    elif time.monotonic() > w.heartbeat[1] + timeout + self.grace and not w.conn.poll():
+                        self._fail_culprit(w, results, todo, ExecResult(
+                            "timeout", error=f"no answer within {timeout:g} s + {self.grace:g} s grace; worker killed"))
+        except BaseException:  # Ctrl-C included: workers may be mid-chunk, so the pool cannot be trusted any more
+            self.close()
+            raise
+        if meter:
+            meter.finish()
+        return results
+
+    def _dispatch(self, items: list[tuple[str, str]], todo: deque, timeout: float) -> None:
+        idle = [w for w in self._workers if not w.chunk]
+        for w in idle:
+            if not todo:
+                return
+            size = max(1, min(MAX_CHUNK, len(todo) // (2 * len(self._workers))))
+            w.chunk = [todo.popleft() for _ in range(min(size, len(todo)))]
+            w.heartbeat[0], w.heartbeat[1] = 0, time.monotonic()
+            w.conn.send_bytes(marshal.dumps((timeout, [items[i] for i in w.chunk])))
+
+    def _collect(self, w: _Worker, results: list, todo: deque, meter: _Progress | None) -> None:
+        try:
+            answers = marshal.loads(w.conn.recv_bytes())
+        except (EOFError, OSError):  # the worker died (crash, OOM killer, ...)
+            self._fail_culprit(w, results, todo, ExecResult(
+                "error", error=f"worker process died (exit code {w.process.exitcode})"))
+            return
+        for i, fields in zip(w.chunk, answers):
+            results[i] = ExecResult(*fields)
+        if meter:
+            meter.update(len(w.chunk))
+        w.chunk = []
+
+    def _fail_culprit(self, w: _Worker, results: list, todo: deque, verdict: ExecResult) -> None:
+        """The query the worker was running gets `verdict`; the rest of its chunk goes back to the queue."""
+        chunk, position = w.chunk, int(w.heartbeat[0])
+        results[chunk[position]] = verdict
+        todo.extendleft(reversed(chunk[:position] + chunk[position + 1:]))
+        self._replace(w)
+
+    def close(self) -> None:
+        """Stop the workers (idempotent)."""
+        for w in self._workers:
+            if not w.chunk and w.process.is_alive():
+                try:
+                    w.conn.send_bytes(b"")
+                except OSError:
+                    pass
+        for w in self._workers:
+            w.process.join(timeout=0.5 if not w.chunk else 0)
+        _stop(self._workers)
+
+    def __enter__(self) -> Sandbox:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class _Progress:
+    """A one-line progress meter on stderr (stdlib only), redrawn at most ten times a second."""
+
+    def __init__(self, total: int):
+        self.total, self.done, self.start, self.shown = total, 0, time.monotonic(), 0.0
+
+    def update(self, n: int) -> None:
+        self.done += n
+        now = time.monotonic()
+        if now - self.shown > 0.1 or self.done == self.total:
+            self.shown = now
+            rate = self.done / max(now - self.start, 1e-9)
+            sys.stderr.write(f"\r  executed {self.done}/{self.total} queries ({rate:.0f}/s)")
+            sys.stderr.flush()
+
+    def finish(self) -> None:
+        sys.stderr.write("\n")
