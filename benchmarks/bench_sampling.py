@@ -74,7 +74,9 @@ def bench_decode(ours, hf, batch: int, prompt_len: int, new_tokens: int, tempera
     vocab = ours.config.vocab_size
     prompts = torch.randint(0, vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(1))
     ids = prompts.to(device)
-    sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature else dict(do_sample=False)
+    sampling = dict(do_sample=False)
+    if temperature:
+        sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
 
     def run_hf():
         with torch.inference_mode():
