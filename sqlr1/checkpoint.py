@@ -1,0 +1,254 @@
+"""Hugging Face checkpoints in and out: config.json + safetensors (single file or sharded with an index).
+
+Loading builds the model on the meta device (no memory, no init) and then assigns the checkpoint's tensors shard by
+shard, cast to the requested dtype and moved to the device, so the host holds about one shard beyond the model.
+HF names are ours with a "model." prefix ("model.layers.0.mlp.up_proj.weight" <-> "layers.0.mlp.up_proj.weight");
+"lm_head.weight" is absent when the head is tied to the embedding.
+
+Saving writes the same layout transformers and vLLM read, into a temporary directory next to the target that is
+renamed into place only when complete: a crash leaves the previous checkpoint or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from sqlr1.hub import resolve_checkpoint
+from sqlr1.model import ModelConfig, Qwen2
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
+               "GIB": 2**30, "TIB": 2**40}
+
+
+def _hf_name(name: str) -> str:
+    return name if name == "lm_head.weight" else "model." + name
+
+
+def _our_name(hf_name: str) -> str:
+    return hf_name.removeprefix("model.")
+
+
+def _expected_shapes(model: Qwen2) -> dict[str, torch.Size]:
+    """Our parameter names and shapes that a checkpoint must provide (the tied head is the embedding)."""
+    shapes = {name: p.shape for name, p in model.named_parameters(remove_duplicate=False)}
+    if model.config.tie_word_embeddings:
+        del shapes["lm_head.weight"]
+    return shapes
+
+
+def _weight_files(d: Path) -> tuple[list[Path], dict[str, str] | None, Path]:
+    """(shard files, weight_map from the index or None, the file that lists the weights)."""
+    index = d / INDEX_FILE
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [d / f for f in dict.fromkeys(weight_map.values())], weight_map, index
+    if (d / SINGLE_FILE).is_file():
+        return [d / SINGLE_FILE], None, d / SINGLE_FILE
+    bins = " (found PyTorch .bin weights: convert them to safetensors)" if any(d.glob("*.bin")) else ""
+    raise FileNotFoundError(f"{d}: no weights found; looked for {INDEX_FILE} and {SINGLE_FILE}{bins}")
+
+
+def _check_names(names, expected: dict[str, torch.Size], tied: bool, source: Path) -> None:
+    for hf_name in names:
+        if _our_name(hf_name) not in expected and not (tied and hf_name == "lm_head.weight"):
+            raise ValueError(f"{source}: unexpected tensor {hf_name!r} (not a parameter of Qwen2ForCausalLM)")
+
+
+def load_model(path_or_repo_id: str | os.PathLike, dtype: torch.dtype = torch.bfloat16, device="cpu") -> Qwen2:
+    """A Qwen2 model from a local HF checkpoint directory or Hub repo id, in eval mode, weights in `dtype`."""
+    d = resolve_checkpoint(path_or_repo_id)
+    config_file = d / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file} not found: a checkpoint directory needs config.json")
+    config = ModelConfig.from_hf(json.loads(config_file.read_text()), source=str(config_file))
+    files, weight_map, listing = _weight_files(d)
+    with torch.device("meta"):
+        model = Qwen2(config)
+    expected = _expected_shapes(model)
+    tied = config.tie_word_embeddings
+    if weight_map is not None:  # fail before reading gigabytes
+        _check_names(weight_map, expected, tied, listing)
+        for name in expected:
+            if _hf_name(name) not in weight_map:
+                raise ValueError(f"{listing}: weight {_hf_name(name)!r} is missing from the weight_map")
+    loaded: set[str] = set()
+    for file in files:
+        if not file.is_file():
+            raise FileNotFoundError(f"{file} is listed in {listing} but does not exist")
+        shard = {}
+        with safe_open(file, framework="pt", device="cpu") as f:
+            _check_names(f.keys(), expected, tied, file)
+            for hf_name in f.keys():
+                name = _our_name(hf_name)
+                if name not in expected:  # a tied checkpoint that also stores lm_head.weight: it is the embedding
+                    continue
+                t = f.get_slice(hf_name)
+                shape = torch.Size(t.get_shape())
+                if shape != expected[name]:
+                    raise ValueError(
+                        f"{file}: {hf_name!r} has shape {tuple(shape)}, config.json implies {tuple(expected[name])}"
+                    )
+                shard[name] = f.get_tensor(hf_name).to(device=device, dtype=dtype)
+        model.load_state_dict(shard, strict=False, assign=True)
+        loaded |= shard.keys()
+        del shard
+    for name in expected:
+        if name not in loaded:
+            where = weight_map.get(_hf_name(name)) if weight_map else SINGLE_FILE
+            raise ValueError(f"{d / where}: weight {_hf_name(name)!r} is missing")
+    if tied:  # assign=True replaced the embedding Parameter; point the head at the new one
+        model.lm_head.weight = model.embed_tokens.weight
+    for name, p in model.named_parameters():
+        if p.is_meta:
+            raise ValueError(f"{d}: parameter {name!r} was not loaded (still on the meta device)")
+    return model.eval()
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from an int or a string like "5GB" (10^9) / "500MiB" (2^20), as transformers' max_shard_size."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*", size.upper())
+    if m is None or float(m.group(1)) <= 0:
+        raise ValueError(f"max_shard_size={size!r}: expected bytes as an int or a string like '5GB' or '500MiB'")
+    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2) or ""])
+
+
+def _plain_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A CPU tensor safetensors can write: contiguous and owning exactly its storage (views and ties get cloned)."""
+    t = t.detach().to("cpu")
+    if not t.is_contiguous() or t.untyped_storage().nbytes() != t.numel() * t.element_size():
+        t = t.contiguous().clone()
+    return t
+
+
+def _shards(sizes: dict[str, int], max_bytes: int) -> list[list[str]]:
+    """Greedy packing of tensors, in order, into shards of at most max_bytes (a larger tensor gets its own)."""
+    shards, current, used = [], [], 0
+    for name, nbytes in sizes.items():
+        if current and used + nbytes > max_bytes:
+            shards.append(current)
+            current, used = [], 0
+        current.append(name)
+        used += nbytes
+    return shards + [current]
+
+
+def _write_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def _write_json(path: Path, content: dict) -> None:
+    path.write_text(json.dumps(content, indent=2) + "\n")
+
+
+def _fsync_tree(d: Path) -> None:
+    for p in d.iterdir():
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    _fsync_dir(d)
+
+
+def _fsync_dir(d: Path) -> None:
+    fd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_state_dict(
+    state_dict: dict[str, torch.Tensor],
+    config: ModelConfig,
+    out_dir: str | os.PathLike,
+    max_shard_size: int | str = "5GB",
+    generation_config: dict | None = None,
+    tokenizer=None,
+) -> Path:
+    """Write a full state dict (our names, as `Qwen2.state_dict()` gives) as an HF checkpoint directory, atomically.
+
+    Writes config.json, model.safetensors or model-0000i-of-0000N.safetensors + model.safetensors.index.json,
+    generation_config.json when given, and the tokenizer's files when a tokenizer is given (`tokenizer.save(dir)`).
+    All tensors must share one dtype, recorded as config.json's "torch_dtype".
+    """
+    out = Path(out_dir)
+    max_bytes = parse_size(max_shard_size)
+    with torch.device("meta"):
+        expected = _expected_shapes(Qwen2(config))
+    names = [n for n in state_dict if not (config.tie_word_embeddings and n == "lm_head.weight")]
+    for name in names:
+        if name not in expected:
+            raise ValueError(f"save {out}: unexpected tensor {name!r} in the state dict (not a Qwen2 parameter)")
+        t = state_dict[name]
+        if t.shape != expected[name]:
+            raise ValueError(f"save {out}: {name!r} has shape {tuple(t.shape)}, the config implies {tuple(expected[name])}")
+        if t.is_meta:
+            raise ValueError(f"save {out}: {name!r} is on the meta device (gather the full weights first)")
+    missing = [n for n in expected if n not in state_dict]
+    if missing:
+        raise ValueError(f"save {out}: state dict lacks {missing[0]!r} ({len(missing)} missing)")
+    dtypes = {state_dict[n].dtype for n in names}
+    if len(dtypes) != 1:
+        raise ValueError(f"save {out}: tensors have mixed dtypes {sorted(map(str, dtypes))}; cast them to one dtype")
+    dtype_name = str(dtypes.pop()).removeprefix("torch.")
+
+    sizes = {n: state_dict[n].numel() * state_dict[n].element_size() for n in names}
+    shards = _shards(sizes, max_bytes)
+    n = len(shards)
+    files = [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"save: {out} exists and is not a directory")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.saving-", dir=out.parent))
+    old = None
+    try:
+        for file, shard in zip(files, shards):
+            _write_shard({_hf_name(name): _plain_tensor(state_dict[name]) for name in shard}, tmp / file)
+        if n > 1:
+            weight_map = {_hf_name(name): file for file, shard in zip(files, shards) for name in shard}
+            _write_json(tmp / INDEX_FILE, {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map})
+        _write_json(tmp / "config.json", {**config.to_hf(), "torch_dtype": dtype_name, "dtype": dtype_name})
+        if generation_config is not None:
+            _write_json(tmp / "generation_config.json", generation_config)
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        _fsync_tree(tmp)
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old)  # rename over the empty placeholder directory
+        os.replace(tmp, out)
+        _fsync_dir(out.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not out.exists():
+            os.replace(old, out)  # put the previous checkpoint back
+            old = None
+        raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
+def save_model(
+    model: Qwen2,
+    out_dir: str | os.PathLike,
+    max_shard_size: int | str = "5GB",
+    generation_config: dict | None = None,
+    tokenizer=None,
+) -> Path:
+    """Save a model whose parameters are plain tensors as an HF checkpoint directory (see `save_state_dict`)."""
+    return save_state_dict(model.state_dict(), model.config, out_dir, max_shard_size, generation_config, tokenizer)
