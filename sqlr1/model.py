@@ -173,6 +173,8 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer, cache_position, k, v)
+            if mask is not None:  # attend over the first S columns only: the caller's mask may be narrower
+                k, v = k[:, :, : mask.shape[-1]], v[:, :, : mask.shape[-1]]
         # mask None means "plain causal, no padding" (training on unpadded rows): let SDPA pick a fused kernel.
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv != self.n_head

@@ -247,7 +247,8 @@ def _generate(
                     mask, positions, rows, done, next_ids = (
                         t.index_select(0, keep) for t in (mask, positions, rows, done, next_ids)
                     )
-        logits = step_fn(model, vocab_size, next_ids, mask, positions, kv_cache, columns[s : s + 1])
+        # keys beyond column L + s are still empty: pass only the filled part of the mask (attention reads that much)
+        logits = step_fn(model, vocab_size, next_ids, mask[:, : L + s + 1], positions, kv_cache, columns[s : s + 1])
         positions += 1
     bar.close()
     del kv_cache
