@@ -1,0 +1,82 @@
+"""Training sequences and padded micro-batches (shared by SFT and GRPO).
+
+A sequence is prompt ids + completion ids. In a micro-batch prompts are LEFT-padded to the longest prompt P and
+completions RIGHT-padded to the longest completion C:
+
+    [pad pad p p p p | c c c c pad]        input_ids      [B, P + C]
+    [ 0   0  1 1 1 1 | 1 1 1 1  0 ]        attention_mask [B, P + C]
+                     | 1 1 1 1  0 ]        mask           [B, C]  (explicit completion mask — never `ids != pad`,
+                                                                    because for base models pad == EOS)
+
+so every completion starts at column P and `model.token_logprobs(input_ids, attention_mask, start=P-1)` returns
+log-probs aligned with `mask`. Sequences are sorted by length before splitting so padding stays small.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Sequence:
+    prompt: list[int]
+    completion: list[int]
+    old_logp: list[float] | None = None  # log pi_old of each completion token (GRPO; None for SFT)
+    advantage: float = 0.0
+    weight: float = 1.0  # 0 marks a filler sequence that only keeps ranks in step (contributes nothing)
+
+
+@dataclass
+class MicroBatch:
+    input_ids: torch.Tensor  # [B, P + C]
+    attention_mask: torch.Tensor  # [B, P + C]
+    start: int  # P - 1
+    mask: torch.Tensor  # [B, C] float: 1 on completion tokens that count
+    old_logp: torch.Tensor  # [B, C]
+    advantages: torch.Tensor  # [B]
+    ref_logp: torch.Tensor | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+
+def collate(seqs: list[Sequence], pad_id: int, device: torch.device | str = "cpu") -> MicroBatch:
+    """Pad a list of sequences into one micro-batch (layout in the module docstring)."""
+    P = max(len(s.prompt) for s in seqs)
+    C = max(len(s.completion) for s in seqs)
+    B = len(seqs)
+    ids = torch.full((B, P + C), pad_id, dtype=torch.long)
+    attn = torch.zeros(B, P + C, dtype=torch.long)
+    mask = torch.zeros(B, C)
+    old = torch.zeros(B, C)
+    for i, s in enumerate(seqs):
+        lp, lc = len(s.prompt), len(s.completion)
+        ids[i, P - lp : P] = torch.tensor(s.prompt)
+        ids[i, P : P + lc] = torch.tensor(s.completion)
+        attn[i, P - lp : P + lc] = 1
+        mask[i, :lc] = s.weight
+        if s.old_logp is not None:
+            old[i, :lc] = torch.tensor(s.old_logp)
+    adv = torch.tensor([s.advantage for s in seqs])
+    return MicroBatch(ids.to(device), attn.to(device), P - 1, mask.to(device), old.to(device), adv.to(device))
+
+
+def split_micro_batches(seqs: list[Sequence], micro_batch_size: int, num_micro: int | None = None) -> list[list[Sequence]]:
+    """Sort by total length and cut into micro-batches of at most `micro_batch_size` sequences.
+
+    `num_micro` forces an exact count (every rank must run the same number of FSDP forward/backward passes): missing
+    micro-batches are filled with a zero-weight copy of a real sequence, which adds nothing to loss or gradient.
+    """
+    if not seqs:
+        raise ValueError("no sequences to train on")
+    order = sorted(seqs, key=lambda s: len(s.prompt) + len(s.completion))
+    chunks = [order[i : i + micro_batch_size] for i in range(0, len(order), micro_batch_size)]
+    if num_micro is not None:
+        if num_micro < len(chunks):
+            raise ValueError(f"num_micro={num_micro} < {len(chunks)} micro-batches needed")
+        filler = Sequence(order[0].prompt, order[0].completion, order[0].old_logp, 0.0, weight=0.0)
+        chunks += [[filler] for _ in range(num_micro - len(chunks))]
+    return chunks

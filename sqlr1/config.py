@@ -1,0 +1,151 @@
+"""Run configuration: one dataclass, Python config files, `--key=value` overrides.
+
+A config file (configs/*.py) is plain Python that defines one instance named `config`:
+
+    from sqlr1.config import TrainConfig
+    config = TrainConfig(model="Qwen/Qwen2.5-Coder-7B-Instruct", grpo_steps=200, ...)
+
+`train.py --config FILE --lr=1e-6 --grpo.kl_coef=0 --reward.mode=bird` overrides fields; values are parsed to the
+field's type, nested dataclasses are addressed with dots, and an unknown key is an error naming the closest valid one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import runpy
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sqlr1.grpo import GRPOConfig
+from sqlr1.reward import RewardConfig
+
+
+@dataclass
+class TrainConfig:
+    # --- run ---
+    name: str = "run"
+    out_dir: str = ""  # "" -> runs/<name>-<timestamp>
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    # --- model ---
+    model: str = ""  # local HF-layout directory or hub repo id
+    dtype: str = "bfloat16"  # compute dtype (rollouts, forward); master weights and Adam state stay fp32
+    gradient_checkpointing: bool = True
+    # --- data ---
+    dataset: str = "spider"  # spider | bird | synsql | toy
+    data_root: str = ""
+    train_split: str = "train"
+    eval_split: str = "dev"
+    prompt_template: str = "sqlr1"  # sqlr1 | short  (templates live in sqlr1/data.py)
+    sample_values: int = 0  # example values per column in the schema text
+    max_prompt_len: int = 4096
+    max_response_len: int = 2048
+    drop_empty_gold: bool = True
+    # --- cold-start SFT (skipped when sft_steps == 0) ---
+    sft_steps: int = 0
+    sft_lr: float = 5e-5
+    sft_batch_size: int = 1  # sequences per rank per optimizer step
+    # --- GRPO (skipped when grpo_steps == 0) ---
+    grpo_steps: int = 0
+    prompts_per_step: int = 8  # B, over all ranks
+    group_size: int = 8  # G rollouts per prompt
+    micro_batch_size: int = 8  # sequences per forward/backward
+    ppo_epochs: int = 1  # mu: optimisation passes over each rollout batch
+    lr: float = 3e-7
+    temperature: float = 1.1
+    top_p: float = 1.0
+    top_k: int = 0
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    # --- optimizer (both stages) ---
+    lr_schedule: str = "constant"  # constant | cosine
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0
+    max_bad_steps: int = 3  # stop after this many consecutive non-finite steps
+    # --- evaluation (held-out EX; greedy and self-consistency voting) ---
+    eval_every: int = 0  # GRPO steps between evaluations; 0: only before and after GRPO
+    eval_limit: int = 0  # 0: all eval examples
+    eval_n: int = 8
+    eval_temperature: float = 0.8
+    # --- execution sandbox ---
+    sandbox_workers: int = 0  # 0: number of cores
+    sql_timeout: float = 30.0
+    # --- checkpoints and logging ---
+    save_every: int = 0  # optimizer steps; 0: only at the end
+    log_samples: int = 2  # completions per step written to samples.jsonl
+    wandb_project: str = ""
+    compile: bool = False  # torch.compile the sampler's decode step
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+    """Read `config` from a Python file (or defaults when path is None) and apply `--key=value` overrides."""
+    if path is None:
+        cfg = TrainConfig()
+    else:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} not found (try one of configs/*.py)")
+        cfg = runpy.run_path(str(path)).get("config")
+        if not isinstance(cfg, TrainConfig):
+            raise ValueError(f"{path} must define `config = TrainConfig(...)` (found {type(cfg).__name__})")
+        if cfg.name == "run":
+            cfg.name = path.stem
+    for item in overrides:
+        key, sep, value = item.removeprefix("--").partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r} must look like --key=value")
+        set_field(cfg, key, value)
+    return cfg
+
+
+def set_field(cfg, dotted_key: str, value: str) -> None:
+    """Set cfg.<dotted_key> from a string, parsed to the field's declared type."""
+    *parents, name = dotted_key.split(".")
+    obj = cfg
+    for i, part in enumerate(parents):
+        obj = getattr(obj, _check_key(obj, part, ".".join(parents[: i + 1])))
+    _check_key(obj, name, dotted_key)
+    hints = typing.get_type_hints(type(obj))
+    setattr(obj, name, _parse(value, hints[name], dotted_key))
+
+
+def _check_key(obj, name: str, full: str) -> str:
+    valid = [f.name for f in dataclasses.fields(obj)]
+    if name not in valid:
+        close = difflib.get_close_matches(name, valid, n=1)
+        hint = f"; did you mean {full.rsplit(name, 1)[0]}{close[0]}?" if close else ""
+        raise ValueError(f"unknown config key {full!r}{hint}")
+    return name
+
+
+def _parse(value: str, typ, key: str):
+    if dataclasses.is_dataclass(typ):
+        raise ValueError(f"{key} is a group of settings; set its fields, e.g. --{key}.<field>=...")
+    try:
+        if typ is bool:
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if typing.get_origin(typ) is tuple:
+            items = [v for v in value.strip("()[] ").split(",") if v.strip()]
+            return tuple(t(v) for t, v in zip(typing.get_args(typ), items, strict=True))
+        return typ(value)
+    except ValueError:
+        raise ValueError(f"--{key}={value!r}: expected {getattr(typ, '__name__', typ)}") from None
+
+
+def config_dict(cfg: TrainConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: TrainConfig, path: Path) -> None:
+    """Write the resolved config as JSON (the run's record of what it ran with)."""
+    path.write_text(json.dumps(config_dict(cfg), indent=2) + "\n")
