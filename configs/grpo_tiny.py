@@ -1,0 +1,42 @@
+"""The embedded default: the whole SQL-R1 pipeline on the toy world, on a laptop CPU in minutes.
+
+    python train.py --config configs/grpo_tiny.py
+
+Builds the toy world and a tiny Qwen2 model if missing (sqlr1/toyworld.py), then: cold-start SFT to a deliberately
+imperfect policy -> held-out evaluation (greedy and 8-way voting) -> GRPO with SQL-R1's execution reward through
+the real sandbox -> held-out evaluation. Same code paths as configs/grpo_7b.py; only the sizes differ.
+"""
+
+from sqlr1.config import TrainConfig
+from sqlr1.grpo import GRPOConfig
+from sqlr1.reward import RewardConfig
+
+config = TrainConfig(
+    name="grpo_tiny",
+    dataset="toy",
+    data_root="toyworld",
+    model="",  # "": the toy world's freshly initialised tiny model
+    device="cpu",
+    dtype="float32",
+    gradient_checkpointing=False,
+    prompt_template="short",
+    max_prompt_len=512,
+    max_response_len=96,
+    sft_steps=150,
+    sft_lr=2e-3,
+    sft_batch_size=32,
+    micro_batch_size=32,
+    grpo_steps=40,
+    prompts_per_step=16,
+    group_size=8,
+    lr=3e-4,
+    temperature=1.0,
+    grpo=GRPOConfig(kl_coef=0.0),
+    reward=RewardConfig(),
+    lr_schedule="constant",
+    warmup_steps=10,
+    eval_n=8,
+    eval_temperature=0.8,
+    sandbox_workers=2,
+    sql_timeout=5.0,
+)

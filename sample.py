@@ -1,0 +1,189 @@
+"""Answer questions with a trained model: one question, or a whole Spider / BIRD split scored by execution accuracy.
+
+    python sample.py --model runs/grpo_tiny/final --db toyworld/database/d0/d0.sqlite --question "How many ...?"
+    python sample.py --model DIR --dataset spider --data-root data/spider --split dev --n 8 [--limit 100]
+
+Self-consistency (SQL-R1, Sec. 3.3): N candidates at temperature T are executed, grouped by result set, and the
+first SQL of the largest group is the answer; --n 1 or --temperature 0 decodes greedily.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from sqlr1.checkpoint import load_model
+from sqlr1.data import SHORT_PROMPT, SQLR1_PROMPT, Example, build_prompt, load_dataset
+from sqlr1.evaluate import score_pairs
+from sqlr1.inference import answer
+from sqlr1.sandbox import Sandbox
+from sqlr1.tokenizer import load_tokenizer
+
+TEMPLATES = {"sqlr1": SQLR1_PROMPT, "short": SHORT_PROMPT}
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="checkpoint directory (HF layout) or hub repo id")
+    one = ap.add_argument_group("one question")
+    one.add_argument("--db", help="path to the SQLite database")
+    one.add_argument("--question")
+    one.add_argument("--evidence", default="", help="external knowledge (BIRD's evidence)")
+    many = ap.add_argument_group("a data set")
+    many.add_argument("--dataset", choices=["spider", "bird"])
+    many.add_argument("--data-root")
+    many.add_argument("--split", default="dev")
+    many.add_argument("--limit", type=int, default=0, help="only the first K questions")
+    many.add_argument("--batch-size", type=int, default=16, help="questions per sampler call")
+    many.add_argument("--out", default="", help="directory for predictions and verdicts (default: next to --model)")
+    ap.add_argument("--n", type=int, default=8, help="candidates per question (1: greedy)")
+    ap.add_argument("--temperature", type=float, default=0.8)
+    ap.add_argument("--max-new-tokens", type=int, default=2048)
+    ap.add_argument("--template", choices=sorted(TEMPLATES), default=None,
+                    help="prompt template (default: the one the checkpoint was trained with, else sqlr1)")
+    ap.add_argument("--sample-values", type=int, default=None, help="example values per column in the schema")
+    ap.add_argument("--max-prompt-len", type=int, default=4096)
+    ap.add_argument("--timeout", type=float, default=30.0, help="seconds per SQL execution")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    if (args.dataset is None) == (args.question is None):
+        ap.error("give either --db and --question (one question) or --dataset and --data-root (a data set)")
+    if args.question is not None:
+        if not args.question.strip():
+            ap.error("--question is empty")
+        if not args.db:
+            ap.error("--question needs --db path/to/database.sqlite")
+        if not Path(args.db).is_file():
+            ap.error(f"--db {args.db}: no such database file")
+    if args.dataset and not args.data_root:
+        ap.error("--dataset needs --data-root (the directory holding the data set's json files and databases)")
+    return args
+
+
+@dataclass
+class PromptSettings:
+    template: str
+    sample_values: int
+
+
+def prompt_settings(model_dir: Path, args) -> PromptSettings:
+    """The prompt the checkpoint was trained with (train.py records it in sqlr1_prompt.json), unless overridden."""
+    saved = {"template": "sqlr1", "sample_values": 0}
+    record = model_dir / "sqlr1_prompt.json"
+    if record.is_file():
+        saved.update(json.loads(record.read_text()))
+    return PromptSettings(args.template or saved["template"], saved["sample_values"] if args.sample_values is None
+                          else args.sample_values)
+
+
+def print_table(rows: list[tuple], ncols: int, limit: int = 10) -> None:
+    shown = [[str(v) for v in row] for row in rows[:limit]]
+    widths = [max([len(r[c]) for r in shown] + [1]) for c in range(ncols)]
+    for r in shown:
+        print("  " + " | ".join(v.ljust(w)[:60] for v, w in zip(r, widths)))
+    if len(rows) > limit:
+        print(f"  ... {len(rows) - limit} more rows")
+
+
+def one_question(model, tokenizer, settings: PromptSettings, sandbox, args) -> None:
+    ex = Example(question=args.question, db_id=Path(args.db).stem, db_path=Path(args.db), sql="", evidence=args.evidence)
+    prompt = build_prompt(ex, tokenizer, TEMPLATES[settings.template], args.max_prompt_len, settings.sample_values)
+    a = answer(model, tokenizer, [prompt.ids], [str(ex.db_path)], sandbox, n=args.n, temperature=args.temperature,
+               max_new_tokens=args.max_new_tokens, seed=args.seed, timeout=args.timeout)[0]
+    print("=== reasoning and answer ===")
+    print("<think>\n" + a.response.strip())
+    print(f"\n=== SQL ({a.votes} of {len(a.candidates)} candidates agree; {a.num_valid} executed) ===")
+    if not a.sql:
+        print("no candidate produced a SQL query")
+        return
+    print(a.sql)
+    if a.result is None or not a.result.ok:
+        print(f"\nevery candidate failed to execute; kept for the record. Error: {a.result.error if a.result else ''}")
+        return
+    print(f"\n=== result: {len(a.result.rows)} rows{' (truncated)' if a.result.truncated else ''} ===")
+    print_table(a.result.rows, a.result.ncols)
+
+
+def dataset_eval(model, tokenizer, settings: PromptSettings, sandbox, args, model_dir: Path) -> None:
+    examples = load_dataset(args.dataset, args.data_root, args.split)
+    if args.limit:
+        examples = examples[: args.limit]
+    template = TEMPLATES[settings.template]
+    prompts = [build_prompt(ex, tokenizer, template, args.max_prompt_len, settings.sample_values).ids for ex in examples]
+    dbs = [str(ex.db_path) for ex in examples]
+    runs = {"greedy": 1} if args.n == 1 or args.temperature == 0 else {"greedy": 1, f"voted@{args.n}": args.n}
+    out = Path(args.out) if args.out else model_dir / f"eval_{args.dataset}_{args.split}"
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {}
+    for name, n in runs.items():
+        t0, preds = time.time(), []
+        for i in tqdm(range(0, len(examples), args.batch_size), desc=name, unit="batch"):
+            batch = slice(i, i + args.batch_size)
+            preds += [a.sql for a in answer(model, tokenizer, prompts[batch], dbs[batch], sandbox, n=n,
+                                            temperature=args.temperature, max_new_tokens=args.max_new_tokens,
+                                            seed=args.seed + i, progress=False, timeout=args.timeout)]
+        elapsed = time.time() - t0
+        write_predictions(out, name, args.dataset, examples, preds)
+        mode = "bird" if args.dataset == "bird" else "spider"
+        verdicts = score_pairs(sandbox, preds, [ex.sql for ex in examples], dbs, mode=mode, timeout=args.timeout)
+        with (out / f"verdicts_{name}.jsonl").open("w") as f:
+            for i, (ex, v) in enumerate(zip(examples, verdicts)):
+                f.write(json.dumps({"index": i, "db_id": ex.db_id, "match": v.match, "pred_status": v.pred_status,
+                                    "gold_status": v.gold_status, "difficulty": ex.difficulty}) + "\n")
+        ex_all = sum(v.match for v in verdicts) / max(1, len(verdicts))
+        by_level = {}
+        for ex, v in zip(examples, verdicts):
+            if ex.difficulty:
+                by_level.setdefault(ex.difficulty, []).append(v.match)
+        summary[name] = {"EX": ex_all, **{k: sum(m) / len(m) for k, m in sorted(by_level.items())}}
+        gold_errors = sum(v.gold_status != "ok" for v in verdicts)
+        print(f"{name}: EX {ex_all:.3f} on {len(examples)} questions ({len(examples) / elapsed:.2f} questions/s)"
+              + (f"; {gold_errors} gold queries failed (counted as misses)" if gold_errors else ""))
+    cols = sorted({k for s in summary.values() for k in s}, key=lambda k: (k != "EX", k))
+    print("\n" + f"{'':<10}" + "".join(f"{c:>10}" for c in cols))
+    for name, s in summary.items():
+        print(f"{name:<10}" + "".join(f"{s.get(c, float('nan')):>10.3f}" for c in cols))
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"predictions and verdicts: {out}")
+
+
+def write_predictions(out: Path, name: str, dataset: str, examples: list[Example], preds: list[str]) -> None:
+    """Official formats: Spider one SQL per line (+ gold `SQL\\tdb_id`); BIRD {index: 'SQL\\t----- bird -----\\tdb_id'}."""
+    flat = [" ".join(p.split()) or "SELECT 1" for p in preds]  # one line each; never an empty line
+    if dataset == "bird":
+        record = {str(i): f"{p}\t----- bird -----\t{ex.db_id}" for i, (p, ex) in enumerate(zip(flat, examples))}
+        (out / f"predict_{name}.json").write_text(json.dumps(record, indent=2) + "\n")
+    else:
+        (out / f"pred_{name}.txt").write_text("".join(p + "\n" for p in flat))
+        (out / "gold.txt").write_text("".join(f"{' '.join(ex.sql.split())}\t{ex.db_id}\n" for ex in examples))
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    tokenizer = load_tokenizer(args.model)
+    model = load_model(args.model, dtype=dtype, device=args.device)
+    model_dir = Path(args.model) if Path(args.model).is_dir() else Path(".")
+    settings = prompt_settings(model_dir, args)
+    with Sandbox(timeout=args.timeout) as sandbox:
+        if args.question is not None:
+            one_question(model, tokenizer, settings, sandbox, args)
+        else:
+            dataset_eval(model, tokenizer, settings, sandbox, args, model_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")

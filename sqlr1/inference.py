@@ -1,0 +1,104 @@
+"""Answering questions with execution-grounded self-consistency, and held-out execution accuracy.
+
+SQL-R1 inference (Sec. 3.3): sample N candidates at temperature T (N = 8, T = 0.8), parse the SQL out of each
+`<answer>`, execute all of them, group the candidates that ran by their result set and answer with the first SQL of
+the largest group. N = 1 or T = 0 is greedy decoding. Used by sample.py and by train.py's evaluations, so the
+numbers a training run logs are the numbers sample.py reproduces.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sqlr1 import distributed
+from sqlr1.evaluate import score_pairs, vote
+from sqlr1.reward import parse_response, score_batch
+from sqlr1.sampling import generate
+from sqlr1.sandbox import ExecResult, Sandbox
+
+
+@dataclass
+class Answer:
+    sql: str  # the chosen SQL ("" when no candidate produced any)
+    response: str  # the chosen candidate's full completion (reasoning + answer)
+    result: ExecResult | None  # its execution result
+    votes: int  # size of the winning group
+    num_valid: int  # candidates whose SQL executed
+    candidates: list[str]  # every completion, in sampling order
+
+
+def completion_text(tokenizer, ids: list[int]) -> str:
+    """Decoded completion without its stop token (special tokens kept: <think>/<answer> may be special tokens)."""
+    if ids and ids[-1] in tokenizer.eos_ids:
+        ids = ids[:-1]
+    return tokenizer.decode(ids)
+
+
+@torch.no_grad()
+def answer(
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    db_paths: list[str],
+    sandbox: Sandbox,
+    n: int = 8,
+    temperature: float = 0.8,
+    max_new_tokens: int = 2048,
+    top_p: float = 1.0,
+    seed: int = 0,
+    progress: bool | None = None,
+    timeout: float | None = None,
+) -> list[Answer]:
+    """Answer each prompt: N candidates -> execute all in one sandbox call -> vote by result set."""
+    if n < 1:
+        raise ValueError(f"n={n}: the number of candidates must be >= 1")
+    greedy = n == 1 or temperature == 0
+    n = 1 if greedy else n
+    samples = generate(
+        model, prompts, num_samples=n, max_new_tokens=max_new_tokens, temperature=0.0 if greedy else temperature,
+        top_p=top_p, stop_ids=tokenizer.eos_ids, vocab_size=tokenizer.vocab_size, seed=seed, progress=progress,
+    )
+    texts = [completion_text(tokenizer, t) for t in samples.tokens]
+    sqls = [parse_response(t).sql or "" for t in texts]
+    to_run = [(db_paths[p], sql) for p, sql in zip(samples.prompt_index, sqls)]
+    results = sandbox.execute_many(to_run, timeout=timeout)
+    answers = []
+    for i in range(len(prompts)):
+        js = range(i * n, (i + 1) * n)
+        # a candidate without SQL cannot vote: give it an error result
+        cands = [(sqls[j], results[j] if sqls[j] else ExecResult("error", [], 0, "no SQL in the answer", False)) for j in js]
+        v = vote(cands)
+        j = i * n + v.index
+        answers.append(Answer(sqls[j], texts[j], results[j] if sqls[j] else None, v.votes, v.num_valid, [texts[k] for k in js]))
+    return answers
+
+
+def evaluate_policy(model, tokenizer, examples, prompts, sandbox: Sandbox, cfg, d=None) -> dict[str, float]:
+    """Held-out execution accuracy of greedy decoding and of N-candidate voting, plus greedy format rate and reward.
+
+    With several ranks each evaluates every world_size-th example and the counts are summed.
+    """
+    rank, world = (d.rank, d.world_size) if d is not None else (0, 1)
+    mine = list(range(rank, len(examples), world))
+    exs = [examples[i] for i in mine]
+    ids = [prompts[i].ids for i in mine]
+    dbs = [str(ex.db_path) for ex in exs]
+    golds = [ex.sql for ex in exs]
+    common = dict(max_new_tokens=cfg.max_response_len, timeout=cfg.sql_timeout, progress=False, seed=cfg.seed)
+    greedy = answer(model, tokenizer, ids, dbs, sandbox, n=1, **common)
+    voted = greedy if cfg.eval_n <= 1 else answer(model, tokenizer, ids, dbs, sandbox, n=cfg.eval_n,
+                                                  temperature=cfg.eval_temperature, **common)
+    mode = cfg.reward.mode
+    ex_g = score_pairs(sandbox, [a.sql for a in greedy], golds, dbs, mode=mode, timeout=cfg.sql_timeout)
+    ex_v = ex_g if voted is greedy else score_pairs(sandbox, [a.sql for a in voted], golds, dbs, mode=mode,
+                                                    timeout=cfg.sql_timeout)
+    rewards = score_batch(sandbox, [a.response for a in greedy], list(zip(dbs, golds)), cfg.reward)
+    local = torch.tensor([
+        len(exs), sum(v.match for v in ex_g), sum(v.match for v in ex_v),
+        sum(r.format > 0 for r in rewards), sum(r.total for r in rewards),
+    ], dtype=torch.float64)
+    n, g, v, f, r = distributed.all_reduce(local).tolist()
+    n = max(n, 1)
+    return {"ex_greedy": g / n, "ex_voted": v / n, "format_ok": f / n, "mean_reward": r / n}

@@ -1,0 +1,29 @@
+"""Run under torchrun (see test_train.py): one GRPO optimisation step on 2 ranks x 2 micro-batches with FSDP2/gloo.
+
+Writes the full gradients and updated parameters to the file given as argv[1] (rank 0).
+"""
+
+import sys
+
+import torch
+
+from sqlr1 import distributed
+from tests.split_case import LOSS_MODES, make_case, one_step
+
+
+def main(out: str) -> None:
+    d = distributed.setup("cpu")
+    results = {}
+    for mode in LOSS_MODES:
+        model, seqs, cfg = make_case(mode)
+        distributed.shard(model, torch.float32)
+        per_rank = len(seqs) // d.world_size  # whole groups per rank
+        mine = seqs[d.rank * per_rank : (d.rank + 1) * per_rank]
+        results[mode] = one_step(model, mine, cfg, d, micro_batch_size=4)  # 8 rollouts per rank: 2 micro-batches
+    if d.is_main:
+        torch.save(results, out)
+    distributed.cleanup()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

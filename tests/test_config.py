@@ -1,0 +1,56 @@
+"""Config files and --key=value overrides."""
+
+import json
+
+import pytest
+
+from sqlr1.config import TrainConfig, load_config, save_config
+
+
+def write(tmp_path, body: str):
+    path = tmp_path / "cfg.py"
+    path.write_text("from sqlr1.config import TrainConfig\n" + body)
+    return path
+
+
+def test_file_and_overrides_are_typed(tmp_path):
+    path = write(tmp_path, "config = TrainConfig(lr=1e-6, group_size=4)\n")
+    cfg = load_config(path, ["--lr=2e-6", "--group_size=16", "--gradient_checkpointing=false",
+                             "--grpo.kl_coef=0", "--reward.mode=bird", "--adam_betas=0.9,0.95"])
+    assert cfg.name == "cfg"  # defaults to the file name
+    assert cfg.lr == 2e-6 and cfg.group_size == 16 and cfg.gradient_checkpointing is False
+    assert cfg.grpo.kl_coef == 0.0 and cfg.reward.mode == "bird" and cfg.adam_betas == (0.9, 0.95)
+
+
+def test_unknown_key_names_the_closest_valid_one(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown config key 'grop_size'.*did you mean group_size"):
+        load_config(None, ["--grop_size=4"])
+    with pytest.raises(ValueError, match=r"'grpo.kl_coeff'.*grpo.kl_coef"):
+        load_config(None, ["--grpo.kl_coeff=0.1"])
+
+
+def test_bad_values_and_files(tmp_path):
+    with pytest.raises(ValueError, match="--group_size='eight': expected int"):
+        load_config(None, ["--group_size=eight"])
+    with pytest.raises(ValueError, match="expected bool"):
+        load_config(None, ["--compile=maybe"])
+    with pytest.raises(ValueError, match="--key=value"):
+        load_config(None, ["--lr"])
+    with pytest.raises(FileNotFoundError, match="nope.py"):
+        load_config(tmp_path / "nope.py")
+    with pytest.raises(ValueError, match="must define `config = TrainConfig"):
+        load_config(write(tmp_path, "x = 1\n"))
+
+
+def test_saved_config_is_complete_json(tmp_path):
+    cfg = load_config(None, ["--grpo.clip_high=0.28"])
+    save_config(cfg, tmp_path / "config.json")
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["grpo"]["clip_high"] == 0.28 and saved["lr"] == TrainConfig().lr
+
+
+def test_shipped_configs_load():
+    from pathlib import Path
+
+    for path in sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.py")):
+        assert isinstance(load_config(path), TrainConfig)

@@ -1,0 +1,434 @@
+"""Train SQL-R1: an optional supervised cold start, then GRPO on execution rewards.
+
+    python train.py --config configs/grpo_tiny.py                      # toy world demo on a CPU, minutes
+    torchrun --nproc_per_node=8 train.py --config configs/grpo_7b.py   # the paper's recipe on 8 GPUs
+    python train.py --config configs/grpo_tiny.py --resume --out_dir=runs/x   # continue an interrupted run
+
+One GRPO step (SQL-R1, Sec. 3):
+    1. take B prompts; sample G completions each from pi_theta (this step's weights: on-policy);
+    2. execute every completion's SQL in the sandbox -> reward r = S_f + S_e + S_r + S_l;
+    3. group-relative advantages A_i = (r_i - mean(r_group)) / (std(r_group) + eps);
+    4. mu passes of the clipped objective + beta * KL(pi_theta || pi_ref) over micro-batches, one AdamW step each.
+Steps [0, sft_steps) are SFT, [sft_steps, sft_steps + grpo_steps) GRPO; each stage has its own optimizer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from sqlr1 import distributed
+from sqlr1.batch import MicroBatch, Sequence, collate, split_micro_batches
+from sqlr1.checkpoint import load_model
+from sqlr1.config import TrainConfig, config_dict, load_config, save_config
+from sqlr1.data import SHORT_PROMPT, SQLR1_PROMPT, build_prompt, filter_for_rl, load_dataset, sft_response
+from sqlr1.grpo import finalize_metrics, group_advantages, keep_groups, loss_norm, policy_loss, sft_loss
+from sqlr1.inference import completion_text, evaluate_policy
+from sqlr1.reward import score_batch
+from sqlr1.run import (
+    MetricsLog, latest_checkpoint, load_checkpoint, make_run_dir, plot_metrics, promote_final, read_evals, save_checkpoint,
+)
+from sqlr1.sampling import generate
+from sqlr1.sandbox import Sandbox
+from sqlr1.tokenizer import load_tokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# ----------------------------------------------------------------------------------------------- optimisation
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, lr: float, total_steps: int):
+    """AdamW on fp32 master weights, with constant or linear-warmup + cosine learning rate."""
+    opt = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=lr, betas=cfg.adam_betas, eps=cfg.adam_eps,
+        weight_decay=cfg.weight_decay,
+    )
+
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.lr_schedule == "cosine":
+            progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def optimizer_step(model, opt, sched, cfg: TrainConfig, loss_sum: torch.Tensor) -> tuple[float, bool]:
+    """Clip, check for NaN/inf (then skip the update), step. Returns (grad_norm, stepped)."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+    loss_sum = float(distributed.all_reduce(loss_sum.detach().clone()))
+    ok = math.isfinite(grad_norm) and math.isfinite(loss_sum)
+    if ok:
+        opt.step()
+        sched.step()
+    opt.zero_grad(set_to_none=True)
+    return grad_norm, ok
+
+
+def compute_context(device: torch.device, compute_dtype: torch.dtype, sharded: bool):
+    """bf16 autocast around fp32 master weights in a single process (FSDP's MixedPrecisionPolicy does it when sharded)."""
+    if sharded or compute_dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=compute_dtype)
+
+
+def train_on_micro_batches(policy, micro_batches: list[MicroBatch], norm, cfg: TrainConfig, d, ctx, vocab_size: int,
+                           sft: bool) -> tuple[torch.Tensor, dict]:
+    """Forward + backward over one optimisation step's micro-batches (gradients accumulate in .grad).
+
+    The loss of each micro-batch is its contribution to the step's loss (normalised by counts over the whole step,
+    all ranks), so the accumulated gradient does not depend on how the step was split. FSDP averages gradients
+    over ranks; multiplying by world_size turns that average back into the sum the objective needs.
+    """
+    loss_sum, metric_sums = torch.zeros(()), {}
+    for i, mb in enumerate(micro_batches):
+        if hasattr(policy, "set_requires_gradient_sync"):  # FSDP: reduce-scatter once, after the last micro-batch
+            policy.set_requires_gradient_sync(i == len(micro_batches) - 1)
+        with ctx:
+            logp, entropy = policy.token_logprobs(
+                mb.input_ids, mb.attention_mask, start=mb.start, temperature=1.0 if sft else cfg.temperature,
+                with_entropy=not sft, vocab_size=vocab_size,
+            )
+        if sft:
+            loss, metrics = sft_loss(logp, mb.mask, norm), {}
+        else:
+            loss, metrics = policy_loss(logp, mb.old_logp, mb.ref_logp, mb.advantages, mb.mask, cfg.grpo, norm, entropy)
+        (loss * d.world_size).backward()
+        loss_sum += loss.detach().float().cpu()
+        for k, v in metrics.items():
+            metric_sums[k] = metric_sums.get(k, 0.0) + float(v)
+    return loss_sum, metric_sums
+
+
+def reduce_metric_sums(sums: dict) -> dict:
+    keys = sorted(sums)
+    t = distributed.all_reduce(torch.tensor([sums[k] for k in keys], dtype=torch.float64))
+    return dict(zip(keys, t.tolist()))
+
+
+# ------------------------------------------------------------------------------------------------------ data
+
+
+def step_indices(num_examples: int, per_step: int, step: int, seed: int) -> list[int]:
+    """Indices of the examples used at `step`: a fresh seeded shuffle each epoch, consumed in order.
+
+    Depends only on (step, seed), so a resumed run sees exactly the batches the uninterrupted run would have.
+    """
+    out = []
+    for k in range(step * per_step, (step + 1) * per_step):
+        epoch, pos = divmod(k, num_examples)
+        order = list(range(num_examples))
+        random.Random(seed * 1_000_003 + epoch).shuffle(order)
+        out.append(order[pos])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- stages
+
+
+def sft_step(step, policy, opt, sched, examples, prompts, tokenizer, cfg, d, ctx) -> dict:
+    """One cold-start SFT step: cross-entropy on response tokens only (prompt tokens are masked out)."""
+    t0 = time.time()
+    per_rank = cfg.sft_batch_size
+    idx = step_indices(len(examples), per_rank * d.world_size, step, cfg.seed)[d.rank * per_rank : (d.rank + 1) * per_rank]
+    seqs = []
+    for i in idx:
+        response = tokenizer.encode(sft_response(examples[i]))[: cfg.max_response_len - 1] + [tokenizer.eos_ids[0]]
+        seqs.append(Sequence(prompts[i].ids, response))
+    mbs = microbatches(seqs, cfg.micro_batch_size, tokenizer.pad_id, d.device)
+    norm = loss_norm([mb.mask for mb in mbs], cfg.max_response_len, world_reduce=distributed.all_reduce)
+    loss_sum, _ = train_on_micro_batches(policy, mbs, norm, cfg, d, ctx, tokenizer.vocab_size, sft=True)
+    grad_norm, ok = optimizer_step(policy, opt, sched, cfg, loss_sum)
+    tokens = float(distributed.all_reduce(torch.tensor(float(sum(mb.num_tokens for mb in mbs)))))
+    dt = time.time() - t0
+    return {"stage": "sft", "step": step + 1, "loss": float(distributed.all_reduce(loss_sum.clone())), "grad_norm": grad_norm,
+            "lr": sched.get_last_lr()[0], "skipped": not ok, "train_tokens_per_s": tokens / dt, "time": dt}
+
+
+def microbatches(seqs: list[Sequence], micro_batch_size: int, pad_id: int, device) -> list[MicroBatch]:
+    """Split into the same number of micro-batches on every rank (FSDP needs matching collectives)."""
+    n_local = math.ceil(len(seqs) / micro_batch_size)
+    n = int(distributed.all_reduce(torch.tensor(n_local), op="max"))
+    return [collate(chunk, pad_id, device) for chunk in split_micro_batches(seqs, micro_batch_size, n)]
+
+
+def grpo_step(step, policy, rollout_model, ref, opt, sched, examples, prompts, tokenizer, sandbox, gold_cache, cfg, d,
+              ctx) -> tuple[dict, list[dict]]:
+    """One GRPO step on this rank's B / world_size prompts (groups are never split across ranks)."""
+    t0 = time.time()
+    per_rank = cfg.prompts_per_step // d.world_size
+    gstep = step - cfg.sft_steps
+    idx = step_indices(len(examples), cfg.prompts_per_step, gstep, cfg.seed)[d.rank * per_rank : (d.rank + 1) * per_rank]
+    if rollout_model is not policy:
+        distributed.copy_full_weights(policy, rollout_model)  # on-policy: this step's weights
+    G = cfg.group_size
+    samples = generate(
+        rollout_model, [prompts[i].ids for i in idx], num_samples=G, max_new_tokens=cfg.max_response_len,
+        temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, stop_ids=tokenizer.eos_ids,
+        vocab_size=tokenizer.vocab_size, seed=(cfg.seed * 1_000_003 + step) * 1009 + d.rank, compile=cfg.compile,
+        progress=False,
+    )
+    t_rollout = time.time()
+
+    texts = [completion_text(tokenizer, t) for t in samples.tokens]
+    golds = [(str(examples[idx[p]].db_path), examples[idx[p]].sql) for p in samples.prompt_index]
+    rewards = score_batch(sandbox, texts, golds, cfg.reward, gold_cache=gold_cache)
+    t_reward = time.time()
+
+    r = torch.tensor([x.total for x in rewards], dtype=torch.float32)
+    adv, adv_stats = group_advantages(r, G, cfg.grpo)
+    keep = keep_groups(r, G, cfg.grpo)
+    seqs = [
+        Sequence(prompts[idx[samples.prompt_index[j]]].ids, samples.tokens[j], samples.logprobs[j], float(adv[j]))
+        for j in range(len(texts)) if keep[j]
+    ]
+    if not seqs:  # every group had zero variance (DAPO filter): keep one zero-weight sequence to stay in step
+        seqs = [Sequence(prompts[idx[0]].ids, samples.tokens[0], samples.logprobs[0], 0.0, weight=0.0)]
+    mbs = microbatches(seqs, cfg.micro_batch_size, tokenizer.pad_id, d.device)
+    norm = loss_norm([mb.mask for mb in mbs], cfg.max_response_len, world_reduce=distributed.all_reduce)
+    if ref is not None:
+        with torch.no_grad(), ctx:
+            for mb in mbs:
+                mb.ref_logp = ref.token_logprobs(mb.input_ids, mb.attention_mask, start=mb.start,
+                                                 temperature=cfg.temperature, vocab_size=tokenizer.vocab_size)[0]
+    metric_sums, grad_norms, skipped = {}, [], 0
+    for _ in range(cfg.ppo_epochs):
+        loss_sum, sums = train_on_micro_batches(policy, mbs, norm, cfg, d, ctx, tokenizer.vocab_size, sft=False)
+        grad_norm, ok = optimizer_step(policy, opt, sched, cfg, loss_sum)
+        grad_norms.append(grad_norm)
+        skipped += not ok
+        for k, v in sums.items():
+            metric_sums[k] = metric_sums.get(k, 0.0) + v
+    t_train = time.time()
+
+    # ---- metrics over all ranks
+    lengths = [len(t) for t in samples.tokens]
+    local = {
+        "n": len(rewards), "reward": sum(x.total for x in rewards), "reward_sq": sum(x.total ** 2 for x in rewards),
+        "format": sum(x.format for x in rewards), "execution": sum(x.execution for x in rewards),
+        "result": sum(x.result for x in rewards), "length": sum(x.length for x in rewards),
+        "correct": sum(x.correct for x in rewards), "gold_error": sum(x.gold_error for x in rewards),
+        "len_sum": sum(lengths), "truncated": sum(f == "length" for f in samples.finish_reason),
+        "zero_std_groups": adv_stats["frac_zero_std"] * len(idx), "groups": len(idx),
+        "rollout_tokens": sum(lengths), "train_tokens": sum(mb.num_tokens for mb in mbs) * cfg.ppo_epochs,
+    }
+    tot = reduce_metric_sums(local)
+    len_max = int(distributed.all_reduce(torch.tensor(max(lengths)), op="max"))
+    n = tot["n"]
+    mean = tot["reward"] / n
+    record = {
+        "stage": "grpo", "step": step + 1, "reward": mean, "reward_std": math.sqrt(max(0.0, tot["reward_sq"] / n - mean**2)),
+        "reward_format": tot["format"] / n, "reward_execution": tot["execution"] / n, "reward_result": tot["result"] / n,
+        "reward_length": tot["length"] / n, "accuracy": tot["correct"] / n, "gold_errors": int(tot["gold_error"]),
+        "frac_zero_std": tot["zero_std_groups"] / tot["groups"], "completion_len_mean": tot["len_sum"] / n,
+        "completion_len_max": len_max, "truncation_rate": tot["truncated"] / n,
+        **finalize_metrics(reduce_metric_sums(metric_sums)),
+        "grad_norm": sum(grad_norms) / len(grad_norms), "lr": sched.get_last_lr()[0], "skipped": skipped,
+        "rollout_tokens_per_s": tot["rollout_tokens"] / (t_rollout - t0),
+        "train_tokens_per_s": tot["train_tokens"] / (t_train - t_reward),
+        "time_rollout": t_rollout - t0, "time_reward": t_reward - t_rollout, "time_train": t_train - t_reward,
+    }
+    logged = [
+        {"step": step + 1, "question": examples[idx[samples.prompt_index[j]]].question, "completion": texts[j],
+         "reward": rewards[j].total, "correct": rewards[j].correct}
+        for j in range(min(cfg.log_samples, len(texts)))
+    ]
+    return record, logged
+
+
+# ------------------------------------------------------------------------------------------------------ main
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", help="Python file defining `config = TrainConfig(...)`")
+    ap.add_argument("--resume", nargs="?", const="latest", default=None,
+                    help="continue from the newest checkpoint of --out_dir (or from the checkpoint directory given)")
+    return ap.parse_known_args(argv)
+
+
+def prepare_toy(cfg: TrainConfig) -> TrainConfig:
+    """dataset='toy': build the embedded toy world (and its tiny model) if missing, then use it like Spider."""
+    from sqlr1.toyworld import ensure_toyworld, init_model
+
+    root = ensure_toyworld(cfg.data_root or "toyworld", seed=0)
+    model = cfg.model or str(root / "model")
+    if not (Path(model) / "config.json").exists():
+        init_model(model, root / "tokenizer", seed=cfg.seed)
+    return replace(cfg, dataset="spider", data_root=str(root), model=model)
+
+
+def main(argv: list[str]) -> int:
+    args, overrides = parse_args(argv)
+    cfg = load_config(args.config, overrides)
+    d = distributed.setup(cfg.device)
+    try:
+        return train(cfg, args.resume, d)
+    finally:
+        distributed.cleanup()
+
+
+def train(cfg: TrainConfig, resume: str | None, d) -> int:
+    if cfg.prompts_per_step % d.world_size:
+        raise ValueError(f"prompts_per_step={cfg.prompts_per_step} must be divisible by the number of ranks {d.world_size}")
+    if resume == "latest" and not cfg.out_dir:
+        raise ValueError("--resume needs --out_dir=<run directory> (or --resume=<checkpoint directory>)")
+    torch.manual_seed(cfg.seed + d.rank)
+    random.seed(cfg.seed + d.rank)
+    if cfg.dataset == "toy":  # main rank builds the world, the others wait, then everyone reads it
+        if d.is_main:
+            cfg = prepare_toy(cfg)
+        distributed.barrier()
+        if not d.is_main:
+            cfg = prepare_toy(cfg)
+    run_dir = make_run_dir(cfg.out_dir, cfg.name)
+    if d.is_main:
+        save_config(cfg, run_dir / "config.json")
+    ckpt = None
+    if resume:
+        ckpt = latest_checkpoint(run_dir) if resume == "latest" else Path(resume)
+        if ckpt is None or not ckpt.is_dir():
+            raise FileNotFoundError(f"--resume: no checkpoint found under {run_dir / 'checkpoints'}")
+
+    # ---- data: prompts rendered once (schema from the SQLite file, ChatML, pre-filled <think>)
+    compute_dtype = DTYPES[cfg.dtype]
+    tokenizer = load_tokenizer(cfg.model)
+    template = {"sqlr1": SQLR1_PROMPT, "short": SHORT_PROMPT}[cfg.prompt_template]
+    train_examples = load_dataset(cfg.dataset, cfg.data_root, cfg.train_split)
+    eval_examples = load_dataset(cfg.dataset, cfg.data_root, cfg.eval_split) if cfg.eval_split else []
+    if cfg.eval_limit:
+        eval_examples = eval_examples[: cfg.eval_limit]
+    train_prompts, eval_prompts = (
+        [build_prompt(ex, tokenizer, template, cfg.max_prompt_len, cfg.sample_values) for ex in exs]
+        for exs in (train_examples, eval_examples)
+    )
+
+    # ---- models: fp32 master policy (FSDP-sharded when distributed), compute-dtype rollout copy, frozen reference
+    sharded = d.world_size > 1
+    policy = load_model(cfg.model, dtype=torch.float32, device=d.device)
+    policy.gradient_checkpointing = cfg.gradient_checkpointing
+    ref = None
+    if cfg.grpo_steps and cfg.grpo.kl_coef > 0:  # beta = 0: no reference model at all
+        ref = load_model(cfg.model, dtype=compute_dtype, device=d.device).requires_grad_(False)
+    if sharded:
+        distributed.shard(policy, compute_dtype)
+        if ref is not None:
+            distributed.shard(ref, compute_dtype, trainable=False)
+    rollout_model = policy
+    if sharded or compute_dtype != torch.float32:
+        rollout_model = load_model(cfg.model, dtype=compute_dtype, device=d.device)
+    ctx = compute_context(d.device, compute_dtype, sharded)
+
+    total = cfg.sft_steps + cfg.grpo_steps
+    trainer_state = json.loads((ckpt / "trainer.json").read_text()) if ckpt else {"step": 0, "stage": None}
+    start = trainer_state["step"]
+    log = MetricsLog(run_dir, d.is_main, resume_step=start if ckpt else None, wandb_project=cfg.wandb_project,
+                     config=config_dict(cfg))
+    with Sandbox(num_workers=cfg.sandbox_workers or None, timeout=cfg.sql_timeout) as sandbox:
+        gold_cache: dict = {}
+        rl_examples, rl_prompts = [], []
+        if cfg.grpo_steps:  # drop prompts that are too long and golds that fail, time out or return nothing
+            kept, counts = filter_for_rl(train_examples, train_prompts, sandbox, cfg.max_prompt_len,
+                                         drop_empty_gold=cfg.drop_empty_gold, timeout=cfg.sql_timeout)
+            if d.is_main:
+                print(f"RL data: kept {len(kept)} of {len(train_examples)} examples; dropped {counts}")
+            if not kept:
+                raise ValueError("no training example survived the RL filters (see the counts above)")
+            rl_examples, rl_prompts = [train_examples[i] for i in kept], [train_prompts[i] for i in kept]
+
+        def run_eval(step: int, stage: str) -> None:
+            """Held-out EX, greedy and voted; logged with the number of completed steps."""
+            if not eval_examples:
+                return
+            res = evaluate_policy(rollout_model, tokenizer, eval_examples, eval_prompts, sandbox, cfg, d)
+            log.log({"stage": f"eval:{stage}", "step": step, **res})
+            if d.is_main:
+                tqdm.write(f"eval after {stage} (step {step}): " + " ".join(f"{k}={v:.3f}" for k, v in res.items()))
+
+        if start == 0 and cfg.sft_steps == 0 and cfg.grpo_steps:
+            run_eval(0, "init")
+        stage, opt, sched, bad = None, None, None, 0
+        bar = tqdm(total=total, initial=start, desc="train", disable=not d.is_main, dynamic_ncols=True)
+        for step in range(start, total):
+            if (want := "sft" if step < cfg.sft_steps else "grpo") != stage:  # new stage: new optimizer
+                stage = want
+                lr, n_opt = (cfg.sft_lr, cfg.sft_steps) if stage == "sft" else (cfg.lr, cfg.grpo_steps * cfg.ppo_epochs)
+                opt, sched = make_optimizer(policy, cfg, lr, n_opt)
+                if ckpt is not None and step == start:
+                    same = trainer_state["stage"] == stage  # optimizer state only continues within a stage
+                    load_checkpoint(ckpt, policy, opt if same else None, d)
+                    if same:
+                        sched.load_state_dict(trainer_state["scheduler"])
+                if rollout_model is not policy:
+                    distributed.copy_full_weights(policy, rollout_model)
+            if stage == "sft":
+                record = sft_step(step, policy, opt, sched, train_examples, train_prompts, tokenizer, cfg, d, ctx)
+                logged = []
+            else:
+                record, logged = grpo_step(step, policy, rollout_model, ref, opt, sched, rl_examples, rl_prompts,
+                                           tokenizer, sandbox, gold_cache, cfg, d, ctx)
+            log.log(record)
+            log.samples(logged)
+            bar.update(1)
+            bar.set_postfix_str(_postfix(record))
+            bad = bad + 1 if record["skipped"] else 0
+            if bad >= cfg.max_bad_steps:
+                raise RuntimeError(f"{bad} consecutive steps had a non-finite loss or gradient norm (last: step "
+                                   f"{step + 1}); lower the learning rate or check the data — see {log.metrics_path}")
+            done = step + 1
+            grpo_done = done - cfg.sft_steps
+            if done == total or (done == cfg.sft_steps and cfg.grpo_steps) or (
+                stage == "grpo" and cfg.eval_every and grpo_done % cfg.eval_every == 0
+            ):
+                if rollout_model is not policy:
+                    distributed.copy_full_weights(policy, rollout_model)
+                run_eval(done, stage if done in (total, cfg.sft_steps) else f"grpo@{grpo_done}")
+            if done == total or (cfg.save_every and done % cfg.save_every == 0):
+                state = {"step": done, "stage": stage, "scheduler": sched.state_dict()}
+                save_checkpoint(run_dir, done, policy, opt, state, tokenizer, d, compute_dtype, model_files={
+                    "sqlr1_prompt.json": {"template": cfg.prompt_template, "sample_values": cfg.sample_values}})
+        bar.close()
+    if d.is_main:
+        last = latest_checkpoint(run_dir)
+        if last is not None:
+            promote_final(last / "model", run_dir / "final")
+        print_summary(read_evals(run_dir))
+        plot_metrics(run_dir)
+        print(f"run directory: {run_dir}  final model: {run_dir / 'final'}")
+    return 0
+
+
+def _postfix(record: dict) -> str:
+    keys = ("loss", "reward", "accuracy", "grad_norm") if record["stage"] == "grpo" else ("loss", "grad_norm")
+    return " ".join(f"{k}={record[k]:.3g}" for k in keys if k in record)
+
+
+def print_summary(evals: list[dict]) -> None:
+    """The final table: one row per evaluation."""
+    if not evals:
+        return
+    print(f"\n{'stage':<16} {'step':>5} {'EX greedy':>10} {'EX voted':>9} {'format ok':>10} {'mean reward':>12}")
+    for e in evals:
+        print(f"{e['stage'].removeprefix('eval:'):<16} {e['step']:>5} {e['ex_greedy']:>10.3f} {e['ex_voted']:>9.3f} "
+              f"{e['format_ok']:>10.3f} {e['mean_reward']:>12.3f}")
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except (FileNotFoundError, ValueError) as e:  # bad input: one line, no traceback
+        sys.exit(f"error: {e}")
