@@ -44,7 +44,7 @@ SQLite
 Database Schema:
 {schema}
 These statements give each table's columns with their types, its primary key and its foreign keys; \
-a comment after a column shows some of its values.
+comments after columns, where present, show some of their values.
 
 {external_knowledge}Question:
 {question}
@@ -230,7 +230,8 @@ def _text(path: Path, index: int, record, name: str | None, required: bool) -> s
 
 
 def _examples(path: Path, records: list, db_dirs: list[Path], skip_missing: bool, require_db: bool, *, sql: str,
-              evidence: str | None = None, reasoning: str | None = None, difficulty: str | None = None) -> list[Example]:
+              evidence: str | None = None, reasoning: str | None = None,
+              difficulty: str | None = None) -> list[Example]:
     """Records -> Examples; `sql`, `evidence`, ... name the record fields that hold those Example fields."""
     examples, missing = [], []
     db_paths: dict[str, Path] = {}
@@ -414,7 +415,8 @@ def build_prompt(example: Example, tokenizer: Tokenizer, template: str = SQLR1_P
     """Render `template` for `example` as a ChatML conversation ending in the assistant turn pre-filled with
     `<think>\\n`:
 
-        <|im_start|>system\\n{system}<|im_end|>\\n<|im_start|>user\\n{template}<|im_end|>\\n<|im_start|>assistant\\n<think>\\n
+        <|im_start|>system\\n{system}<|im_end|>\\n<|im_start|>user\\n{template}<|im_end|>\\n
+        <|im_start|>assistant\\n<think>\\n
 
     `system=None` leaves the system turn to the tokenizer (Qwen's default). The template's fields are {schema},
     {question} and {external_knowledge} (EVIDENCE_SECTION when the example has evidence, else empty). When the

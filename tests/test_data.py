@@ -106,7 +106,8 @@ def test_spider_dev_skips_exactly_the_examples_without_a_database():
     assert len(examples) == len(records) - n_absent
     assert not {ex.db_id for ex in examples} & absent
     kept = [r for r in records if r["db_id"] not in absent]
-    assert [(ex.question, ex.sql, ex.db_id) for ex in examples] == [(r["question"], r["query"], r["db_id"]) for r in kept]
+    assert [(ex.question, ex.sql, ex.db_id) for ex in examples] == [
+        (r["question"], r["query"], r["db_id"]) for r in kept]
     assert all(ex.db_path.is_file() and ex.evidence == "" and ex.reasoning is None for ex in examples)
     with pytest.raises(FileNotFoundError, match=rf"{sorted(absent)[0]}\.sqlite"):
         load_spider(SPIDER, "dev", skip_missing=False)
