@@ -1,0 +1,680 @@
+"""The toy world: a miniature, procedurally generated Spider plus a tiny Qwen2, for running SQL-R1 on a laptop CPU.
+
+    root/
+      database/<db_id>/<db_id>.sqlite    SQLite databases, 2-3 tables each, a few hundred rows
+      tables.json                        Spider schema records (original and natural names, keys)
+      train.json, dev.json               Spider question records: db_id, question, query + cot, difficulty
+      tokenizer/                         byte-level BPE tokenizer.json + tokenizer_config.json (ChatML)
+      toyworld.json                      manifest: format version, seed and sizes (ensure_toyworld checks it)
+
+`python train.py --config configs/grpo_tiny.py` builds it, initialises a tiny Qwen2 with `init_model`, and runs the
+whole pipeline (cold-start SFT -> GRPO on execution rewards -> greedy and voting evaluation) through exactly the
+code paths of a 7B run: Spider loader, schema text from the SQLite file, ChatML, sandboxed execution, HF checkpoints.
+
+What is in it, and why:
+- Databases are generated from pools of entity nouns (tables), numeric attributes with value ranges, categorical
+  attributes with value lists, and label columns (name, title, ...). Every database has a foreign key
+  child.<parent>_id -> parent.<parent>_id, so JOIN questions exist everywhere.
+- Train and held-out (dev) databases come from DISJOINT pools: dev tables, columns and category values never occur
+  in train. Held-out execution accuracy (EX) therefore measures whether the model learned to copy names from the
+  schema and question into SQL, not whether it memorised them. Many train databases (60 by default) with random
+  combinations of names make memorising unprofitable.
+- Questions are templated with graded difficulty, the same template plan for every database (so dev is exactly as
+  hard a mix as train): easy = COUNT, filters with = > <, MIN/MAX/AVG/SUM; medium = projections with filters,
+  GROUP BY, ORDER BY ... LIMIT, filtered aggregates; hard = GROUP BY ... HAVING, JOINs, nested AVG subqueries.
+  Questions name tables (plural), columns and values literally, so copying suffices. Filter values are taken from
+  the data (thresholds from the middle of the distribution), and a question is kept only if its gold result is
+  non-empty (no NULL aggregate, no zero count) and, for ORDER BY ... LIMIT k, has no tie at the k-th row: plausible
+  wrong SQL (the other comparison, another column) then gives a different result, so execution rewards are
+  informative.
+- Each question carries a short templated reasoning trace (`cot`, <= ~25 tokens) for the SFT cold start.
+- Tokenizer: byte-level BPE like Qwen's (same split regex, no normaliser, so decode(encode(x)) == x for any text),
+  trained on the train split only, with every schema word and value counted once: merges go to the prompt, SQL
+  and template words, while names split into generic sub-word pieces. Merges whose token the train text rarely
+  uses are then pruned, and the dev pools hold words spelled with pieces that train text uses often (checked by
+  the tests): a held-out name is new, but its pieces have trained embeddings, as every piece of Qwen's vocabulary
+  has after pretraining. Special tokens: <|endoftext|> (pad), <|im_start|>, <|im_end|> (eos). Unlike Qwen2.5
+  (which spells them with several tokens), <think>, </think>, <answer>, </answer> are single added tokens here,
+  as in Qwen3: cheaper on a CPU, and harmless to the code, which works on text.
+- Model: a 4-layer Qwen2 (GQA, RoPE, tied embeddings) whose vocabulary is padded to the next multiple of 64 above
+  the tokenizer size, like Qwen's 151,936 rows for 151,665 tokens, so the masking of padded rows runs for real.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import sqlite3
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from sqlr1.checkpoint import save_model
+from sqlr1.model import ModelConfig, Qwen2
+from sqlr1.tokenizer import load_tokenizer
+
+FORMAT_VERSION = 1
+MANIFEST = "toyworld.json"
+SYSTEM_MESSAGE = "You are a helpful assistant."
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+REASONING_TOKENS = ("<think>", "</think>", "<answer>", "</answer>")
+# Qwen2's pre-tokenizer split: contractions, words with one leading non-letter, single digits, punctuation runs.
+QWEN_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+# The vocabulary of the prompts and answers around schema and question (data.py's templates, ChatML roles): BPE
+# merges for these words keep every prompt short. A paraphrase, not the templates themselves: exact wording is not needed.
+PROMPT_WORDS = (
+    "system\nYou are a helpful assistant.\nuser\nSQLite database:\nDatabase Engine:\nSQLite\n\nDatabase Schema:\n"
+    "These statements give each table's columns with their types, its primary key and its foreign keys; a comment "
+    "after a column shows some of its values, for example: [1, 2].\n\nQuestion: \n\nInstructions:\n- Return exactly "
+    "what the question asks for: if it asks for a specific column, select that column and no other.\n- Return all of "
+    "the requested information, with nothing missing and nothing extra.\n- Work out step by step how to build the "
+    "query before you write it.\n\nOutput Format:\nReason inside <think> </think> tags, then give the final SQLite "
+    "query inside <answer> </answer> tags, as one code block that starts with ```sql and ends with ```.\n"
+    "assistant\nI will write the SQL query that answers the question.\n"
+)
+
+# ---------------------------------------------------------------------------------------------- name pools
+# Nouns pluralise by the rule in `plural`. Train and dev pools share no table, column or category value.
+
+TRAIN_ENTITIES = (
+    "flight", "pilot", "airport", "airline", "singer", "concert", "album", "song", "student", "course", "teacher",
+    "school", "book", "author", "library", "movie", "director", "actor", "hotel", "guest", "shop", "product",
+    "customer", "employee", "department", "company", "ship", "port", "captain", "team", "player", "coach",
+    "stadium", "museum", "painting", "artist", "farm", "crop", "car", "driver", "garage", "hospital", "doctor",
+    "patient", "restaurant", "dish", "chef", "river", "mountain", "bank", "account", "club", "member", "park",
+    "bakery", "cake", "train", "station", "bus", "route", "camera", "phone", "store", "warehouse", "supplier",
+    "journal", "article", "editor", "gym", "trainer", "bridge", "tower", "island", "lake", "village",
+)
+DEV_ENTITIES = (
+    "planet", "comet", "crater", "glacier", "castle", "knight", "dragon", "robot", "sensor", "reactor", "violinist",
+    "theater", "vineyard", "lighthouse", "canyon", "monastery", "rocket", "meteor", "nebula", "asteroid", "goblin",
+    "temple", "pirate", "beacon",
+)
+TRAIN_NUMERIC = {
+    "price": (5, 500), "distance": (100, 5000), "age": (18, 80), "rating": (1, 10), "salary": (20, 250),
+    "capacity": (10, 900), "weight": (1, 300), "height": (100, 250), "length": (1, 900), "budget": (100, 9999),
+    "population": (100, 9999), "score": (0, 100), "speed": (10, 400), "duration": (1, 300), "year": (1950, 2023),
+    "quantity": (1, 500), "area": (10, 5000), "revenue": (100, 9999), "elevation": (0, 4000), "depth": (1, 900),
+    "stock": (0, 999), "points": (0, 99), "fee": (5, 999), "floors": (1, 90), "seats": (2, 400),
+    "pages": (50, 1200), "cost": (1, 999), "mileage": (0, 9999), "calories": (50, 1500), "visitors": (10, 9999),
+}
+DEV_NUMERIC = {
+    "radius": (1, 999), "temperature": (0, 500), "velocity": (1, 999), "density": (1, 99), "gravity": (1, 50),
+    "latency": (1, 900), "charge": (1, 480), "energy": (10, 9999), "wattage": (5, 2000), "humidity": (0, 100),
+    "stamina": (1, 200), "agility": (1, 99), "durability": (1, 999), "radiation": (0, 999),
+}
+TRAIN_CATEGORICAL = {
+    "city": ("Paris", "Berlin", "Tokyo", "Lima", "Cairo", "Oslo"),
+    "country": ("France", "Japan", "Brazil", "Canada", "Kenya", "India"),
+    "color": ("red", "blue", "green", "black", "white"),
+    "category": ("basic", "premium", "standard", "deluxe"),
+    "genre": ("rock", "jazz", "pop", "folk", "blues"),
+    "status": ("active", "closed", "pending", "retired"),
+    "region": ("north", "south", "east", "west"),
+    "brand": ("Acme", "Zenith", "Orion", "Nova"),
+    "language": ("English", "Spanish", "German", "Hindi", "Arabic"),
+    "material": ("wood", "steel", "glass", "stone", "plastic"),
+    "season": ("spring", "summer", "autumn", "winter"),
+    "style": ("modern", "classic", "rustic", "minimal"),
+    "shift": ("day", "night", "evening"),
+    "size": ("small", "medium", "large"),
+    "cuisine": ("Italian", "Thai", "Mexican", "Greek"),
+    "grade": ("junior", "senior", "expert", "novice"),
+}
+DEV_CATEGORICAL = {
+    "element": ("water", "earth", "air", "storm"),
+    "faction": ("alpha", "beta", "gamma", "delta"),
+    "clan": ("amber", "azure", "violet", "golden"),
+    "mood": ("calm", "gloomy", "bored", "proud"),
+    "tier": ("bronze", "copper", "gold", "platinum"),
+    "biome": ("desert", "jungle", "frozen", "scorched"),
+    "sector": ("inner", "upper", "central"),
+    "flavor": ("sour", "salty", "spicy"),
+}
+TRAIN_LABELS = ("name", "title", "nickname", "alias")
+DEV_LABELS = ("moniker", "codename", "epithet", "handle")
+# Label values (unique per table) are pseudo-words from one syllable inventory shared by both splits.
+SYLLABLES = (
+    "ka", "lo", "mi", "ren", "tu", "vo", "sa", "bel", "dor", "fi", "ga", "hu", "ix", "jo", "ne", "pra", "qui", "ro",
+    "sel", "ta", "ul", "ven", "wy", "za", "mar", "tel", "nor", "shi", "bo", "le",
+)
+
+
+@dataclass(frozen=True)
+class Pools:
+    entities: tuple[str, ...]
+    numeric: dict[str, tuple[int, int]]
+    categorical: dict[str, tuple[str, ...]]
+    labels: tuple[str, ...]
+
+
+TRAIN_POOLS = Pools(TRAIN_ENTITIES, TRAIN_NUMERIC, TRAIN_CATEGORICAL, TRAIN_LABELS)
+DEV_POOLS = Pools(DEV_ENTITIES, DEV_NUMERIC, DEV_CATEGORICAL, DEV_LABELS)
+
+
+def plural(noun: str) -> str:
+    if noun.endswith("y") and noun[-2] not in "aeiou":
+        return noun[:-1] + "ies"
+    if noun.endswith(("s", "x", "ch", "sh")):
+        return noun + "es"
+    return noun + "s"
+
+
+def article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+# ---------------------------------------------------------------------------------------------- databases
+
+
+@dataclass
+class Table:
+    name: str
+    label: str  # unique text column (name, title, ...)
+    numeric: list[str]
+    category: str
+    parent: str | None  # table referenced by the foreign key column <parent>_id
+    columns: list[str] = field(default_factory=list)  # in schema order
+    rows: list[dict] = field(default_factory=list)
+
+    @property
+    def pk(self) -> str:
+        return f"{self.name}_id"
+
+    @property
+    def plural(self) -> str:
+        return plural(self.name)
+
+
+@dataclass
+class Database:
+    db_id: str
+    tables: list[Table]
+
+    def table(self, name: str) -> Table:
+        return next(t for t in self.tables if t.name == name)
+
+
+def pseudo_word(rng: random.Random) -> str:
+    return "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, 3))).capitalize()
+
+
+def make_database(pools: Pools, rng: random.Random, taken_labels: set[str] = frozenset()) -> Database:
+    """2-3 tables with distinct column names; tables[1] (and tables[2] half the time) reference tables[0].
+
+    The db_id names the first two tables, Spider style (e.g. "album_song"). Label values are unique per table and
+    avoid `taken_labels` (the train split's, when making dev databases).
+    """
+    n_tables = rng.randint(2, 3)
+    names = rng.sample(pools.entities, n_tables)
+    numeric = rng.sample(sorted(pools.numeric), 2 * n_tables)
+    categories = rng.sample(sorted(pools.categorical), n_tables)
+    labels = rng.sample(pools.labels, n_tables)
+    tables = []
+    for i, name in enumerate(names):
+        parent = None if i == 0 or (i == 2 and rng.random() < 0.5) else names[0]
+        nums = numeric[2 * i : 2 * i + rng.randint(1, 2)]
+        t = Table(name, labels[i], nums, categories[i], parent)
+        attrs = [*nums, t.category]
+        rng.shuffle(attrs)
+        t.columns = [t.pk, t.label, *attrs] + ([f"{parent}_id"] if parent else [])
+        tables.append(t)
+    for t in tables:
+        n_rows = rng.randint(40, 100) if t.parent is None else rng.randint(80, 160)
+        used: set[str] = set()
+        values = rng.sample(pools.categorical[t.category], rng.randint(3, len(pools.categorical[t.category])))
+        weights = [rng.random() + 0.2 for _ in values]
+        parent_rows = len(tables[0].rows)
+        for r in range(n_rows):
+            label = pseudo_word(rng)
+            while label in used or label in taken_labels:
+                label = pseudo_word(rng)
+            used.add(label)
+            row = {t.pk: r + 1, t.label: label, t.category: rng.choices(values, weights)[0]}
+            for col in t.numeric:
+                row[col] = rng.randint(*pools.numeric[col])
+            if t.parent:
+                row[f"{t.parent}_id"] = rng.randint(1, parent_rows)
+            t.rows.append(row)
+    return Database("_".join(names[:2]), tables)
+
+
+def create_statement(t: Table) -> str:
+    """CREATE TABLE laid out as data.py's schema text renders it (columns, then primary and foreign keys)."""
+    lines = [f"  {col} {'TEXT' if col in (t.label, t.category) else 'INTEGER'}," for col in t.columns]
+    lines.append(f"  PRIMARY KEY ({t.pk})" + ("," if t.parent else ""))
+    if t.parent:
+        lines.append(f"  FOREIGN KEY ({t.parent}_id) REFERENCES {t.parent} ({t.parent}_id)")
+    return f"CREATE TABLE {t.name} (\n" + "\n".join(lines) + "\n);"
+
+
+def write_sqlite(db: Database, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path)
+    with conn:
+        for t in db.tables:
+            conn.execute(create_statement(t))
+            marks = ", ".join("?" for _ in t.columns)
+            conn.executemany(f"INSERT INTO {t.name} VALUES ({marks})", [[r[c] for c in t.columns] for r in t.rows])
+    conn.close()
+
+
+def spider_schema(db: Database) -> dict:
+    """The tables.json record: column 0 is '*', columns are [table_index, name], keys are column indices."""
+    cols, types, index = [[-1, "*"]], ["text"], {}
+    for ti, t in enumerate(db.tables):
+        for col in t.columns:
+            index[(t.name, col)] = len(cols)
+            cols.append([ti, col])
+            types.append("text" if col in (t.label, t.category) else "number")
+    fks = [[index[(t.name, f"{t.parent}_id")], index[(t.parent, f"{t.parent}_id")]] for t in db.tables if t.parent]
+    return {
+        "db_id": db.db_id,
+        "table_names_original": [t.name for t in db.tables],
+        "table_names": [t.name.replace("_", " ") for t in db.tables],
+        "column_names_original": cols,
+        "column_names": [[ti, name.replace("_", " ").lower()] for ti, name in cols],
+        "column_types": types,
+        "primary_keys": [index[(t.name, t.pk)] for t in db.tables],
+        "foreign_keys": fks,
+    }
+
+
+# ---------------------------------------------------------------------------------------------- questions
+# A template returns (question, query, cot) or None when this database offers no instance of it.
+
+OPS = {">": ("greater than", "more than", "above"), "<": ("less than", "below", "under")}
+AGGS = {"MAX": ("maximum", "highest"), "MIN": ("minimum", "lowest"), "AVG": ("average", "mean"), "SUM": ("total",)}
+
+
+def middle_value(values: list[int], rng: random.Random) -> int:
+    """A threshold from the middle half of the distinct values: both sides of it are non-empty."""
+    distinct = sorted(set(values))
+    lo, hi = len(distinct) // 4, max(len(distinct) // 4, 3 * len(distinct) // 4 - 1)
+    return distinct[rng.randint(lo, hi)]
+
+
+def q_count_all(db, rng):
+    t = rng.choice(db.tables)
+    q = rng.choice(("How many {p} are there?", "Count the number of {p}.", "What is the total number of {p}?"))
+    return q.format(p=t.plural), f"SELECT COUNT(*) FROM {t.name}", f"Count the rows of {t.name}."
+
+
+def q_count_where(db, rng):
+    t = rng.choice(db.tables)
+    col, op = rng.choice(t.numeric), rng.choice("><")
+    v = middle_value([r[col] for r in t.rows], rng)
+    q = f"How many {t.plural} have {article(col)} {col} {rng.choice(OPS[op])} {v}?"
+    return q, f"SELECT COUNT(*) FROM {t.name} WHERE {col} {op} {v}", f"Count {t.name} rows with {col} {op} {v}."
+
+
+def q_select_where_category(db, rng):
+    t = rng.choice(db.tables)
+    v = rng.choice([r[t.category] for r in t.rows])
+    q = rng.choice(("List the {l} of {p} whose {c} is {v}.", "Which {p} have {c} {v}? Give their {l}."))
+    sql = f"SELECT {t.label} FROM {t.name} WHERE {t.category} = '{v}'"
+    return q.format(l=t.label, p=t.plural, c=t.category, v=v), sql, f"Filter {t.name} on {t.category}, return {t.label}."
+
+
+def q_aggregate(db, rng):
+    t = rng.choice(db.tables)
+    col, fn = rng.choice(t.numeric), rng.choice(sorted(AGGS))
+    q = rng.choice(("What is the {a} {c} of all {p}?", "Find the {a} {c} among {p}."))
+    sql = f"SELECT {fn}({col}) FROM {t.name}"
+    return q.format(a=rng.choice(AGGS[fn]), c=col, p=t.plural), sql, f"Take {fn} of {col} in {t.name}."
+
+
+def q_lookup(db, rng):
+    t = rng.choice(db.tables)
+    col, row = rng.choice(t.numeric), rng.choice(t.rows)
+    q = rng.choice(("What is the {c} of the {e} whose {l} is {v}?", "Find the {c} of the {e} with {l} {v}."))
+    sql = f"SELECT {col} FROM {t.name} WHERE {t.label} = '{row[t.label]}'"
+    return q.format(c=col, e=t.name, l=t.label, v=row[t.label]), sql, f"Find the {t.name} by {t.label}, return {col}."
+
+
+def q_select_where_number(db, rng):
+    t = rng.choice(db.tables)
+    col, op = rng.choice(t.numeric), rng.choice("><")
+    v = middle_value([r[col] for r in t.rows], rng)
+    q = f"Show the {t.label} and {col} of {t.plural} with {col} {rng.choice(OPS[op])} {v}."
+    sql = f"SELECT {t.label}, {col} FROM {t.name} WHERE {col} {op} {v}"
+    return q, sql, f"Filter {t.name} on {col}, return {t.label} and {col}."
+
+
+def q_group_count(db, rng):
+    t = rng.choice(db.tables)
+    q = rng.choice(("How many {p} are there for each {c}?", "Count the {p} in each {c}."))
+    sql = f"SELECT {t.category}, COUNT(*) FROM {t.name} GROUP BY {t.category}"
+    return q.format(p=t.plural, c=t.category), sql, f"Group {t.name} by {t.category}, count rows."
+
+
+def q_top_k(db, rng):
+    t = rng.choice(db.tables)
+    col, k, top = rng.choice(t.numeric), rng.choice((1, 3, 5)), rng.random() < 0.5
+    ranked = sorted((r[col] for r in t.rows), reverse=top)
+    if ranked[k - 1] == ranked[k]:  # a tie at the cut: the answer would depend on row order
+        return None
+    word = "highest" if top else "lowest"
+    if k == 1:
+        q = f"Which {t.name} has the {word} {col}? Give its {t.label}."
+    else:
+        q = f"Give the {t.label} of the {k} {t.plural} with the {word} {col}."
+    order = "DESC" if top else "ASC"
+    sql = f"SELECT {t.label} FROM {t.name} ORDER BY {col} {order} LIMIT {k}"
+    return q, sql, f"Sort {t.name} by {col} {order}, take {k}, return {t.label}."
+
+
+def q_aggregate_where(db, rng):
+    t = rng.choice(db.tables)
+    col, fn = rng.choice(t.numeric), rng.choice(sorted(AGGS))
+    v = rng.choice([r[t.category] for r in t.rows])
+    q = f"What is the {rng.choice(AGGS[fn])} {col} of {t.plural} whose {t.category} is {v}?"
+    sql = f"SELECT {fn}({col}) FROM {t.name} WHERE {t.category} = '{v}'"
+    return q, sql, f"Filter {t.name} on {t.category}, take {fn} of {col}."
+
+
+def q_having(db, rng):
+    t = rng.choice(db.tables)
+    sizes = sorted({sum(r[t.category] == v for r in t.rows) for v in {r[t.category] for r in t.rows}})
+    if len(sizes) < 2:
+        return None
+    k = rng.randint(sizes[0], sizes[-1] - 1)  # at least one group qualifies, at least one does not
+    q = rng.choice(("Which {c} values have more than {k} {p}?", "List each {c} with more than {k} {p}."))
+    sql = f"SELECT {t.category} FROM {t.name} GROUP BY {t.category} HAVING COUNT(*) > {k}"
+    return q.format(c=t.category, k=k, p=t.plural), sql, f"Group {t.name} by {t.category}, keep counts above {k}."
+
+
+def join_clause(child: Table) -> str:
+    key = f"{child.parent}_id"
+    return f"{child.name} AS T1 JOIN {child.parent} AS T2 ON T1.{key} = T2.{key}"
+
+
+def q_join_where(db, rng):
+    child = rng.choice([t for t in db.tables if t.parent])
+    parent = db.table(child.parent)
+    if rng.random() < 0.5:
+        v = rng.choice([r[parent.category] for r in parent.rows])
+        q = f"List the {child.label} of {child.plural} whose {parent.name} has {parent.category} {v}."
+        col, cond = parent.category, f"T2.{parent.category} = '{v}'"
+    else:
+        col, op = rng.choice(parent.numeric), rng.choice("><")
+        v = middle_value([r[col] for r in parent.rows], rng)
+        q = f"List the {child.label} of {child.plural} whose {parent.name} has {article(col)} {col} {rng.choice(OPS[op])} {v}."
+        cond = f"T2.{col} {op} {v}"
+    sql = f"SELECT T1.{child.label} FROM {join_clause(child)} WHERE {cond}"
+    return q, sql, f"Join {child.name} with {parent.name}, filter on {col}, return {child.label}."
+
+
+def q_join_count(db, rng):
+    child = rng.choice([t for t in db.tables if t.parent])
+    parent = db.table(child.parent)
+    v = rng.choice(parent.rows)[parent.label]
+    q = f"How many {child.plural} belong to the {parent.name} whose {parent.label} is {v}?"
+    sql = f"SELECT COUNT(*) FROM {join_clause(child)} WHERE T2.{parent.label} = '{v}'"
+    return q, sql, f"Join {child.name} with {parent.name}, count rows for that {parent.label}."
+
+
+def q_above_average(db, rng):
+    t = rng.choice(db.tables)
+    col = rng.choice(t.numeric)
+    q = rng.choice((
+        "List the {l} of {p} whose {c} is above the average.",
+        "Which {p} have {a} {c} higher than the average {c}? Give their {l}.",
+    ))
+    sql = f"SELECT {t.label} FROM {t.name} WHERE {col} > (SELECT AVG({col}) FROM {t.name})"
+    cot = f"Compare {col} with its average in {t.name}, return {t.label}."
+    return q.format(l=t.label, p=t.plural, c=col, a=article(col)), sql, cot
+
+
+# (template, difficulty, weight): every database gets questions in these proportions, so dev's mix equals train's.
+TEMPLATES = (
+    (q_count_all, "easy", 1),
+    (q_count_where, "easy", 2),
+    (q_select_where_category, "easy", 2),
+    (q_aggregate, "easy", 2),
+    (q_lookup, "easy", 2),
+    (q_select_where_number, "medium", 1),
+    (q_group_count, "medium", 1),
+    (q_top_k, "medium", 2),
+    (q_aggregate_where, "medium", 1),
+    (q_having, "hard", 1),
+    (q_join_where, "hard", 2),
+    (q_join_count, "hard", 1),
+    (q_above_average, "hard", 1),
+)
+PLAN_SIZE = sum(w for _, _, w in TEMPLATES)
+
+
+def informative(rows: list[tuple]) -> bool:
+    """A gold result worth rewarding: some row, not only NULLs, not a bare zero count."""
+    return bool(rows) and any(v is not None for row in rows for v in row) and rows != [(0,)]
+
+
+def make_questions(db: Database, conn: sqlite3.Connection, n: int, rng: random.Random) -> list[dict]:
+    """n questions following the template plan; a template is retried until it yields a new, informative one."""
+    plan = [(fn, diff) for fn, diff, w in TEMPLATES for _ in range(w)] * (n // PLAN_SIZE + 1)
+    plan = plan[:n] if n % PLAN_SIZE == 0 else rng.sample(plan, n)
+    rng.shuffle(plan)
+    seen, out = set(), []
+    for fn, difficulty in plan:
+        for _ in range(200):
+            made = fn(db, rng)
+            if made is None or made[0] in seen or not informative(conn.execute(made[1]).fetchall()):
+                continue
+            question, query, cot = made
+            seen.add(question)
+            out.append({"db_id": db.db_id, "question": question, "query": query, "cot": cot, "difficulty": difficulty})
+            break
+        else:
+            raise RuntimeError(f"{db.db_id}: template {fn.__name__} produced no new informative question")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- tokenizer
+
+
+def schema_words(pools: Pools) -> set[str]:
+    words = {*pools.entities, *map(plural, pools.entities), *pools.numeric, *pools.categorical, *pools.labels}
+    return words | {v for values in pools.categorical.values() for v in values}
+
+
+def byte_level_bpe(vocab: dict[str, int] | None = None, merges: list[tuple[str, str]] | None = None) -> Tokenizer:
+    """An empty (or given) BPE with Qwen2's pre-tokenizer: the split regex, then bytes mapped to printable chars."""
+    tok = Tokenizer(models.BPE(vocab, merges) if vocab is not None else models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def train_tokenizer(texts: list[str], names: set[str], vocab_size: int, min_count: int = 20) -> Tokenizer:
+    """Byte-level BPE on `texts`, where `names` (schema words, values) count once whatever their frequency.
+
+    Merges are then pruned until every learned token occurs >= min_count times in `texts` (or is a piece of one
+    that does): an unseen name is spelled with pieces whose embeddings were trained, not with rare leftovers.
+    """
+    drop = re.compile(r"[A-Za-z]+")
+    corpus = [drop.sub(lambda m: "" if m.group(0) in names else m.group(0), text) for text in texts]
+    tok = byte_level_bpe()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=2, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(corpus + sorted(names), trainer)
+    while True:
+        model = json.loads(tok.to_str())["model"]
+        vocab, merges = model["vocab"], [tuple(m) for m in model["merges"]]
+        counts = Counter(i for enc in tok.encode_batch(texts) for i in enc.ids)
+        parts = {a + b: (a, b) for a, b in merges}
+        needed = [t for t in parts if counts[vocab[t]] >= min_count]
+        keep = set()
+        while needed:
+            t = needed.pop()
+            if t in parts and t not in keep:
+                keep.add(t)
+                needed += parts[t]
+        if len(keep) == len(merges):
+            break
+        merges = [m for m in merges if m[0] + m[1] in keep]
+        alphabet = sorted((t for t in vocab if t not in parts), key=vocab.get)
+        tok = byte_level_bpe({t: i for i, t in enumerate(alphabet + [a + b for a, b in merges])}, merges)
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in REASONING_TOKENS])
+    return tok
+
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def write_tokenizer(tok: Tokenizer, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out_dir / "tokenizer.json"))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": None,
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "model_max_length": 2048,
+        "chat_template": CHAT_TEMPLATE,
+        "sqlr1_default_system": SYSTEM_MESSAGE,
+    }
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------- build
+
+
+def write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
+
+
+def build_toyworld(
+    root: str | Path,
+    seed: int = 0,
+    num_train_dbs: int = 60,
+    num_dev_dbs: int = 7,
+    questions_per_db: int = 38,
+    vocab_size: int = 1000,
+) -> Path:
+    """Write the whole world under `root` (which must not exist or be empty); deterministic given the arguments."""
+    start = time.time()
+    root = Path(root)
+    if root.exists() and any(root.iterdir()):
+        raise FileExistsError(f"build_toyworld: {root} is not empty; pick a new directory or use ensure_toyworld")
+    if num_train_dbs < 1 or num_dev_dbs < 1:
+        raise ValueError(f"num_train_dbs={num_train_dbs}, num_dev_dbs={num_dev_dbs}: need at least one of each")
+    schemas, splits, dbs_by_split, train_labels = [], {}, {}, set()
+    for split, pools, n_dbs in (("train", TRAIN_POOLS, num_train_dbs), ("dev", DEV_POOLS, num_dev_dbs)):
+        records, used_ids = [], set()
+        for i in range(n_dbs):
+            rng = random.Random(f"toyworld-{seed}-{split}-{i}")
+            db = make_database(pools, rng, train_labels if split == "dev" else frozenset())
+            while db.db_id in used_ids:
+                db.db_id += "_2"
+            used_ids.add(db.db_id)
+            path = root / "database" / db.db_id / f"{db.db_id}.sqlite"
+            write_sqlite(db, path)
+            conn = sqlite3.connect(path)
+            records += make_questions(db, conn, questions_per_db, rng)
+            conn.close()
+            schemas.append(spider_schema(db))
+            dbs_by_split.setdefault(split, []).append(db)
+            if split == "train":
+                train_labels |= {r[t.label] for t in db.tables for r in t.rows}
+        splits[split] = records
+        write_json(root / f"{split}.json", records)
+    write_json(root / "tables.json", schemas)
+
+    texts = [PROMPT_WORDS] * 100 + [create_statement(t) for db in dbs_by_split["train"] for t in db.tables]
+    texts += [f"Question: {r['question']}\n\n{r['cot']}\n\n```sql\n{r['query']}\n```\n" for r in splits["train"]]
+    tok = train_tokenizer(texts, schema_words(TRAIN_POOLS) | train_labels, vocab_size)
+    write_tokenizer(tok, root / "tokenizer")
+
+    settings = {
+        "format_version": FORMAT_VERSION, "seed": seed, "num_train_dbs": num_train_dbs, "num_dev_dbs": num_dev_dbs,
+        "questions_per_db": questions_per_db, "vocab_size": vocab_size,
+    }
+    counts = {"train_questions": len(splits["train"]), "dev_questions": len(splits["dev"]),
+              "tokenizer_size": tok.get_vocab_size(with_added_tokens=True)}
+    write_json(root / MANIFEST, {**settings, **counts})
+    print(
+        f"toyworld: {num_train_dbs} train + {num_dev_dbs} dev databases, {counts['train_questions']} train + "
+        f"{counts['dev_questions']} dev questions, vocab {counts['tokenizer_size']}, {time.time() - start:.1f}s -> {root}"
+    )
+    return root
+
+
+def ensure_toyworld(root: str | Path, seed: int = 0) -> Path:
+    """Build the default world at `root` unless its manifest already says so (same format version and seed).
+
+    Built in a temporary sibling directory and renamed into place, so an interrupted build leaves nothing half-made;
+    an outdated world (and anything inside it, such as a model trained on its tokenizer) is replaced.
+    """
+    root = Path(root)
+    manifest = root / MANIFEST
+    if manifest.exists():
+        found = json.loads(manifest.read_text())
+        if found.get("format_version") == FORMAT_VERSION and found.get("seed") == seed:
+            return root
+    elif root.exists() and any(root.iterdir()):
+        raise FileExistsError(f"ensure_toyworld: {root} is not empty and holds no {MANIFEST}; it is not a toy world "
+                              "(refusing to replace it): pick another data_root")
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = root.with_name(f".{root.name}.building-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    build_toyworld(tmp, seed=seed)
+    if root.exists():
+        old = root.with_name(f".{root.name}.old-{os.getpid()}")
+        root.rename(old)
+        shutil.rmtree(old)
+    tmp.rename(root)
+    return root
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+
+def tiny_config(tokenizer_size: int) -> ModelConfig:
+    """4 layers, hidden 128, 4 query / 2 KV heads, tied embeddings; vocab padded to the next multiple of 64."""
+    return ModelConfig(
+        vocab_size=(tokenizer_size // 64 + 1) * 64,
+        hidden_size=128,
+        intermediate_size=384,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        rope_theta=10_000.0,
+        tie_word_embeddings=True,
+    )
+
+
+def init_model(out_dir: str | Path, tokenizer_dir: str | Path, config: ModelConfig | None = None, seed: int = 0) -> Path:
+    """A freshly initialised tiny Qwen2 saved in Hugging Face layout (config, safetensors, tokenizer files)."""
+    if not (Path(tokenizer_dir) / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"init_model: no tokenizer.json in {tokenizer_dir}; build the world first (ensure_toyworld)")
+    tokenizer = load_tokenizer(tokenizer_dir)
+    config = config or tiny_config(tokenizer.vocab_size)
+    if config.vocab_size < tokenizer.vocab_size:
+        raise ValueError(
+            f"init_model: config.vocab_size={config.vocab_size} is below the tokenizer's {tokenizer.vocab_size} ids "
+            f"({tokenizer_dir}); use at least that many embedding rows"
+        )
+    model = Qwen2(config)
+    model.init_weights(generator=torch.Generator().manual_seed(seed))
+    pad = tokenizer.pad_id
+    generation = {"bos_token_id": pad, "eos_token_id": tokenizer.eos_ids, "pad_token_id": pad}
+    return save_model(model, out_dir, generation_config=generation, tokenizer=tokenizer)

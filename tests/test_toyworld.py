@@ -1,0 +1,281 @@
+"""The toy world: determinism, answerable and informative gold SQL, a held-out split with new names but the same
+difficulty mix, a lossless tokenizer whose pieces the train split uses, and a tiny model that loads like a real one."""
+
+import json
+import random
+import re
+import sqlite3
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from sqlr1.checkpoint import load_model
+from sqlr1.model import ModelConfig
+from sqlr1.tokenizer import load_tokenizer
+from sqlr1.toyworld import MANIFEST, build_toyworld, ensure_toyworld, init_model
+
+SMALL = dict(num_train_dbs=6, num_dev_dbs=2)
+JSON_FILES = ("train.json", "dev.json", "tables.json", "tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    """The default world (the one train.py builds), once per module."""
+    return build_toyworld(tmp_path_factory.mktemp("toy") / "world", seed=0)
+
+
+@pytest.fixture(scope="module")
+def small_worlds(tmp_path_factory):
+    base = tmp_path_factory.mktemp("small")
+    return [build_toyworld(base / name, seed=seed, **SMALL) for name, seed in (("a", 0), ("b", 0), ("c", 1))]
+
+
+def records(root: Path, split: str) -> list[dict]:
+    return json.loads((root / f"{split}.json").read_text())
+
+
+def db_path(root: Path, db_id: str) -> Path:
+    return root / "database" / db_id / f"{db_id}.sqlite"
+
+
+def dump(root: Path) -> dict[str, list[str]]:
+    out = {}
+    for path in sorted((root / "database").glob("*/*.sqlite")):
+        conn = sqlite3.connect(path)
+        out[path.parent.name] = list(conn.iterdump())
+        conn.close()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- world
+
+
+def test_same_seed_same_world_other_seed_other_world(small_worlds):
+    a, b, c = small_worlds
+    for name in JSON_FILES:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    assert dump(a) == dump(b)
+    assert (a / "train.json").read_bytes() != (c / "train.json").read_bytes()
+    assert (a / "dev.json").read_bytes() != (c / "dev.json").read_bytes()
+    assert dump(a) != dump(c)
+
+
+def test_layout_and_spider_schema_match_the_databases(world):
+    tables = json.loads((world / "tables.json").read_text())
+    manifest = json.loads((world / MANIFEST).read_text())
+    by_id = {t["db_id"]: t for t in tables}
+    assert len(by_id) == len(tables) == manifest["num_train_dbs"] + manifest["num_dev_dbs"]
+    for schema in tables:
+        conn = sqlite3.connect(db_path(world, schema["db_id"]))
+        names = [n for (n,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY rowid")]
+        assert names == schema["table_names_original"] and 2 <= len(names) <= 3
+        cols = schema["column_names_original"]
+        assert cols[0] == [-1, "*"] and len(schema["column_types"]) == len(cols) == len(schema["column_names"])
+        for ti, name in enumerate(names):
+            info = conn.execute(f"PRAGMA table_info({name})").fetchall()
+            assert [c[1] for c in info] == [n for t, n in cols if t == ti]
+            assert 3 <= len(info) <= 6
+            assert 40 <= conn.execute(f"SELECT COUNT(*) FROM {name}").fetchone()[0] <= 200
+        assert [cols[i] for i in schema["primary_keys"]] == [[ti, f"{n}_id"] for ti, n in enumerate(names)]
+        assert schema["foreign_keys"], "every database has a foreign key (JOIN questions)"
+        for child, parent in schema["foreign_keys"]:
+            assert cols[child][1] == cols[parent][1] == f"{names[cols[parent][0]]}_id"
+            fk = conn.execute(f"PRAGMA foreign_key_list({names[cols[child][0]]})").fetchall()
+            assert any(row[2] == names[cols[parent][0]] and row[3] == cols[child][1] for row in fk)
+        conn.close()
+    for split in ("train", "dev"):
+        for r in records(world, split):
+            assert set(r) == {"db_id", "question", "query", "cot", "difficulty"} and r["db_id"] in by_id
+
+
+def test_sizes(world):
+    manifest = json.loads((world / MANIFEST).read_text())
+    train, dev = records(world, "train"), records(world, "dev")
+    assert 1500 <= len(train) == manifest["train_questions"] <= 3000
+    assert 200 <= len(dev) == manifest["dev_questions"] <= 300
+    assert 500 <= manifest["tokenizer_size"] <= 2000
+
+
+def informative(rows) -> bool:
+    return bool(rows) and any(v is not None for row in rows for v in row) and rows != [(0,)]
+
+
+def test_every_gold_query_runs_and_returns_rows(world):
+    conns = {}
+    for split in ("train", "dev"):
+        seen = set()
+        for r in records(world, split):
+            conn = conns.setdefault(r["db_id"], sqlite3.connect(db_path(world, r["db_id"])))
+            assert informative(conn.execute(r["query"]).fetchall()), r
+            assert (r["db_id"], r["question"]) not in seen, r  # no duplicate questions
+            seen.add((r["db_id"], r["question"]))
+    for conn in conns.values():
+        conn.close()
+
+
+def test_wrong_comparison_or_column_changes_the_result(world):
+    """Execution rewards must tell right from plausibly wrong SQL: flipping > / < changes every filter's result."""
+    checked = 0
+    for r in records(world, "dev"):
+        if not re.search(r" [<>] \d", r["query"]):
+            continue
+        flipped = re.sub(r" ([<>]) (\d)", lambda m: f" {'<' if m.group(1) == '>' else '>'} {m.group(2)}", r["query"])
+        conn = sqlite3.connect(db_path(world, r["db_id"]))
+        assert conn.execute(flipped).fetchall() != conn.execute(r["query"]).fetchall(), r
+        conn.close()
+        checked += 1
+    assert checked > 20
+
+
+def test_questions_name_what_the_sql_uses(world):
+    """Copying suffices: every table, non-key column and string value of the gold SQL is written in the question."""
+    tables = {t["db_id"]: t for t in json.loads((world / "tables.json").read_text())}
+    for r in records(world, "train")[:400] + records(world, "dev"):
+        schema = tables[r["db_id"]]
+        names = set(schema["table_names_original"]) | {n for _, n in schema["column_names_original"][1:]}
+        words = set(re.findall(r"\w+", r["question"]))
+        for ident in set(re.findall(r"\w+", re.sub(r"'[^']*'", "", r["query"]))) & names:
+            if not ident.endswith("_id"):
+                assert ident in words or ident + "s" in words or ident[:-1] + "ies" in words, (ident, r)
+        for value in re.findall(r"'([^']*)'", r["query"]):
+            assert value in words, (value, r)
+        for number in re.findall(r"[<>] (\d+)", r["query"]):
+            assert number in words, (number, r)
+
+
+def test_held_out_databases_have_other_names_and_values(world):
+    tables = {t["db_id"]: t for t in json.loads((world / "tables.json").read_text())}
+    train_ids = {r["db_id"] for r in records(world, "train")}
+    dev_ids = {r["db_id"] for r in records(world, "dev")}
+    assert train_ids and dev_ids and not train_ids & dev_ids
+
+    def vocabulary(ids):
+        out = set()
+        for i in ids:
+            out |= set(tables[i]["table_names_original"])
+            out |= {n for _, n in tables[i]["column_names_original"][1:]}
+        return out
+
+    def text_values(ids):
+        out = set()
+        for i in ids:
+            conn = sqlite3.connect(db_path(world, i))
+            for table in tables[i]["table_names_original"]:
+                for col in [c[1] for c in conn.execute(f"PRAGMA table_info({table})") if c[2] == "TEXT"]:
+                    out |= {v for (v,) in conn.execute(f"SELECT DISTINCT {col} FROM {table}")}
+            conn.close()
+        return out
+
+    assert not vocabulary(train_ids) & vocabulary(dev_ids)
+    assert not text_values(train_ids) & text_values(dev_ids)
+
+
+def test_held_out_is_not_easier(world):
+    train, dev = records(world, "train"), records(world, "dev")
+    share = lambda rs, d: sum(r["difficulty"] == d for r in rs) / len(rs)  # noqa: E731
+    for level in ("easy", "medium", "hard"):
+        assert share(train, level) > 0.15
+        assert abs(share(dev, level) - share(train, level)) <= 0.03, level
+    shape = lambda rs: Counter(re.sub(r"\w+|'[^']*'", "x", r["query"]) for r in rs)  # noqa: E731
+    train_shapes, dev_shapes = shape(train), shape(dev)
+    assert set(dev_shapes) <= set(train_shapes)
+    mean_len = lambda rs: sum(len(r["query"].split()) for r in rs) / len(rs)  # noqa: E731
+    assert mean_len(dev) >= 0.95 * mean_len(train)
+
+
+# ---------------------------------------------------------------------------------------------- tokenizer
+
+
+def test_tokenizer_round_trips_any_text_and_keeps_special_tokens_whole(world):
+    tok = load_tokenizer(world / "tokenizer")
+    rng = random.Random(0)
+    alphabet = "abcXYZ019 _'\"\n\t.,;:()*<>=|!?`-" + "éßñ中文字😀\u200b\r"
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>", "<answer>", "</answer>"]
+    for _ in range(300):
+        pieces = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 12))) for _ in range(rng.randint(1, 6))]
+        text = "".join(p + (rng.choice(specials) if rng.random() < 0.3 else "") for p in pieces)
+        assert tok.decode(tok.encode(text)) == text
+    for s in specials:
+        sid = tok.token_to_id(s)
+        assert sid is not None and tok.encode(f"x{s}y") == tok.encode("x") + [sid] + tok.encode("y")
+    assert tok.token_to_id("<|im_end|>") in tok.eos_ids and tok.pad_id == tok.token_to_id("<|endoftext|>")
+    assert tok.default_system == "You are a helpful assistant."
+    sample = records(world, "dev")[0]
+    assert tok.decode(tok.encode(sample["query"])) == sample["query"]
+
+
+def test_held_out_text_is_spelled_with_pieces_the_train_split_uses(world):
+    """New names, familiar sub-words: nearly every token of dev questions, SQL, traces and schemas occurs often in
+    the train split's text (otherwise its embedding would be untrained and no model could copy it)."""
+    tok = load_tokenizer(world / "tokenizer")
+
+    def texts(split):
+        rs = records(world, split)
+        schemas = []
+        for db_id in sorted({r["db_id"] for r in rs}):
+            conn = sqlite3.connect(db_path(world, db_id))
+            schemas += [sql for (sql,) in conn.execute("SELECT sql FROM sqlite_master")]
+            conn.close()
+        return schemas + [t for r in rs for t in (r["question"], r["query"], r["cot"])]
+
+    train_counts = Counter(i for t in texts("train") for i in tok.encode(t))
+    dev_ids = [i for t in texts("dev") for i in tok.encode(t)]
+    rare = [i for i in dev_ids if train_counts[i] < 10]
+    assert len(rare) <= 0.002 * len(dev_ids), Counter(map(tok.decode, map(lambda i: [i], rare))).most_common(10)
+    # and most of the vocabulary is not whole train names: a train name is spelled with several pieces too
+    assert sum(len(tok.encode(" " + t["table_names_original"][0])) > 1
+               for t in json.loads((world / "tables.json").read_text())) > 30
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+
+def test_init_model_saves_a_loadable_tiny_qwen2_with_padded_vocab(world, tmp_path):
+    out = init_model(tmp_path / "model", world / "tokenizer", seed=0)
+    tok = load_tokenizer(out)
+    model = load_model(out, dtype=torch.float32)
+    assert model.config.vocab_size > tok.vocab_size and model.config.vocab_size % 64 == 0
+    assert model.config.tie_word_embeddings and model.config.num_hidden_layers == 4
+    ids = torch.tensor([tok.encode(tok.apply_chat_template([{"role": "user", "content": "How many planets?"}]))])
+    assert model(ids).shape == (1, ids.shape[1], model.config.vocab_size)
+    again = load_model(init_model(tmp_path / "again", world / "tokenizer", seed=0), dtype=torch.float32)
+    other = load_model(init_model(tmp_path / "other", world / "tokenizer", seed=1), dtype=torch.float32)
+    w = "embed_tokens.weight"
+    assert torch.equal(model.state_dict()[w], again.state_dict()[w])
+    assert not torch.equal(model.state_dict()[w], other.state_dict()[w])
+    with pytest.raises(ValueError, match="vocab_size"):
+        init_model(tmp_path / "small", world / "tokenizer", config=ModelConfig(vocab_size=64, hidden_size=32,
+                   intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
+    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+        init_model(tmp_path / "none", tmp_path / "missing")
+
+
+# ---------------------------------------------------------------------------------------------- ensure
+
+
+def test_ensure_builds_once_and_rebuilds_when_outdated(tmp_path):
+    root = tmp_path / "toyworld"
+    assert ensure_toyworld(root, seed=0) == root
+    (root / "model").mkdir()  # what train.py adds next to the world
+    first = (root / "train.json").stat().st_mtime_ns
+    ensure_toyworld(root, seed=0)
+    assert (root / "model").is_dir() and (root / "train.json").stat().st_mtime_ns == first
+    manifest = json.loads((root / MANIFEST).read_text())
+    (root / MANIFEST).write_text(json.dumps({**manifest, "format_version": -1}))
+    ensure_toyworld(root, seed=0)
+    assert not (root / "model").exists() and json.loads((root / MANIFEST).read_text()) == manifest
+    ensure_toyworld(root, seed=1)
+    assert json.loads((root / MANIFEST).read_text())["seed"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["toyworld"]  # no temporary directories left behind
+
+
+def test_refuses_to_overwrite_other_directories(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not empty"):
+        ensure_toyworld(tmp_path / "mine")
+    with pytest.raises(FileExistsError, match="not empty"):
+        build_toyworld(tmp_path / "mine", **SMALL)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
