@@ -40,7 +40,6 @@ import urllib.parse
 import weakref
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from itertools import chain
 from multiprocessing.connection import wait
 from pathlib import Path
 
@@ -142,9 +141,9 @@ class _Executor:
             ncols = len(cursor.description)
             rows: list[tuple] = []
             nbytes = 0
-            while batch := cursor.fetchmany(256):
-                rows += batch
-                nbytes += sum(map(sys.getsizeof, chain.from_iterable(batch)))  # Python object sizes, in C
+            for row in cursor:  # row by row: one row may already hold max_bytes
+                rows.append(row)
+                nbytes += sum(map(sys.getsizeof, row))  # Python object sizes
                 if len(rows) > self.max_rows or nbytes > self.max_bytes:
                     cursor.close()
                     return ExecResult("error", ncols=ncols, truncated=True,
