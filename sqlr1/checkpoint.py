@@ -99,7 +99,8 @@ def load_model(path_or_repo_id: str | os.PathLike, dtype: torch.dtype = torch.bf
                     raise ValueError(
                         f"{file}: {hf_name!r} has shape {tuple(shape)}, config.json implies {tuple(expected[name])}"
                     )
-                shard[name] = f.get_tensor(hf_name).to(device=device, dtype=dtype)
+                # copy=True: the model owns its memory (get_tensor may map the file, which could change under us)
+                shard[name] = f.get_tensor(hf_name).to(device=device, dtype=dtype, copy=True)
         model.load_state_dict(shard, strict=False, assign=True)
         loaded |= shard.keys()
         del shard
@@ -193,7 +194,9 @@ def save_state_dict(
             raise ValueError(f"save {out}: unexpected tensor {name!r} in the state dict (not a Qwen2 parameter)")
         t = state_dict[name]
         if t.shape != expected[name]:
-            raise ValueError(f"save {out}: {name!r} has shape {tuple(t.shape)}, the config implies {tuple(expected[name])}")
+            raise ValueError(
+                f"save {out}: {name!r} has shape {tuple(t.shape)}, the config implies {tuple(expected[name])}"
+            )
         if t.is_meta:
             raise ValueError(f"save {out}: {name!r} is on the meta device (gather the full weights first)")
     missing = [n for n in expected if n not in state_dict]

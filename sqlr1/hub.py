@@ -30,5 +30,6 @@ def resolve_checkpoint(path_or_repo_id: str | os.PathLike) -> Path:
     except (OSError, ValueError) as e:  # offline, not cached, unknown/gated repo, invalid repo id
         raise FileNotFoundError(
             f"{text!r} is neither a local directory nor a reachable Hugging Face repo ({type(e).__name__}); download "
-            f"it where the Hub is reachable, e.g. `hf download {text} --local-dir DIR` (older hubs: `huggingface-cli download ...`), then pass DIR"
+            f"it where the Hub is reachable, e.g. `hf download {text} --local-dir DIR` (older huggingface_hub: "
+            "`huggingface-cli download`), then pass DIR"
         ) from None

@@ -287,8 +287,9 @@ def test_unexpected_key(single_file_checkpoint):
 
 
 def test_shape_mismatch(single_file_checkpoint):
-    edit_weights(single_file_checkpoint, lambda t: t.update({"model.layers.1.self_attn.q_proj.weight": torch.zeros(7, 40)}))
-    expect_error(single_file_checkpoint, ValueError, "model.layers.1.self_attn.q_proj.weight", "(7, 40)", "(40, 40)")
+    name = "model.layers.1.self_attn.q_proj.weight"
+    edit_weights(single_file_checkpoint, lambda t: t.update({name: torch.zeros(7, 40)}))
+    expect_error(single_file_checkpoint, ValueError, name, "(7, 40)", "(40, 40)")
 
 
 @pytest.mark.parametrize(
