@@ -40,12 +40,14 @@ import urllib.parse
 import weakref
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
+from itertools import chain
 from multiprocessing.connection import wait
 from pathlib import Path
 
 MAX_CHUNK = 64  # queries per message to a worker
 CONNECTIONS_PER_WORKER = 32  # open read-only connections a worker keeps (LRU)
 PROGRESS_OPS = 1000  # SQLite VM instructions between two deadline checks
+FETCH_ROWS = 64  # rows fetched between two size checks (a batch too big for memory fails with MemoryError)
 
 # Pragmas that only read the schema. Anything else (writable_schema, journal_mode, query_only=0, ...) is denied.
 READ_PRAGMAS = frozenset({"table_info", "table_xinfo", "index_list", "index_info", "index_xinfo", "foreign_key_list"})
@@ -141,9 +143,9 @@ class _Executor:
             ncols = len(cursor.description)
             rows: list[tuple] = []
             nbytes = 0
-            for row in cursor:  # row by row: one row may already hold max_bytes
-                rows.append(row)
-                nbytes += sum(map(sys.getsizeof, row))  # Python object sizes
+            while batch := cursor.fetchmany(FETCH_ROWS):
+                rows += batch
+                nbytes += sum(map(sys.getsizeof, chain.from_iterable(batch)))  # Python object sizes, summed in C
                 if len(rows) > self.max_rows or nbytes > self.max_bytes:
                     cursor.close()
                     return ExecResult("error", ncols=ncols, truncated=True,
@@ -260,11 +262,12 @@ class Sandbox:
         child_end.close()
         return _Worker(process, parent_end, heartbeat)
 
-    def _replace(self, worker: _Worker) -> None:
+    def _replace(self, worker: _Worker) -> _Worker:
         """Kill a worker (hung or dead) and put a fresh one in its place."""
         index = self._workers.index(worker)
         _stop([worker])
         self._workers[index] = self._start_worker()
+        return self._workers[index]
 
     def execute_many(self, items: list[tuple[str, str]], timeout: float | None = None,
                      progress: bool = False) -> list[ExecResult]:
@@ -280,17 +283,18 @@ class Sandbox:
         todo = deque(range(len(items)))
         meter = _Progress(len(items)) if progress else None
         try:
-            while todo or any(w.chunk for w in self._workers):
-                self._dispatch(items, todo, timeout)
-                busy = [w for w in self._workers if w.chunk]
+            for w in self._workers:
+                self._send_chunk(w, items, todo, timeout)
+            while busy := [w for w in self._workers if w.chunk]:
                 next_kill = min(w.heartbeat[1] for w in busy) + timeout + self.grace
                 ready = wait([w.conn for w in busy], timeout=max(0.0, next_kill - time.monotonic()))
                 for w in busy:
                     if w.conn in ready:
-                        self._collect(w, results, todo, meter)
+                        self._collect(w, items, results, todo, timeout, meter)
                     elif time.monotonic() > w.heartbeat[1] + timeout + self.grace and not w.conn.poll():
-                        self._fail_culprit(w, results, todo, ExecResult(
+                        fresh = self._fail_culprit(w, results, todo, ExecResult(
                             "timeout", error=f"no answer within {timeout:g} s + {self.grace:g} s grace; worker killed"))
+                        self._send_chunk(fresh, items, todo, timeout)
         except BaseException:  # Ctrl-C included: workers may be mid-chunk, so the pool cannot be trusted any more
             self.close()
             raise
@@ -298,35 +302,38 @@ class Sandbox:
             meter.finish()
         return results
 
-    def _dispatch(self, items: list[tuple[str, str]], todo: deque, timeout: float) -> None:
-        idle = [w for w in self._workers if not w.chunk]
-        for w in idle:
-            if not todo:
-                return
-            size = max(1, min(MAX_CHUNK, len(todo) // (2 * len(self._workers))))
-            w.chunk = [todo.popleft() for _ in range(min(size, len(todo)))]
-            w.heartbeat[0], w.heartbeat[1] = 0, time.monotonic()
-            w.conn.send_bytes(marshal.dumps((timeout, [items[i] for i in w.chunk])))
-
-    def _collect(self, w: _Worker, results: list, todo: deque, meter: _Progress | None) -> None:
-        try:
-            answers = marshal.loads(w.conn.recv_bytes())
-        except (EOFError, OSError):  # the worker died (crash, OOM killer, ...)
-            self._fail_culprit(w, results, todo, ExecResult(
-                "error", error=f"worker process died (exit code {w.process.exitcode})"))
+    def _send_chunk(self, w: _Worker, items: list[tuple[str, str]], todo: deque, timeout: float) -> None:
+        """Give an idle worker the next chunk: guided scheduling, len(todo) / (2 x workers), at most MAX_CHUNK."""
+        if not todo:
             return
-        for i, fields in zip(w.chunk, answers):
+        size = max(1, min(MAX_CHUNK, len(todo) // (2 * len(self._workers))))
+        w.chunk = [todo.popleft() for _ in range(min(size, len(todo)))]
+        w.heartbeat[0], w.heartbeat[1] = 0, time.monotonic()
+        w.conn.send_bytes(marshal.dumps((timeout, [items[i] for i in w.chunk])))
+
+    def _collect(self, w: _Worker, items: list, results: list, todo: deque, timeout: float,
+                 meter: _Progress | None) -> None:
+        try:
+            message = w.conn.recv_bytes()
+        except (EOFError, OSError):  # the worker died (crash, OOM killer, ...)
+            fresh = self._fail_culprit(w, results, todo, ExecResult(
+                "error", error=f"worker process died (exit code {w.process.exitcode})"))
+            self._send_chunk(fresh, items, todo, timeout)
+            return
+        done, w.chunk = w.chunk, []
+        self._send_chunk(w, items, todo, timeout)  # keep the worker busy while we decode its answers
+        for i, fields in zip(done, marshal.loads(message)):
             results[i] = ExecResult(*fields)
         if meter:
-            meter.update(len(w.chunk))
-        w.chunk = []
+            meter.update(len(done))
 
-    def _fail_culprit(self, w: _Worker, results: list, todo: deque, verdict: ExecResult) -> None:
-        """The query the worker was running gets `verdict`; the rest of its chunk goes back to the queue."""
+    def _fail_culprit(self, w: _Worker, results: list, todo: deque, verdict: ExecResult) -> _Worker:
+        """The query the worker was running gets `verdict`, the rest of its chunk goes back to the queue, and a
+        fresh worker takes its place (returned)."""
         chunk, position = w.chunk, int(w.heartbeat[0])
         results[chunk[position]] = verdict
         todo.extendleft(reversed(chunk[:position] + chunk[position + 1:]))
-        self._replace(w)
+        return self._replace(w)
 
     def close(self) -> None:
         """Stop the workers (idempotent)."""

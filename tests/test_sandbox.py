@@ -176,3 +176,12 @@ def test_row_and_byte_caps(db):
 def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="num_workers"):
         Sandbox(num_workers=0)
+
+
+def test_memory_cap_fails_the_query_not_the_machine(db):
+    grow = ("WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c LIMIT 2000000) "
+            "SELECT count(*) FROM (SELECT DISTINCT hex(randomblob(16)) FROM c)")  # ~100 MB of distinct keys
+    with Sandbox(num_workers=1, timeout=30.0, memory_mb=16) as sandbox:
+        big, normal = sandbox.execute_many([(db, grow), (db, "SELECT count(*) FROM t")])
+    assert big.status == "error" and big.error == "out of memory"
+    assert normal.rows == [(50,)]
