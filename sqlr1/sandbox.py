@@ -14,9 +14,10 @@ thousands of times per training step. `Sandbox` is a pool of worker processes th
 * bounded: SQLite's heap is capped (`PRAGMA hard_heap_limit`), the worker's address space too (`RLIMIT_AS`), text
   and blobs are capped at `max_bytes`, and a result with more than `max_rows` rows or `max_bytes` bytes is an error.
 
-Workers come from a `forkserver`: importing `sqlr1` may import torch (seconds), which the fork server pays once;
-each worker (and each respawn after a kill) is then a cheap fork of it. `spawn` would pay the import per worker
-and per respawn; `fork` would copy a parent that may hold CUDA state and threads.
+Workers come from a `forkserver` that preloads this module: importing `sqlr1` imports torch (~2 s), which the
+fork server pays once; each worker (and each respawn after a kill) is then a fork of it (~20 ms). `spawn` would pay
+the import per worker and per respawn; `fork` would copy a parent that may hold CUDA state and threads. As with
+spawn, a worker re-imports the main script as `__mp_main__`, so scripts keep their work under `__main__`.
 Work is sent in chunks (guided scheduling: chunk = remaining / (2 x workers), at most 64) so that the pipe
 round trip is amortised over many queries; each worker publishes which query it is running and since when in
 shared memory, so the parent can still kill exactly the culprit and re-queue the rest of its chunk.
@@ -278,6 +279,11 @@ class Sandbox:
         if not self._workers:
             raise RuntimeError("Sandbox is closed; create a new one")
         timeout = self.timeout if timeout is None else timeout
+        if timeout <= 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
+        for w in list(self._workers):
+            if not w.process.is_alive():  # died while idle (e.g. the OOM killer)
+                self._replace(w)
         items = [(str(db_path), sql) for db_path, sql in items]
         results: list[ExecResult | None] = [None] * len(items)
         todo = deque(range(len(items)))

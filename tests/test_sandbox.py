@@ -185,3 +185,17 @@ def test_memory_cap_fails_the_query_not_the_machine(db):
         big, normal = sandbox.execute_many([(db, grow), (db, "SELECT count(*) FROM t")])
     assert big.status == "error" and big.error == "out of memory"
     assert normal.rows == [(50,)]
+
+
+def test_dead_workers_are_replaced(db):
+    with Sandbox(num_workers=1, timeout=5.0) as sandbox:
+        idle = sandbox._workers[0].process
+        idle.kill()
+        idle.join()
+        assert sandbox.execute_many([(db, "SELECT count(*) FROM t")])[0].rows == [(50,)]  # died while idle
+        busy = sandbox._workers[0].process
+        threading.Timer(0.3, busy.kill).start()  # dies mid-query
+        items = [(db, "SELECT 1"), (db, C_LEVEL_LOOP), (db, "SELECT 2")]
+        first, crashed, last = sandbox.execute_many(items)
+    assert crashed.status == "error" and "died" in crashed.error
+    assert (first.rows, last.rows) == ([(1,)], [(2,)])
