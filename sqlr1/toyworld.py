@@ -533,7 +533,9 @@ def train_tokenizer(texts: list[str], names: set[str], vocab_size: int, min_coun
     return tok
 
 
+# ChatML with the default system turn, so transformers' apply_chat_template renders what sqlr1.tokenizer renders.
 CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\n" + SYSTEM_MESSAGE + "<|im_end|>\\n' }}{% endif %}"
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
@@ -612,7 +614,7 @@ def build_toyworld(
     write_json(root / MANIFEST, {**settings, **counts})
     print(
         f"toyworld: {num_train_dbs} train + {num_dev_dbs} dev databases, {counts['train_questions']} train + "
-        f"{counts['dev_questions']} dev questions, vocab {counts['tokenizer_size']}, {time.time() - start:.1f}s -> {root}"
+        f"{counts['dev_questions']} dev questions, vocab {counts['tokenizer_size']}, {time.time() - start:.1f}s"
     )
     return root
 

@@ -279,3 +279,14 @@ def test_refuses_to_overwrite_other_directories(tmp_path):
     with pytest.raises(FileExistsError, match="not empty"):
         build_toyworld(tmp_path / "mine", **SMALL)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+def test_transformers_renders_the_same_chat(world):
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(str(world / "tokenizer"))
+    ours = load_tokenizer(world / "tokenizer")
+    for messages in ([{"role": "user", "content": "How many planets?"}],
+                     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Q"}]):
+        text = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        assert text == ours.apply_chat_template(messages)
+        assert hf(text, add_special_tokens=False)["input_ids"] == ours.encode(text)
