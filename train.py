@@ -166,8 +166,7 @@ def microbatches(seqs: list[Sequence], micro_batch_size: int, pad_id: int, devic
     return [collate(chunk, pad_id, device) for chunk in split_micro_batches(seqs, micro_batch_size, n)]
 
 
-def grpo_step(step, policy, rollout_model, ref, opt, sched, examples, prompts, tokenizer, sandbox, gold_cache, cfg, d,
-              ctx) -> tuple[dict, list[dict]]:
+def grpo_step(step, policy, rollout_model, ref, opt, sched, examples, prompts, tokenizer, sandbox, cfg, d, ctx) -> tuple[dict, list[dict]]:
     """One GRPO step on this rank's B / world_size prompts (groups are never split across ranks)."""
     t0 = time.time()
     per_rank = cfg.prompts_per_step // d.world_size
@@ -186,7 +185,7 @@ def grpo_step(step, policy, rollout_model, ref, opt, sched, examples, prompts, t
 
     texts = [completion_text(tokenizer, t) for t in samples.tokens]
     golds = [(str(examples[idx[p]].db_path), examples[idx[p]].sql) for p in samples.prompt_index]
-    rewards = score_batch(sandbox, texts, golds, cfg.reward, gold_cache=gold_cache)
+    rewards = score_batch(sandbox, texts, golds, cfg.reward, count_tokens=lambda s: len(tokenizer.encode(s)))
     t_reward = time.time()
 
     r = torch.tensor([x.total for x in rewards], dtype=torch.float32)
@@ -338,12 +337,11 @@ def train(cfg: TrainConfig, resume: str | None, d) -> int:
     start = trainer_state["step"]
     log = MetricsLog(run_dir, d.is_main, resume_step=start if ckpt else None, wandb_project=cfg.wandb_project,
                      config=config_dict(cfg))
-    with Sandbox(num_workers=cfg.sandbox_workers or None, timeout=cfg.sql_timeout) as sandbox:
-        gold_cache: dict = {}
+    with Sandbox(num_workers=cfg.sandbox_workers or None, timeout=cfg.reward.timeout) as sandbox:
         rl_examples, rl_prompts = [], []
         if cfg.grpo_steps:  # drop prompts that are too long and golds that fail, time out or return nothing
             kept, counts = filter_for_rl(train_examples, train_prompts, sandbox, cfg.max_prompt_len,
-                                         drop_empty_gold=cfg.drop_empty_gold, timeout=cfg.sql_timeout)
+                                         drop_empty_gold=cfg.drop_empty_gold, timeout=cfg.reward.timeout)
             if d.is_main:
                 print(f"RL data: kept {len(kept)} of {len(train_examples)} examples; dropped {counts}")
             if not kept:
@@ -380,7 +378,7 @@ def train(cfg: TrainConfig, resume: str | None, d) -> int:
                 logged = []
             else:
                 record, logged = grpo_step(step, policy, rollout_model, ref, opt, sched, rl_examples, rl_prompts,
-                                           tokenizer, sandbox, gold_cache, cfg, d, ctx)
+                                           tokenizer, sandbox, cfg, d, ctx)
             log.log(record)
             log.samples(logged)
             bar.update(1)

@@ -44,10 +44,9 @@ config = TrainConfig(
     lr=3e-7,
     temperature=1.1,
     grpo=GRPOConfig(kl_coef=0.001, clip_low=0.2, clip_high=0.2, loss_agg="token-mean"),
-    reward=RewardConfig(),
+    reward=RewardConfig(timeout=30.0),
     grad_clip=1.0,
     gradient_checkpointing=True,
     eval_every=50,
     save_every=50,
-    sql_timeout=30.0,
 )

@@ -38,5 +38,4 @@ config = TrainConfig(
     eval_n=8,
     eval_temperature=0.8,
     sandbox_workers=2,
-    sql_timeout=5.0,
 )

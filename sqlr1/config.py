@@ -73,9 +73,8 @@ class TrainConfig:
     eval_limit: int = 0  # 0: all eval examples
     eval_n: int = 8
     eval_temperature: float = 0.8
-    # --- execution sandbox ---
+    # --- execution sandbox (the per-query deadline is reward.timeout) ---
     sandbox_workers: int = 0  # 0: number of cores
-    sql_timeout: float = 30.0
     # --- checkpoints and logging ---
     save_every: int = 0  # optimizer steps; 0: only at the end
     log_samples: int = 2  # completions per step written to samples.jsonl

@@ -86,14 +86,14 @@ def evaluate_policy(model, tokenizer, examples, prompts, sandbox: Sandbox, cfg, 
     ids = [prompts[i].ids for i in mine]
     dbs = [str(ex.db_path) for ex in exs]
     golds = [ex.sql for ex in exs]
-    common = dict(max_new_tokens=cfg.max_response_len, timeout=cfg.sql_timeout, progress=False, seed=cfg.seed)
+    common = dict(max_new_tokens=cfg.max_response_len, timeout=cfg.reward.timeout, progress=False, seed=cfg.seed)
     greedy = answer(model, tokenizer, ids, dbs, sandbox, n=1, **common)
     voted = greedy if cfg.eval_n <= 1 else answer(model, tokenizer, ids, dbs, sandbox, n=cfg.eval_n,
                                                   temperature=cfg.eval_temperature, **common)
     mode = cfg.reward.mode
-    ex_g = score_pairs(sandbox, [a.sql for a in greedy], golds, dbs, mode=mode, timeout=cfg.sql_timeout)
+    ex_g = score_pairs(sandbox, [a.sql for a in greedy], golds, dbs, mode=mode, timeout=cfg.reward.timeout)
     ex_v = ex_g if voted is greedy else score_pairs(sandbox, [a.sql for a in voted], golds, dbs, mode=mode,
-                                                    timeout=cfg.sql_timeout)
+                                                    timeout=cfg.reward.timeout)
     rewards = score_batch(sandbox, [a.response for a in greedy], list(zip(dbs, golds)), cfg.reward)
     local = torch.tensor([
         len(exs), sum(v.match for v in ex_g), sum(v.match for v in ex_v),

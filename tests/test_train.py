@@ -43,7 +43,7 @@ def test_fsdp_two_ranks_match_one_process(tmp_path):
     out = tmp_path / "dist.pt"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
          str(ROOT / "tests" / "dist_split.py"), str(out)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )
