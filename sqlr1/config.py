@@ -99,28 +99,32 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
         key, sep, value = item.removeprefix("--").partition("=")
         if not sep:
             raise ValueError(f"override {item!r} must look like --key=value")
-        set_field(cfg, key, value)
+        cfg = set_field(cfg, key, value)
     return cfg
 
 
-def set_field(cfg, dotted_key: str, value: str) -> None:
-    """Set cfg.<dotted_key> from a string, parsed to the field's declared type."""
-    *parents, name = dotted_key.split(".")
-    obj = cfg
-    for i, part in enumerate(parents):
-        obj = getattr(obj, _check_key(obj, part, ".".join(parents[: i + 1])))
-    _check_key(obj, name, dotted_key)
-    hints = typing.get_type_hints(type(obj))
-    setattr(obj, name, _parse(value, hints[name], dotted_key))
+def set_field(cfg, dotted_key: str, value: str):
+    """A copy of cfg with field `dotted_key` set from a string parsed to the field's declared type.
+
+    Nested groups are rebuilt with dataclasses.replace, so frozen groups (RewardConfig) work and re-validate.
+    """
+    return _set(cfg, dotted_key.split("."), 0, value, dotted_key)
 
 
-def _check_key(obj, name: str, full: str) -> str:
+def _set(obj, path: list[str], depth: int, value: str, full: str):
+    name = path[depth]
     valid = [f.name for f in dataclasses.fields(obj)]
     if name not in valid:
         close = difflib.get_close_matches(name, valid, n=1)
-        hint = f"; did you mean {full.rsplit(name, 1)[0]}{close[0]}?" if close else ""
+        hint = f"; did you mean {'.'.join(path[:depth] + close)}?" if close else ""
         raise ValueError(f"unknown config key {full!r}{hint}")
-    return name
+    if depth == len(path) - 1:
+        new = _parse(value, typing.get_type_hints(type(obj))[name], full)
+    elif dataclasses.is_dataclass(child := getattr(obj, name)):
+        new = _set(child, path, depth + 1, value, full)
+    else:
+        raise ValueError(f"unknown config key {full!r}: {name} is a single setting, not a group")
+    return dataclasses.replace(obj, **{name: new})
 
 
 def _parse(value: str, typ, key: str):
