@@ -27,6 +27,7 @@ Only stdlib: this module must not import torch.
 
 from __future__ import annotations
 
+import gc
 import marshal
 import math
 import multiprocessing as mp
@@ -181,6 +182,7 @@ def _worker_main(conn, heartbeat, max_rows: int, max_bytes: int, memory_mb: int)
     Before each query it writes (position in chunk, start time) to `heartbeat` so the parent knows whom to kill.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it then stops us
+    gc.freeze()  # the objects inherited from the fork server (torch's...) are never scanned nor copied-on-write by GC
     _limit_memory(memory_mb)
     executor = _Executor(max_rows, max_bytes)
     while message := conn.recv_bytes():
@@ -288,6 +290,10 @@ class Sandbox:
         results: list[ExecResult | None] = [None] * len(items)
         todo = deque(range(len(items)))
         meter = _Progress(len(items)) if progress else None
+        # Results are acyclic: pause the cyclic GC, whose full collections over the caller's heap (all of torch's
+        # objects) would otherwise be triggered by the thousands of result tuples this loop creates.
+        gc_was_enabled = gc.isenabled()
+        gc.disable()
         try:
             for w in self._workers:
                 self._send_chunk(w, items, todo, timeout)
@@ -304,6 +310,9 @@ class Sandbox:
         except BaseException:  # Ctrl-C included: workers may be mid-chunk, so the pool cannot be trusted any more
             self.close()
             raise
+        finally:
+            if gc_was_enabled:
+                gc.enable()
         if meter:
             meter.finish()
         return results
