@@ -62,6 +62,8 @@ def _spider_rows_equal(pred: list[tuple], gold: list[tuple], in_order: bool) -> 
         return True
     if len(pred) != len(gold) or len(pred[0]) != len(gold[0]):
         return False
+    if pred == gold or (not in_order and Counter(pred) == Counter(gold)):  # the identity permutation: most matches
+        return True
     pred_cols, gold_cols = list(zip(*pred)), list(zip(*gold))
     if in_order:
         # Lists of rows are equal under pi iff every gold column equals its pred column as a sequence, so a pi
@@ -138,8 +140,9 @@ def score_pairs(sandbox: Sandbox, preds: list[str | None], golds: list[str], db_
                 gold_cache: dict | None = None, progress: bool = False) -> list[Verdict]:
     """Execute every (pred, gold) pair on its database and compare the results under `mode`.
 
-    One `execute_many` call runs each distinct (db, sql) once. Gold results are reused from `gold_cache`
-    (default: `sandbox.gold_cache`, which lives as long as the pool). A pred of None is not executed.
+    One `execute_many` call runs each distinct (db, sql) once, and each distinct (pred, gold) pair is compared once.
+    Gold results are reused from `gold_cache` (default: `sandbox.gold_cache`, which lives as long as the pool).
+    A pred of None is not executed.
     """
     if not len(preds) == len(golds) == len(db_paths):
         raise ValueError(f"score_pairs: {len(preds)} preds, {len(golds)} golds, {len(db_paths)} db_paths; "
@@ -148,8 +151,12 @@ def score_pairs(sandbox: Sandbox, preds: list[str | None], golds: list[str], db_
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     cache = sandbox.gold_cache if gold_cache is None else gold_cache
 
+    prepared: dict[str, str] = {}  # rollouts repeat each other: normalise each distinct SQL once
+
     def prepare(sql: str) -> str:
-        return normalize_sql(sql, keep_distinct) if mode == "spider" else sql
+        if sql not in prepared:
+            prepared[sql] = normalize_sql(sql, keep_distinct) if mode == "spider" else sql
+        return prepared[sql]
 
     gold_keys = [(str(db), prepare(g)) for db, g in zip(db_paths, golds)]
     pred_keys = [(str(db), prepare(p)) if p is not None else None for db, p in zip(db_paths, preds)]
@@ -159,11 +166,14 @@ def score_pairs(sandbox: Sandbox, preds: list[str | None], golds: list[str], db_
         if key in fresh and fresh[key].status != "timeout":  # timeouts depend on load: not cached
             cache[key] = fresh[key]
 
-    verdicts = []
+    verdicts, compared = [], {}
     for gold_sql, gold_key, pred_key in zip(golds, gold_keys, pred_keys):
         gold = fresh[gold_key] if gold_key in fresh else cache[gold_key]
         pred = fresh[pred_key] if pred_key is not None else _NOT_EXECUTED
-        verdicts.append(Verdict(results_match(pred, gold, mode, order_matters(gold_sql)), pred, gold))
+        pair = (pred_key, gold_key, gold_sql)
+        if pair not in compared:
+            compared[pair] = results_match(pred, gold, mode, order_matters(gold_sql))
+        verdicts.append(Verdict(compared[pair], pred, gold))
     return verdicts
 
 
