@@ -1,6 +1,6 @@
 """Answer questions with a trained model: one question, or a whole Spider / BIRD split scored by execution accuracy.
 
-    python sample.py --model runs/grpo_tiny/final --db toyworld/database/d0/d0.sqlite --question "How many ...?"
+    python sample.py --model runs/grpo_tiny/final --db toyworld/database/<db_id>/<db_id>.sqlite --question "How many ...?"
     python sample.py --model DIR --dataset spider --data-root data/spider --split dev --n 8 [--limit 100]
 
 Self-consistency (SQL-R1, Sec. 3.3): N candidates at temperature T are executed, grouped by result set, and the
@@ -137,15 +137,15 @@ def dataset_eval(model, tokenizer, settings: PromptSettings, sandbox, args, mode
         verdicts = score_pairs(sandbox, preds, [ex.sql for ex in examples], dbs, mode=mode, timeout=args.timeout)
         with (out / f"verdicts_{name}.jsonl").open("w") as f:
             for i, (ex, v) in enumerate(zip(examples, verdicts)):
-                f.write(json.dumps({"index": i, "db_id": ex.db_id, "match": v.match, "pred_status": v.pred_status,
-                                    "gold_status": v.gold_status, "difficulty": ex.difficulty}) + "\n")
+                f.write(json.dumps({"index": i, "db_id": ex.db_id, "match": v.match, "pred_status": v.pred.status,
+                                    "gold_status": v.gold.status, "difficulty": ex.difficulty}) + "\n")
         ex_all = sum(v.match for v in verdicts) / max(1, len(verdicts))
         by_level = {}
         for ex, v in zip(examples, verdicts):
             if ex.difficulty:
                 by_level.setdefault(ex.difficulty, []).append(v.match)
         summary[name] = {"EX": ex_all, **{k: sum(m) / len(m) for k, m in sorted(by_level.items())}}
-        gold_errors = sum(v.gold_status != "ok" for v in verdicts)
+        gold_errors = sum(v.gold_error for v in verdicts)
         print(f"{name}: EX {ex_all:.3f} on {len(examples)} questions ({len(examples) / elapsed:.2f} questions/s)"
               + (f"; {gold_errors} gold queries failed (counted as misses)" if gold_errors else ""))
     cols = sorted({k for s in summary.values() for k in s}, key=lambda k: (k != "EX", k))
