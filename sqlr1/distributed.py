@@ -49,7 +49,9 @@ def setup(device: str = "auto") -> Dist:
 
 
 def cleanup() -> None:
+    """Tear down the process group once every rank is done (a rank leaving early can abort gloo peers)."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
