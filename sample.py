@@ -52,7 +52,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--max-prompt-len", type=int, default=4096)
     ap.add_argument("--timeout", type=float, default=30.0, help="seconds per SQL execution")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                    default="bfloat16" if torch.cuda.is_available() else "float32")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     if (args.dataset is None) == (args.question is None):

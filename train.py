@@ -296,6 +296,8 @@ def train(cfg: TrainConfig, resume: str | None, d) -> int:
         if not d.is_main:
             cfg = prepare_toy(cfg)
     run_dir = make_run_dir(cfg.out_dir, cfg.name)
+    if not resume and (run_dir / "checkpoints").exists():
+        raise ValueError(f"{run_dir} already holds a training run: continue it with --resume, or pick a new --out_dir")
     if d.is_main:
         save_config(cfg, run_dir / "config.json")
     ckpt = None

@@ -81,6 +81,24 @@ class TrainConfig:
     wandb_project: str = ""
     compile: bool = False  # torch.compile the sampler's decode step
 
+    def __post_init__(self) -> None:
+        choices = {"device": ("auto", "cpu", "cuda"), "dtype": ("float32", "bfloat16", "float16"),
+                   "dataset": ("spider", "bird", "synsql", "toy"), "prompt_template": ("sqlr1", "short"),
+                   "lr_schedule": ("constant", "cosine")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"config {name}={getattr(self, name)!r}: choose one of {', '.join(allowed)}")
+        positive = ("max_prompt_len", "max_response_len", "prompts_per_step", "group_size", "micro_batch_size",
+                    "ppo_epochs", "sft_batch_size", "eval_n", "max_bad_steps")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"config {name}={getattr(self, name)}: must be >= 1")
+        for name in ("sft_steps", "grpo_steps", "warmup_steps", "eval_every", "eval_limit", "save_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"config {name}={getattr(self, name)}: must be >= 0")
+        if self.temperature <= 0:
+            raise ValueError(f"config temperature={self.temperature}: GRPO rollouts need temperature > 0")
+
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
     """Read `config` from a Python file (or defaults when path is None) and apply `--key=value` overrides."""

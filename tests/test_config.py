@@ -34,6 +34,10 @@ def test_bad_values_and_files(tmp_path):
         load_config(None, ["--group_size=eight"])
     with pytest.raises(ValueError, match="expected bool"):
         load_config(None, ["--compile=maybe"])
+    with pytest.raises(ValueError, match="prompt_template='long': choose one of sqlr1, short"):
+        load_config(None, ["--prompt_template=long"])
+    with pytest.raises(ValueError, match="group_size=0: must be >= 1"):
+        load_config(None, ["--group_size=0"])
     with pytest.raises(ValueError, match="--key=value"):
         load_config(None, ["--lr"])
     with pytest.raises(FileNotFoundError, match="nope.py"):

@@ -62,4 +62,6 @@ def test_killed_and_resumed_run_reproduces_uninterrupted_run(world, tmp_path):
             else:
                 assert rb[k] == ra[k], (ra["step"], k)
     assert (tmp_path / "b" / "final" / "config.json").is_file()
+    again = subprocess.run(command(world, tmp_path / "b"), env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode != 0 and "already holds a training run" in again.stderr  # never overwrite a run
     assert not list((tmp_path / "b" / "checkpoints").glob("*.tmp"))
