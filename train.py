@@ -266,7 +266,7 @@ def prepare_toy(cfg: TrainConfig) -> TrainConfig:
     from sqlr1.toyworld import ensure_toyworld, init_model
 
     root = ensure_toyworld(cfg.data_root or "toyworld", seed=0)
-    model = cfg.model or str(root / "model")
+    model = cfg.model or str(root / f"model_seed{cfg.seed}")  # the run's seed also draws the initial weights
     if not (Path(model) / "config.json").exists():
         init_model(model, root / "tokenizer", seed=cfg.seed)
     return replace(cfg, dataset="spider", data_root=str(root), model=model)
@@ -311,13 +311,18 @@ def train(cfg: TrainConfig, resume: str | None, d) -> int:
     tokenizer = load_tokenizer(cfg.model)
     template = {"sqlr1": SQLR1_PROMPT, "short": SHORT_PROMPT}[cfg.prompt_template]
     train_examples = load_dataset(cfg.dataset, cfg.data_root, cfg.train_split)
+    sft_examples = train_examples
+    if cfg.sft_steps and cfg.sft_split and cfg.sft_split != cfg.train_split:  # e.g. a teacher's reasoning traces
+        sft_examples = load_dataset(cfg.dataset, cfg.data_root, cfg.sft_split)
     eval_examples = load_dataset(cfg.dataset, cfg.data_root, cfg.eval_split) if cfg.eval_split else []
     if cfg.eval_limit:
         eval_examples = eval_examples[: cfg.eval_limit]
-    train_prompts, eval_prompts = (
-        [build_prompt(ex, tokenizer, template, cfg.max_prompt_len, cfg.sample_values) for ex in exs]
-        for exs in (train_examples, eval_examples)
-    )
+
+    def prompts(examples):
+        return [build_prompt(ex, tokenizer, template, cfg.max_prompt_len, cfg.sample_values) for ex in examples]
+
+    train_prompts, eval_prompts = prompts(train_examples), prompts(eval_examples)
+    sft_prompts = train_prompts if sft_examples is train_examples else prompts(sft_examples)
 
     # ---- models: fp32 master policy (FSDP-sharded when distributed), compute-dtype rollout copy, frozen reference
     sharded = d.world_size > 1
@@ -378,7 +383,7 @@ def train(cfg: TrainConfig, resume: str | None, d) -> int:
                 if rollout_model is not policy:
                     distributed.copy_full_weights(policy, rollout_model)
             if stage == "sft":
-                record = sft_step(step, policy, opt, sched, train_examples, train_prompts, tokenizer, cfg, d, ctx)
+                record = sft_step(step, policy, opt, sched, sft_examples, sft_prompts, tokenizer, cfg, d, ctx)
                 logged = []
             else:
                 record, logged = grpo_step(step, policy, rollout_model, ref, opt, sched, rl_examples, rl_prompts,

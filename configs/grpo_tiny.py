@@ -2,9 +2,13 @@
 
     python train.py --config configs/grpo_tiny.py
 
-Builds the toy world and a tiny Qwen2 model if missing (sqlr1/toyworld.py), then: cold-start SFT to a deliberately
-imperfect policy -> held-out evaluation (greedy and 8-way voting) -> GRPO with SQL-R1's execution reward through
-the real sandbox -> held-out evaluation. Same code paths as configs/grpo_7b.py; only the sizes differ.
+Builds the toy world and a tiny Qwen2 model if missing (sqlr1/toyworld.py), then: cold-start SFT on an imperfect
+teacher's traces (sft.json: gold answers with three habitual slips, see toyworld.teacher_answer) -> held-out
+evaluation (greedy and 8-way voting) -> GRPO with SQL-R1's execution reward through the real sandbox, on the train
+questions with their gold SQL -> held-out evaluation. Same code paths as configs/grpo_7b.py; only the sizes differ.
+
+SFT runs just past the point (~300-400 steps) where the tiny model learns to copy names from the question into the
+SQL; before it, held-out EX is ~0 and GRPO has nothing to reinforce.
 """
 
 from sqlr1.config import TrainConfig
@@ -22,19 +26,20 @@ config = TrainConfig(
     prompt_template="short",
     max_prompt_len=512,
     max_response_len=128,  # hard JOIN answers reach ~110 tokens
-    sft_steps=150,
-    sft_lr=2e-3,
+    sft_split="sft",
+    sft_steps=450,
+    sft_lr=4e-3,
     sft_batch_size=32,
     micro_batch_size=16,
-    grpo_steps=40,
+    grpo_steps=100,
     prompts_per_step=8,
     group_size=8,
-    lr=3e-4,
+    lr=2e-4,
     temperature=1.0,
     grpo=GRPOConfig(kl_coef=0.0),
     reward=RewardConfig(),
     lr_schedule="constant",
-    warmup_steps=10,
+    warmup_steps=5,
     eval_n=8,
     eval_temperature=0.8,
     sandbox_workers=2,

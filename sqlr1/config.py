@@ -37,7 +37,8 @@ class TrainConfig:
     # --- data ---
     dataset: str = "spider"  # spider | bird | synsql | toy
     data_root: str = ""
-    train_split: str = "train"
+    train_split: str = "train"  # GRPO prompts and gold SQL (and the SFT data unless sft_split is set)
+    sft_split: str = ""  # cold-start data when it is not train_split (the toy world's teacher traces: "sft")
     eval_split: str = "dev"
     prompt_template: str = "sqlr1"  # sqlr1 | short  (templates live in sqlr1/data.py)
     sample_values: int = 0  # example values per column in the schema text

@@ -4,6 +4,7 @@
       database/<db_id>/<db_id>.sqlite    SQLite databases, 2-3 tables each, a few hundred rows
       tables.json                        Spider schema records (original and natural names, keys)
       train.json, dev.json               Spider question records: db_id, question, query + cot, difficulty
+      sft.json                           the train questions answered by an imperfect teacher (cold-start SFT data)
       tokenizer/                         byte-level BPE tokenizer.json + tokenizer_config.json (ChatML)
       toyworld.json                      manifest: format version, seed and sizes (ensure_toyworld checks it)
 
@@ -12,30 +13,34 @@ whole pipeline (cold-start SFT -> GRPO on execution rewards -> greedy and voting
 code paths of a 7B run: Spider loader, schema text from the SQLite file, ChatML, sandboxed execution, HF checkpoints.
 
 What is in it, and why:
-- Databases are generated from pools of entity nouns (tables), numeric attributes with value ranges, categorical
-  attributes with value lists, and label columns (name, title, ...). Every database has a foreign key
-  child.<parent>_id -> parent.<parent>_id, so JOIN questions exist everywhere.
-- Train and held-out (dev) databases come from DISJOINT pools: dev tables, columns and category values never occur
-  in train. Held-out execution accuracy (EX) therefore measures whether the model learned to copy names from the
-  schema and question into SQL, not whether it memorised them. Many train databases (60 by default) with random
-  combinations of names make memorising unprofitable.
+- Databases are generated from one vocabulary: entity nouns (tables), numeric attributes with value ranges,
+  categorical attributes with value lists, and label columns (name, title, ...). Every database has a foreign key
+  child.<parent>_id -> parent.<parent>_id, so JOIN questions exist everywhere. The train split deals the words
+  from a shuffled deck, so it uses every one of them.
+- Held-out (dev) databases are new combinations of the same vocabulary (no dev database has a train database's
+  tables) with their own rows (label values never occur in train), as Spider's dev databases are new combinations
+  of English words the pretrained model knows. Held-out execution accuracy (EX) therefore measures whether the
+  model learned to read the question and the schema and copy their names and values into SQL; only a few trivial
+  questions ("How many flights are there?") can repeat between splits (tests: <= 5 %).
 - Questions are templated with graded difficulty, the same template plan for every database (so dev is exactly as
   hard a mix as train): easy = COUNT, filters with = > <, MIN/MAX/AVG/SUM; medium = projections with filters,
   GROUP BY, ORDER BY ... LIMIT, filtered aggregates; hard = GROUP BY ... HAVING, JOINs, nested AVG subqueries.
-  Questions name tables (plural), columns and values literally, so copying suffices. Filter values are taken from
+  Questions name tables (plural), columns and values literally, text values quoted as the SQL quotes them, so
+  copying suffices. Filter values are taken from
   the data (thresholds from the middle of the distribution), and a question is kept only if its gold result is
   non-empty (no NULL aggregate, no zero count) and, for ORDER BY ... LIMIT k, has no tie at the k-th row: plausible
   wrong SQL (the other comparison, another column) then gives a different result, so execution rewards are
   informative.
 - Each question carries a short templated reasoning trace (`cot`, <= ~25 tokens) for the SFT cold start.
-- Tokenizer: byte-level BPE like Qwen's (same split regex, no normaliser, so decode(encode(x)) == x for any text),
-  trained on the train split only, with every schema word and value counted once: merges go to the prompt, SQL
-  and template words, while names split into generic sub-word pieces. Merges whose token the train text rarely
-  uses are then pruned, and the dev pools hold words spelled with pieces that train text uses often (checked by
-  the tests): a held-out name is new, but its pieces have trained embeddings, as every piece of Qwen's vocabulary
-  has after pretraining. Special tokens: <|endoftext|> (pad), <|im_start|>, <|im_end|> (eos). Unlike Qwen2.5
-  (which spells them with several tokens), <think>, </think>, <answer>, </answer> are single added tokens here,
-  as in Qwen3: cheaper on a CPU, and harmless to the code, which works on text.
+- Tokenizer: byte-level BPE like Qwen's (no normaliser, so decode(encode(x)) == x for any text) trained on the train
+  split plus the vocabulary, with Qwen's split regex changed in two places (TOY_SPLIT) so that every vocabulary
+  word is one token in each of its two spellings, " price" after a space and "price" after "(" or "." (Qwen's
+  split would make "(price" and ".price" tokens of their own), and " flights" is " flight" + "s". Copying a name from the question into the SQL is then copying one token, which
+  a 4-layer model learns within a few hundred SFT steps; with names spelled in sub-word pieces (an earlier design)
+  it had not learned to copy after 600. Label values (pseudo-words) and numbers are spelled with syllable and digit
+  pieces, as in Qwen. Special tokens: <|endoftext|> (pad), <|im_start|>, <|im_end|> (eos). Unlike Qwen2.5 (which
+  spells them with several tokens), <think>, </think>, <answer>, </answer> are single added tokens here, as in
+  Qwen3: cheaper on a CPU, and harmless to the code, which works on text.
 - Model: a 4-layer Qwen2 (GQA, RoPE, tied embeddings) whose vocabulary is padded to the next multiple of 64 above
   the tokenizer size, like Qwen's 151,936 rows for 151,665 tokens, so the masking of padded rows runs for real.
 """
@@ -49,7 +54,6 @@ import re
 import shutil
 import sqlite3
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,15 +64,16 @@ from sqlr1.checkpoint import save_model
 from sqlr1.model import ModelConfig, Qwen2
 from sqlr1.tokenizer import load_tokenizer
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "toyworld.json"
 SYSTEM_MESSAGE = "You are a helpful assistant."
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 REASONING_TOKENS = ("<think>", "</think>", "<answer>", "</answer>")
-# Qwen2's pre-tokenizer split: contractions, words with one leading non-letter, single digits, punctuation runs.
-QWEN_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
+# Qwen2's pre-tokenizer split (contractions, words, single digits, punctuation runs) with two changes that let a
+# name in the SQL be the very token the question uses: only a space may lead a word (Qwen's "(price" and ".price"
+# would be tokens other than " price"; here they are "(" + "price"), and a final "s" of a word of 4+ letters is a
+# piece of its own (" flights" = " flight" + "s").
+TOY_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)| ?\p{L}{3,}?(?=s\b)| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 # The vocabulary of the prompts and answers around schema and question (data.py's templates, ChatML roles): BPE
 # merges for these words keep every prompt short. A paraphrase, not the templates themselves: exact wording is not needed.
 PROMPT_WORDS = (
@@ -83,36 +88,32 @@ PROMPT_WORDS = (
 )
 
 # ---------------------------------------------------------------------------------------------- name pools
-# Nouns pluralise by the rule in `plural`. Train and dev pools share no table, column or category value.
+# One vocabulary for both splits: a held-out database is a new combination of it, with its own rows, as Spider's dev
+# databases are new combinations of English words the model knows. Every entity noun pluralises with a plain "s".
 
-TRAIN_ENTITIES = (
+ENTITIES = (
     "flight", "pilot", "airport", "airline", "singer", "concert", "album", "song", "student", "course", "teacher",
-    "school", "book", "author", "library", "movie", "director", "actor", "hotel", "guest", "shop", "product",
-    "customer", "employee", "department", "company", "ship", "port", "captain", "team", "player", "coach",
-    "stadium", "museum", "painting", "artist", "farm", "crop", "car", "driver", "garage", "hospital", "doctor",
-    "patient", "restaurant", "dish", "chef", "river", "mountain", "bank", "account", "club", "member", "park",
-    "bakery", "cake", "train", "station", "bus", "route", "camera", "phone", "store", "warehouse", "supplier",
-    "journal", "article", "editor", "gym", "trainer", "bridge", "tower", "island", "lake", "village",
+    "school", "book", "author", "movie", "director", "actor", "hotel", "guest", "shop", "product", "customer",
+    "employee", "department", "ship", "port", "captain", "team", "player", "referee", "stadium", "museum",
+    "painting", "artist", "farm", "crop", "car", "driver", "garage", "hospital", "doctor", "patient", "restaurant",
+    "chef", "river", "mountain", "bank", "account", "club", "member", "park", "cake", "train", "station",
+    "route", "camera", "phone", "store", "warehouse", "supplier", "journal", "article", "editor", "gym",
+    "trainer", "bridge", "tower", "island", "lake", "village", "planet", "comet", "crater", "glacier", "castle",
+    "knight", "dragon", "robot", "sensor", "reactor", "violinist", "theater", "vineyard", "lighthouse", "canyon",
+    "rocket", "meteor", "nebula", "asteroid", "goblin", "temple", "pirate", "beacon",
 )
-DEV_ENTITIES = (
-    "planet", "comet", "crater", "glacier", "castle", "knight", "dragon", "robot", "sensor", "reactor", "violinist",
-    "theater", "vineyard", "lighthouse", "canyon", "monastery", "rocket", "meteor", "nebula", "asteroid", "goblin",
-    "temple", "pirate", "beacon",
-)
-TRAIN_NUMERIC = {
+NUMERIC = {
     "price": (5, 500), "distance": (100, 5000), "age": (18, 80), "rating": (1, 10), "salary": (20, 250),
     "capacity": (10, 900), "weight": (1, 300), "height": (100, 250), "length": (1, 900), "budget": (100, 9999),
     "population": (100, 9999), "score": (0, 100), "speed": (10, 400), "duration": (1, 300), "year": (1950, 2023),
     "quantity": (1, 500), "area": (10, 5000), "revenue": (100, 9999), "elevation": (0, 4000), "depth": (1, 900),
     "stock": (0, 999), "points": (0, 99), "fee": (5, 999), "floors": (1, 90), "seats": (2, 400),
     "pages": (50, 1200), "cost": (1, 999), "mileage": (0, 9999), "calories": (50, 1500), "visitors": (10, 9999),
-}
-DEV_NUMERIC = {
     "radius": (1, 999), "temperature": (0, 500), "velocity": (1, 999), "density": (1, 99), "gravity": (1, 50),
     "latency": (1, 900), "charge": (1, 480), "energy": (10, 9999), "wattage": (5, 2000), "humidity": (0, 100),
     "stamina": (1, 200), "agility": (1, 99), "durability": (1, 999), "radiation": (0, 999),
 }
-TRAIN_CATEGORICAL = {
+CATEGORICAL = {
     "city": ("Paris", "Berlin", "Tokyo", "Lima", "Cairo", "Oslo"),
     "country": ("France", "Japan", "Brazil", "Canada", "Kenya", "India"),
     "color": ("red", "blue", "green", "black", "white"),
@@ -129,8 +130,6 @@ TRAIN_CATEGORICAL = {
     "size": ("small", "medium", "large"),
     "cuisine": ("Italian", "Thai", "Mexican", "Greek"),
     "grade": ("junior", "senior", "expert", "novice"),
-}
-DEV_CATEGORICAL = {
     "element": ("water", "earth", "air", "storm"),
     "faction": ("alpha", "beta", "gamma", "delta"),
     "clan": ("amber", "azure", "violet", "golden"),
@@ -140,32 +139,16 @@ DEV_CATEGORICAL = {
     "sector": ("inner", "upper", "central"),
     "flavor": ("sour", "salty", "spicy"),
 }
-TRAIN_LABELS = ("name", "title", "nickname", "alias")
-DEV_LABELS = ("moniker", "codename", "epithet", "handle")
-# Label values (unique per table) are pseudo-words from one syllable inventory shared by both splits.
+LABELS = ("name", "title", "nickname", "alias", "moniker", "codename", "epithet", "handle")
+# Label values (unique per table; held-out ones never occur in train) are pseudo-words from this syllable inventory.
 SYLLABLES = (
     "ka", "lo", "mi", "ren", "tu", "vo", "sa", "bel", "dor", "fi", "ga", "hu", "ix", "jo", "ne", "pra", "qui", "ro",
     "sel", "ta", "ul", "ven", "wy", "za", "mar", "tel", "nor", "shi", "bo", "le",
 )
 
 
-@dataclass(frozen=True)
-class Pools:
-    entities: tuple[str, ...]
-    numeric: dict[str, tuple[int, int]]
-    categorical: dict[str, tuple[str, ...]]
-    labels: tuple[str, ...]
-
-
-TRAIN_POOLS = Pools(TRAIN_ENTITIES, TRAIN_NUMERIC, TRAIN_CATEGORICAL, TRAIN_LABELS)
-DEV_POOLS = Pools(DEV_ENTITIES, DEV_NUMERIC, DEV_CATEGORICAL, DEV_LABELS)
-
-
 def plural(noun: str) -> str:
-    if noun.endswith("y") and noun[-2] not in "aeiou":
-        return noun[:-1] + "ies"
-    if noun.endswith(("s", "x", "ch", "sh")):
-        return noun + "es"
+    """Every entity noun pluralises with a plain "s" (the pool is chosen so), which TOY_SPLIT cuts off again."""
     return noun + "s"
 
 
@@ -208,17 +191,37 @@ def pseudo_word(rng: random.Random) -> str:
     return "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, 3))).capitalize()
 
 
-def make_database(pools: Pools, rng: random.Random, taken_labels: set[str] = frozenset()) -> Database:
+class Deck:
+    """Draws words without replacement, reshuffling a pool once it runs out: the train split uses every word."""
+
+    def __init__(self, rng: random.Random):
+        self.rng, self.left = rng, {}
+
+    def sample(self, pool, k: int) -> list:
+        left = self.left.setdefault(id(pool), [])
+        if len(left) < k:
+            fresh = sorted(pool)
+            self.rng.shuffle(fresh)
+            left[:0] = [w for w in fresh if w not in left]  # drawn from the end: old leftovers first
+        return [left.pop() for _ in range(k)]
+
+
+def make_database(rng: random.Random, draw=None, taken_labels: set[str] = frozenset(),
+                  taken_tables: set[frozenset] = frozenset()) -> Database:
     """2-3 tables with distinct column names; tables[1] (and tables[2] half the time) reference tables[0].
 
-    The db_id names the first two tables, Spider style (e.g. "album_song"). Label values are unique per table and
-    avoid `taken_labels` (the train split's, when making dev databases).
+    Words come from `draw(pool, k)` (the train split's Deck; default rng.sample). The db_id names the first two
+    tables, Spider style (e.g. "album_song"). A held-out database avoids the train split's sets of tables
+    (`taken_tables`) and label values (`taken_labels`), so its schema and its rows are new.
     """
+    draw = draw or (lambda pool, k: rng.sample(sorted(pool), k))
     n_tables = rng.randint(2, 3)
-    names = rng.sample(pools.entities, n_tables)
-    numeric = rng.sample(sorted(pools.numeric), 2 * n_tables)
-    categories = rng.sample(sorted(pools.categorical), n_tables)
-    labels = rng.sample(pools.labels, n_tables)
+    names = draw(ENTITIES, n_tables)
+    while frozenset(names) in taken_tables:
+        names = draw(ENTITIES, n_tables)
+    numeric = draw(NUMERIC, 2 * n_tables)
+    categories = draw(CATEGORICAL, n_tables)
+    labels = draw(LABELS, n_tables)
     tables = []
     for i, name in enumerate(names):
         parent = None if i == 0 or (i == 2 and rng.random() < 0.5) else names[0]
@@ -231,7 +234,7 @@ def make_database(pools: Pools, rng: random.Random, taken_labels: set[str] = fro
     for t in tables:
         n_rows = rng.randint(40, 100) if t.parent is None else rng.randint(80, 160)
         used: set[str] = set()
-        values = rng.sample(pools.categorical[t.category], rng.randint(3, len(pools.categorical[t.category])))
+        values = rng.sample(CATEGORICAL[t.category], rng.randint(3, len(CATEGORICAL[t.category])))
         weights = [rng.random() + 0.2 for _ in values]
         parent_rows = len(tables[0].rows)
         for r in range(n_rows):
@@ -241,7 +244,7 @@ def make_database(pools: Pools, rng: random.Random, taken_labels: set[str] = fro
             used.add(label)
             row = {t.pk: r + 1, t.label: label, t.category: rng.choices(values, weights)[0]}
             for col in t.numeric:
-                row[col] = rng.randint(*pools.numeric[col])
+                row[col] = rng.randint(*NUMERIC[col])
             if t.parent:
                 row[f"{t.parent}_id"] = rng.randint(1, parent_rows)
             t.rows.append(row)
@@ -320,7 +323,7 @@ def q_count_where(db, rng):
 def q_select_where_category(db, rng):
     t = rng.choice(db.tables)
     v = rng.choice([r[t.category] for r in t.rows])
-    q = rng.choice(("List the {l} of {p} whose {c} is {v}.", "Which {p} have {c} {v}? Give their {l}."))
+    q = rng.choice(("List the {l} of {p} whose {c} is '{v}'.", "Which {p} have {c} '{v}'? Give their {l}."))
     sql = f"SELECT {t.label} FROM {t.name} WHERE {t.category} = '{v}'"
     return q.format(l=t.label, p=t.plural, c=t.category, v=v), sql, f"Filter {t.name} on {t.category}, return {t.label}."
 
@@ -336,7 +339,7 @@ def q_aggregate(db, rng):
 def q_lookup(db, rng):
     t = rng.choice(db.tables)
     col, row = rng.choice(t.numeric), rng.choice(t.rows)
-    q = rng.choice(("What is the {c} of the {e} whose {l} is {v}?", "Find the {c} of the {e} with {l} {v}."))
+    q = rng.choice(("What is the {c} of the {e} whose {l} is '{v}'?", "Find the {c} of the {e} with {l} '{v}'."))
     sql = f"SELECT {col} FROM {t.name} WHERE {t.label} = '{row[t.label]}'"
     return q.format(c=col, e=t.name, l=t.label, v=row[t.label]), sql, f"Find the {t.name} by {t.label}, return {col}."
 
@@ -377,7 +380,7 @@ def q_aggregate_where(db, rng):
     t = rng.choice(db.tables)
     col, fn = rng.choice(t.numeric), rng.choice(sorted(AGGS))
     v = rng.choice([r[t.category] for r in t.rows])
-    q = f"What is the {rng.choice(AGGS[fn])} {col} of {t.plural} whose {t.category} is {v}?"
+    q = f"What is the {rng.choice(AGGS[fn])} {col} of {t.plural} whose {t.category} is '{v}'?"
     sql = f"SELECT {fn}({col}) FROM {t.name} WHERE {t.category} = '{v}'"
     return q, sql, f"Filter {t.name} on {t.category}, take {fn} of {col}."
 
@@ -403,7 +406,7 @@ def q_join_where(db, rng):
     parent = db.table(child.parent)
     if rng.random() < 0.5:
         v = rng.choice([r[parent.category] for r in parent.rows])
-        q = f"List the {child.label} of {child.plural} whose {parent.name} has {parent.category} {v}."
+        q = f"List the {child.label} of {child.plural} whose {parent.name} has {parent.category} '{v}'."
         col, cond = parent.category, f"T2.{parent.category} = '{v}'"
     else:
         col, op = rng.choice(parent.numeric), rng.choice("><")
@@ -418,7 +421,7 @@ def q_join_count(db, rng):
     child = rng.choice([t for t in db.tables if t.parent])
     parent = db.table(child.parent)
     v = rng.choice(parent.rows)[parent.label]
-    q = f"How many {child.plural} belong to the {parent.name} whose {parent.label} is {v}?"
+    q = f"How many {child.plural} belong to the {parent.name} whose {parent.label} is '{v}'?"
     sql = f"SELECT COUNT(*) FROM {join_clause(child)} WHERE T2.{parent.label} = '{v}'"
     return q, sql, f"Join {child.name} with {parent.name}, count rows for that {parent.label}."
 
@@ -454,6 +457,29 @@ TEMPLATES = (
 PLAN_SIZE = sum(w for _, _, w in TEMPLATES)
 
 
+# The cold-start teacher. sft.json holds the train questions again, answered by an imperfect teacher: the stand-in
+# for SQL-R1's SynSQL traces, which LLMs wrote and nobody verified. It writes the gold trace and SQL except that,
+# with probability TEACHER_SLIP each, it makes three habitual mistakes: selecting every column instead of the one
+# asked for, reading "lowest" / "below" / "minimum" as the other end, and summing where an average is asked. SFT
+# imitates the slips; GRPO, paid for matching the gold result, can unlearn them. That is the gap between imitating
+# traces and optimising execution which SQL-R1's RL stage closes, here made large enough to see on a laptop.
+TEACHER_SLIP = 0.7
+STAR = re.compile(r"^SELECT ((?:T1\.)?)\w+ FROM")  # a single selected column
+
+
+def teacher_answer(record: dict, rng: random.Random, slip: float = TEACHER_SLIP) -> dict:
+    """The record with the teacher's trace and SQL: the gold ones, each habitual mistake made with probability slip."""
+    query, cot = record["query"], record["cot"]
+    if STAR.match(query) and rng.random() < slip:
+        query = STAR.sub(r"SELECT \1* FROM", query)
+        cot = re.sub(r"return \w+\.$", "return every column.", cot)
+    for gold, wrong in ((" < ", " > "), (" ASC ", " DESC "), ("MIN(", "MAX("), ("AVG(", "SUM(")):
+        if gold in query and rng.random() < slip:
+            query = query.replace(gold, wrong)
+            cot = cot.replace(gold.strip(" ("), wrong.strip(" ("))
+    return {**record, "query": query, "cot": cot}
+
+
 def informative(rows: list[tuple]) -> bool:
     """A gold result worth rewarding: some row, not only NULLs, not a bare zero count."""
     return bool(rows) and any(v is not None for row in rows for v in row) and rows != [(0,)]
@@ -482,52 +508,36 @@ def make_questions(db: Database, conn: sqlite3.Connection, n: int, rng: random.R
 # ---------------------------------------------------------------------------------------------- tokenizer
 
 
-def schema_words(pools: Pools) -> set[str]:
-    words = {*pools.entities, *map(plural, pools.entities), *pools.numeric, *pools.categorical, *pools.labels}
-    return words | {v for values in pools.categorical.values() for v in values}
+def vocabulary_words() -> set[str]:
+    """Every table, column and category word of the world (singular table names: a plural is singular + suffix)."""
+    words = {*ENTITIES, *NUMERIC, *CATEGORICAL, *LABELS, "id"}
+    return words | {v for values in CATEGORICAL.values() for v in values}
 
 
-def byte_level_bpe(vocab: dict[str, int] | None = None, merges: list[tuple[str, str]] | None = None) -> Tokenizer:
-    """An empty (or given) BPE with Qwen2's pre-tokenizer: the split regex, then bytes mapped to printable chars."""
-    tok = Tokenizer(models.BPE(vocab, merges) if vocab is not None else models.BPE())
+def byte_level_bpe() -> Tokenizer:
+    """An empty BPE: the toy split regex, then bytes mapped to printable chars (as Qwen's)."""
+    tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated"),
+        pre_tokenizers.Split(Regex(TOY_SPLIT), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     tok.decoder = decoders.ByteLevel()
     return tok
 
 
-def train_tokenizer(texts: list[str], names: set[str], vocab_size: int, min_count: int = 20) -> Tokenizer:
-    """Byte-level BPE on `texts`, where `names` (schema words, values) count once whatever their frequency.
+def train_tokenizer(texts: list[str], words: set[str], vocab_size: int, repeat: int = 50) -> Tokenizer:
+    """Byte-level BPE on `texts` plus every vocabulary word `repeat` times, spaced and bare.
 
-    Merges are then pruned until every learned token occurs >= min_count times in `texts` (or is a piece of one
-    that does): an unseen name is spelled with pieces whose embeddings were trained, not with rare leftovers.
+    Each word then is one token in both spellings (" price" in text, "price" after "(" or "."), and as TOY_SPLIT cuts
+    a plural's "s" off, " flights" is " flight" + "s": the name a question uses is the token the SQL needs. Label
+    values (unique pseudo-words) and numbers stay spelled with syllable and digit pieces.
     """
-    drop = re.compile(r"[A-Za-z]+")
-    corpus = [drop.sub(lambda m: "" if m.group(0) in names else m.group(0), text) for text in texts]
+    corpus = texts + [f" {w} ({w}" for w in sorted(words)] * repeat
     tok = byte_level_bpe()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, min_frequency=2, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
-    tok.train_from_iterator(corpus + sorted(names), trainer)
-    while True:
-        model = json.loads(tok.to_str())["model"]
-        vocab, merges = model["vocab"], [tuple(m) for m in model["merges"]]
-        counts = Counter(i for enc in tok.encode_batch(texts) for i in enc.ids)
-        parts = {a + b: (a, b) for a, b in merges}
-        needed = [t for t in parts if counts[vocab[t]] >= min_count]
-        keep = set()
-        while needed:
-            t = needed.pop()
-            if t in parts and t not in keep:
-                keep.add(t)
-                needed += parts[t]
-        if len(keep) == len(merges):
-            break
-        merges = [m for m in merges if m[0] + m[1] in keep]
-        alphabet = sorted((t for t in vocab if t not in parts), key=vocab.get)
-        tok = byte_level_bpe({t: i for i, t in enumerate(alphabet + [a + b for a, b in merges])}, merges)
+    tok.train_from_iterator(corpus, trainer)
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in REASONING_TOKENS])
     return tok
@@ -566,10 +576,11 @@ def write_json(path: Path, obj) -> None:
 def build_toyworld(
     root: str | Path,
     seed: int = 0,
-    num_train_dbs: int = 60,
+    num_train_dbs: int = 120,
     num_dev_dbs: int = 7,
-    questions_per_db: int = 38,
-    vocab_size: int = 1000,
+    train_questions_per_db: int = 19,
+    dev_questions_per_db: int = 38,
+    vocab_size: int = 2000,
 ) -> Path:
     """Write the whole world under `root` (which must not exist or be empty); deterministic given the arguments."""
     start = time.time()
@@ -578,36 +589,45 @@ def build_toyworld(
         raise FileExistsError(f"build_toyworld: {root} is not empty; pick a new directory or use ensure_toyworld")
     if num_train_dbs < 1 or num_dev_dbs < 1:
         raise ValueError(f"num_train_dbs={num_train_dbs}, num_dev_dbs={num_dev_dbs}: need at least one of each")
-    schemas, splits, dbs_by_split, train_labels = [], {}, {}, set()
-    for split, pools, n_dbs in (("train", TRAIN_POOLS, num_train_dbs), ("dev", DEV_POOLS, num_dev_dbs)):
+    schemas, splits, train_dbs = [], {}, []
+    for split, n_dbs in (("train", num_train_dbs), ("dev", num_dev_dbs)):
+        # held-out databases avoid the train split's sets of tables and its label values
+        held_out = split == "dev"
+        taken_tables = {frozenset(t.name for t in db.tables) for db in train_dbs} if held_out else frozenset()
+        taken_labels = {r[t.label] for db in train_dbs for t in db.tables for r in t.rows} if held_out else frozenset()
         records, used_ids = [], set()
+        deck = None if held_out else Deck(random.Random(f"toyworld-{seed}-deck"))
         for i in range(n_dbs):
             rng = random.Random(f"toyworld-{seed}-{split}-{i}")
-            db = make_database(pools, rng, train_labels if split == "dev" else frozenset())
+            db = make_database(rng, deck and deck.sample, taken_labels, taken_tables)
             while db.db_id in used_ids:
                 db.db_id += "_2"
             used_ids.add(db.db_id)
             path = root / "database" / db.db_id / f"{db.db_id}.sqlite"
             write_sqlite(db, path)
             conn = sqlite3.connect(path)
-            records += make_questions(db, conn, questions_per_db, rng)
+            records += make_questions(db, conn, dev_questions_per_db if held_out else train_questions_per_db, rng)
             conn.close()
             schemas.append(spider_schema(db))
-            dbs_by_split.setdefault(split, []).append(db)
-            if split == "train":
-                train_labels |= {r[t.label] for t in db.tables for r in t.rows}
+            if not held_out:
+                train_dbs.append(db)
         splits[split] = records
         write_json(root / f"{split}.json", records)
+        if not held_out:
+            teacher = random.Random(f"toyworld-{seed}-teacher")
+            splits["sft"] = [teacher_answer(r, teacher) for r in records]
+            write_json(root / "sft.json", splits["sft"])
     write_json(root / "tables.json", schemas)
 
-    texts = [PROMPT_WORDS] * 100 + [create_statement(t) for db in dbs_by_split["train"] for t in db.tables]
-    texts += [f"Question: {r['question']}\n\n{r['cot']}\n\n```sql\n{r['query']}\n```\n" for r in splits["train"]]
-    tok = train_tokenizer(texts, schema_words(TRAIN_POOLS) | train_labels, vocab_size)
+    texts = [PROMPT_WORDS] * 100 + [create_statement(t) for db in train_dbs for t in db.tables]
+    texts += [f"Question: {r['question']}\n\n{r['cot']}\n\n```sql\n{r['query']}\n```\n" for r in splits["train"] + splits["sft"]]
+    tok = train_tokenizer(texts, vocabulary_words(), vocab_size)
     write_tokenizer(tok, root / "tokenizer")
 
     settings = {
         "format_version": FORMAT_VERSION, "seed": seed, "num_train_dbs": num_train_dbs, "num_dev_dbs": num_dev_dbs,
-        "questions_per_db": questions_per_db, "vocab_size": vocab_size,
+        "train_questions_per_db": train_questions_per_db,
+        "dev_questions_per_db": dev_questions_per_db, "vocab_size": vocab_size,
     }
     counts = {"train_questions": len(splits["train"]), "dev_questions": len(splits["dev"]),
               "tokenizer_size": tok.get_vocab_size(with_added_tokens=True)}

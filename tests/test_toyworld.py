@@ -1,5 +1,6 @@
-"""The toy world: determinism, answerable and informative gold SQL, a held-out split with new names but the same
-difficulty mix, a lossless tokenizer whose pieces the train split uses, and a tiny model that loads like a real one."""
+"""The toy world: determinism, answerable and informative gold SQL, a held-out split with new databases but the same
+difficulty mix, a lossless tokenizer that spells a name with the same token wherever it occurs, and a tiny model that
+loads like a real one."""
 
 import json
 import random
@@ -14,10 +15,10 @@ import torch
 from sqlr1.checkpoint import load_model
 from sqlr1.model import ModelConfig
 from sqlr1.tokenizer import load_tokenizer
-from sqlr1.toyworld import MANIFEST, build_toyworld, ensure_toyworld, init_model, plural
+from sqlr1.toyworld import ENTITIES, MANIFEST, TEACHER_SLIP, build_toyworld, ensure_toyworld, init_model, plural, vocabulary_words
 
 SMALL = dict(num_train_dbs=6, num_dev_dbs=2)
-JSON_FILES = ("train.json", "dev.json", "tables.json", "tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json")
+JSON_FILES = ("train.json", "sft.json", "dev.json", "tables.json", "tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json")
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +96,7 @@ def test_sizes(world):
     train, dev = records(world, "train"), records(world, "dev")
     assert 1500 <= len(train) == manifest["train_questions"] <= 3000
     assert 200 <= len(dev) == manifest["dev_questions"] <= 300
-    assert 500 <= manifest["tokenizer_size"] <= 2000
+    assert 500 <= manifest["tokenizer_size"] <= 2100
 
 
 def informative(rows) -> bool:
@@ -145,31 +146,59 @@ def test_questions_name_what_the_sql_uses(world):
             assert number in words, (number, r)
 
 
-def test_held_out_databases_have_other_names_and_values(world):
+def test_held_out_databases_have_new_schemas_and_values(world):
+    """Same vocabulary, new databases: no held-out database has a train database's tables, no label value of one
+    occurs in train, and hardly any held-out question-SQL pair occurs in train (only templates like "How many
+    flights are there?" can repeat)."""
     tables = {t["db_id"]: t for t in json.loads((world / "tables.json").read_text())}
-    train_ids = {r["db_id"] for r in records(world, "train")}
-    dev_ids = {r["db_id"] for r in records(world, "dev")}
+    train, dev = records(world, "train"), records(world, "dev")
+    train_ids, dev_ids = {r["db_id"] for r in train}, {r["db_id"] for r in dev}
     assert train_ids and dev_ids and not train_ids & dev_ids
+    table_sets = lambda ids: {frozenset(tables[i]["table_names_original"]) for i in ids}  # noqa: E731
+    assert not table_sets(train_ids) & table_sets(dev_ids)
 
-    def vocabulary(ids):
-        out = set()
-        for i in ids:
-            out |= set(tables[i]["table_names_original"])
-            out |= {n for _, n in tables[i]["column_names_original"][1:]}
-        return out
-
-    def text_values(ids):
+    def label_values(ids):  # column 1 of every table is its unique label (name, title, ...)
         out = set()
         for i in ids:
             conn = sqlite3.connect(db_path(world, i))
             for table in tables[i]["table_names_original"]:
-                for col in [c[1] for c in conn.execute(f"PRAGMA table_info({table})") if c[2] == "TEXT"]:
-                    out |= {v for (v,) in conn.execute(f"SELECT DISTINCT {col} FROM {table}")}
+                label = [c[1] for c in conn.execute(f"PRAGMA table_info({table})")][1]
+                out |= {v for (v,) in conn.execute(f"SELECT {label} FROM {table}")}
             conn.close()
         return out
 
-    assert not vocabulary(train_ids) & vocabulary(dev_ids)
-    assert not text_values(train_ids) & text_values(dev_ids)
+    assert not label_values(train_ids) & label_values(dev_ids)
+    seen = {(r["question"], r["query"]) for r in train}
+    assert sum((r["question"], r["query"]) in seen for r in dev) <= 0.05 * len(dev)
+
+
+def test_teacher_answers_the_train_questions_with_habitual_slips_that_execution_can_see(world):
+    """sft.json: the train questions with the gold trace and SQL, except the teacher's three habitual mistakes, each
+    made with probability TEACHER_SLIP where it applies. A slipped query still runs but returns another result
+    (so GRPO's execution reward can tell it from the gold one)."""
+    train, sft = records(world, "train"), records(world, "sft")
+    assert [(r["db_id"], r["question"], r["difficulty"]) for r in train] == [
+        (r["db_id"], r["question"], r["difficulty"]) for r in sft]
+    slips = {"star": [0, 0], "direction": [0, 0], "average": [0, 0]}  # [made, could have been made]
+    conns = {}
+    for gold, taught in zip(train, sft):
+        g, t = gold["query"], taught["query"]
+        kinds = {
+            "star": (re.match(r"SELECT (T1\.)?\w+ FROM", g) is not None, re.match(r"SELECT (T1\.)?\* FROM", t) is not None),
+            "direction": (any(x in g for x in (" < ", " ASC", "MIN(")), any(x in g and x not in t for x in (" < ", " ASC", "MIN("))),
+            "average": ("AVG(" in g, "AVG(" in g and "SUM(" in t),
+        }
+        for kind, (applies, made) in kinds.items():
+            slips[kind][0] += made
+            slips[kind][1] += applies
+            assert applies or not made
+        if g == t:
+            assert taught["cot"] == gold["cot"]
+            continue
+        conn = conns.setdefault(gold["db_id"], sqlite3.connect(db_path(world, gold["db_id"])))
+        assert sorted(map(repr, conn.execute(t).fetchall())) != sorted(map(repr, conn.execute(g).fetchall())), (g, t)
+    for kind, (made, applicable) in slips.items():
+        assert applicable >= 100 and abs(made / applicable - TEACHER_SLIP) < 0.08, (kind, made, applicable)
 
 
 def test_held_out_is_not_easier(world):
@@ -206,9 +235,23 @@ def test_tokenizer_round_trips_any_text_and_keeps_special_tokens_whole(world):
     assert tok.decode(tok.encode(sample["query"])) == sample["query"]
 
 
-def test_held_out_text_is_spelled_with_pieces_the_train_split_uses(world):
-    """New names, familiar sub-words: nearly every token of dev questions, SQL, traces and schemas occurs often in
-    the train split's text (otherwise its embedding would be untrained and no model could copy it)."""
+def test_a_name_is_one_token_wherever_it_is_written(world):
+    """" price", "(price" and "T1.price" hold the same name token, and " flights" is " flight" + "s": the token a
+    question uses is the token the SQL needs, so copying it is all a model has to learn."""
+    tok = load_tokenizer(world / "tokenizer")
+    for word in sorted(vocabulary_words()):
+        whole = tok.encode(" " + word)
+        if not word.endswith("s"):  # a final "s" is a piece of its own (" status" = " statu" + "s")
+            assert len(whole) == 1, word
+        for before, after in (("(", ")"), (".", " =")):
+            assert tok.encode(before + word + after) == tok.encode(before) + tok.encode(word) + tok.encode(after), word
+    for noun in ENTITIES:
+        assert tok.encode(" " + plural(noun)) == tok.encode(" " + noun) + tok.encode("s"), noun
+
+
+def test_held_out_text_uses_tokens_the_train_split_uses(world):
+    """Nearly every token of dev questions, SQL, traces and schemas occurs in the train split's text, more than
+    twice (a token train never shows would keep its random embedding)."""
     tok = load_tokenizer(world / "tokenizer")
 
     def texts(split):
@@ -222,11 +265,8 @@ def test_held_out_text_is_spelled_with_pieces_the_train_split_uses(world):
 
     train_counts = Counter(i for t in texts("train") for i in tok.encode(t))
     dev_ids = [i for t in texts("dev") for i in tok.encode(t)]
-    rare = [i for i in dev_ids if train_counts[i] < 10]
-    assert len(rare) <= 0.002 * len(dev_ids), Counter(map(tok.decode, map(lambda i: [i], rare))).most_common(10)
-    # and most of the vocabulary is not whole train names: a train name is spelled with several pieces too
-    assert sum(len(tok.encode(" " + t["table_names_original"][0])) > 1
-               for t in json.loads((world / "tables.json").read_text())) > 30
+    rare = [i for i in dev_ids if train_counts[i] < 3]
+    assert len(rare) <= 0.01 * len(dev_ids), Counter(map(tok.decode, map(lambda i: [i], rare))).most_common(10)
 
 
 # ---------------------------------------------------------------------------------------------- model
