@@ -7,7 +7,7 @@ teacher's traces (sft.json: gold answers with three habitual slips, see toyworld
 evaluation (greedy and 8-way voting) -> GRPO with SQL-R1's execution reward through the real sandbox, on the train
 questions with their gold SQL -> held-out evaluation. Same code paths as configs/grpo_7b.py; only the sizes differ.
 
-SFT runs just past the point (~300-400 steps) where the tiny model learns to copy names from the question into the
+SFT runs well past the point (~250-350 steps) where the tiny model learns to copy names from the question into the
 SQL; before it, held-out EX is ~0 and GRPO has nothing to reinforce.
 """
 
@@ -27,7 +27,7 @@ config = TrainConfig(
     max_prompt_len=512,
     max_response_len=128,  # hard JOIN answers reach ~110 tokens
     sft_split="sft",
-    sft_steps=450,
+    sft_steps=600,
     sft_lr=4e-3,
     sft_batch_size=32,
     micro_batch_size=16,
