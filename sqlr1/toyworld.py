@@ -33,14 +33,15 @@ What is in it, and why:
   informative.
 - Each question carries a short templated reasoning trace (`cot`, <= ~25 tokens) for the SFT cold start.
 - Tokenizer: byte-level BPE like Qwen's (no normaliser, so decode(encode(x)) == x for any text) trained on the train
-  split plus the vocabulary, with Qwen's split regex changed in two places (TOY_SPLIT) so that every vocabulary
-  word is one token in each of its two spellings, " price" after a space and "price" after "(" or "." (Qwen's
-  split would make "(price" and ".price" tokens of their own), and " flights" is " flight" + "s". Copying a name from the question into the SQL is then copying one token, which
-  a 4-layer model learns within a few hundred SFT steps; with names spelled in sub-word pieces (an earlier design)
-  it had not learned to copy after 600. Label values (pseudo-words) and numbers are spelled with syllable and digit
-  pieces, as in Qwen. Special tokens: <|endoftext|> (pad), <|im_start|>, <|im_end|> (eos). Unlike Qwen2.5 (which
-  spells them with several tokens), <think>, </think>, <answer>, </answer> are single added tokens here, as in
-  Qwen3: cheaper on a CPU, and harmless to the code, which works on text.
+  split plus the vocabulary, with Qwen's split regex changed in two places (TOY_SPLIT) so that every vocabulary word
+  is one token in each of its two spellings, " price" after a space and "price" after "(" or "." (Qwen's split would
+  make "(price" and ".price" tokens of their own), and " flights" is " flight" + "s". Copying a name from the
+  question into the SQL is then copying one token, which a 4-layer model learns within a few hundred SFT steps; with
+  names spelled in sub-word pieces (an earlier design) it had not learned to copy after 600. Label values
+  (pseudo-words) and numbers are spelled with syllable and digit pieces, as in Qwen. Special tokens: <|endoftext|>
+  (pad), <|im_start|>, <|im_end|> (eos). Unlike Qwen2.5 (which spells them with several tokens), <think>, </think>,
+  <answer>, </answer> are single added tokens here, as in Qwen3: cheaper on a CPU, and harmless to the code, which
+  works on text.
 - Model: a 4-layer Qwen2 (GQA, RoPE, tied embeddings) whose vocabulary is padded to the next multiple of 64 above
   the tokenizer size, like Qwen's 151,936 rows for 151,665 tokens, so the masking of padded rows runs for real.
 """
@@ -573,6 +574,25 @@ def write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
 
 
+def make_split(root: Path, seed: int, split: str, n_dbs: int, questions_per_db: int, used_ids: set[str], draw=None,
+               taken_labels: set[str] = frozenset(), taken_tables: set[frozenset] = frozenset()):
+    """n_dbs databases written under root/database (see make_database) and their questions: (databases, records)."""
+    dbs, records = [], []
+    for i in range(n_dbs):
+        rng = random.Random(f"toyworld-{seed}-{split}-{i}")
+        db = make_database(rng, draw, taken_labels, taken_tables)
+        while db.db_id in used_ids:
+            db.db_id += "_2"
+        used_ids.add(db.db_id)
+        path = root / "database" / db.db_id / f"{db.db_id}.sqlite"
+        write_sqlite(db, path)
+        conn = sqlite3.connect(path)
+        records += make_questions(db, conn, questions_per_db, rng)
+        conn.close()
+        dbs.append(db)
+    return dbs, records
+
+
 def build_toyworld(
     root: str | Path,
     seed: int = 0,
@@ -589,38 +609,21 @@ def build_toyworld(
         raise FileExistsError(f"build_toyworld: {root} is not empty; pick a new directory or use ensure_toyworld")
     if num_train_dbs < 1 or num_dev_dbs < 1:
         raise ValueError(f"num_train_dbs={num_train_dbs}, num_dev_dbs={num_dev_dbs}: need at least one of each")
-    schemas, splits, train_dbs = [], {}, []
-    for split, n_dbs in (("train", num_train_dbs), ("dev", num_dev_dbs)):
-        # held-out databases avoid the train split's sets of tables and its label values
-        held_out = split == "dev"
-        taken_tables = {frozenset(t.name for t in db.tables) for db in train_dbs} if held_out else frozenset()
-        taken_labels = {r[t.label] for db in train_dbs for t in db.tables for r in t.rows} if held_out else frozenset()
-        records, used_ids = [], set()
-        deck = None if held_out else Deck(random.Random(f"toyworld-{seed}-deck"))
-        for i in range(n_dbs):
-            rng = random.Random(f"toyworld-{seed}-{split}-{i}")
-            db = make_database(rng, deck and deck.sample, taken_labels, taken_tables)
-            while db.db_id in used_ids:
-                db.db_id += "_2"
-            used_ids.add(db.db_id)
-            path = root / "database" / db.db_id / f"{db.db_id}.sqlite"
-            write_sqlite(db, path)
-            conn = sqlite3.connect(path)
-            records += make_questions(db, conn, dev_questions_per_db if held_out else train_questions_per_db, rng)
-            conn.close()
-            schemas.append(spider_schema(db))
-            if not held_out:
-                train_dbs.append(db)
-        splits[split] = records
-        write_json(root / f"{split}.json", records)
-        if not held_out:
-            teacher = random.Random(f"toyworld-{seed}-teacher")
-            splits["sft"] = [teacher_answer(r, teacher) for r in records]
-            write_json(root / "sft.json", splits["sft"])
-    write_json(root / "tables.json", schemas)
+    used_ids: set[str] = set()  # shared by both splits: a held-out db_id never lands in a train directory
+    train_dbs, train = make_split(root, seed, "train", num_train_dbs, train_questions_per_db, used_ids,
+                                  draw=Deck(random.Random(f"toyworld-{seed}-deck")).sample)
+    # held-out databases avoid the train split's sets of tables and its label values
+    dev_dbs, dev = make_split(root, seed, "dev", num_dev_dbs, dev_questions_per_db, used_ids,
+                              taken_labels={r[t.label] for db in train_dbs for t in db.tables for r in t.rows},
+                              taken_tables={frozenset(t.name for t in db.tables) for db in train_dbs})
+    teacher = random.Random(f"toyworld-{seed}-teacher")
+    sft = [teacher_answer(r, teacher) for r in train]
+    for name, records in (("train", train), ("dev", dev), ("sft", sft)):
+        write_json(root / f"{name}.json", records)
+    write_json(root / "tables.json", [spider_schema(db) for db in train_dbs + dev_dbs])
 
     texts = [PROMPT_WORDS] * 100 + [create_statement(t) for db in train_dbs for t in db.tables]
-    texts += [f"Question: {r['question']}\n\n{r['cot']}\n\n```sql\n{r['query']}\n```\n" for r in splits["train"] + splits["sft"]]
+    texts += [f"Question: {r['question']}\n\n{r['cot']}\n\n```sql\n{r['query']}\n```\n" for r in train + sft]
     tok = train_tokenizer(texts, vocabulary_words(), vocab_size)
     write_tokenizer(tok, root / "tokenizer")
 
@@ -629,7 +632,7 @@ def build_toyworld(
         "train_questions_per_db": train_questions_per_db,
         "dev_questions_per_db": dev_questions_per_db, "vocab_size": vocab_size,
     }
-    counts = {"train_questions": len(splits["train"]), "dev_questions": len(splits["dev"]),
+    counts = {"train_questions": len(train), "dev_questions": len(dev),
               "tokenizer_size": tok.get_vocab_size(with_added_tokens=True)}
     write_json(root / MANIFEST, {**settings, **counts})
     print(
