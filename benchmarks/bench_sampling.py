@@ -9,7 +9,8 @@ Also measured: prefill with prefix sharing (each prompt once, then its cache row
 
 On GPU it also reports the achieved memory traffic of a decode step, (weight bytes + KV-cache bytes read) / step
 time, against the copy bandwidth of the device (torch copy of a 1 GiB tensor, read + write bytes / time).
-The static cache is attended over all T_max columns at every step, so its full size counts as read.
+The sampler attends over the filled cache columns only (prompt + tokens so far), so a step reads on average
+prompt_len + new_tokens / 2 columns of keys and values.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import argparse
 import time
 
 import torch
+import torch.nn.functional as F
 
 from sqlr1.model import ModelConfig, Qwen2, num_params
 from sqlr1.sampling import generate
@@ -103,8 +105,29 @@ def bench_prefill_sharing(model, num_prompts: int, group: int, prompt_len: int, 
     return best_times({"shared": lambda: run(True), "unshared": lambda: run(False)}, device, repeats)
 
 
+def matmul_floor(model, batch: int, repeats: int) -> float:
+    """Seconds per decode step spent in the weight matmuls alone: every projection of every layer and the head,
+    applied to a [batch, hidden] input in a decode step's order, nothing else. Any engine that calls the same
+    matmul kernels needs at least this per step; at small batch it is the time to stream the weights."""
+    layers, c = model.layers, model.config
+    x = torch.randn(batch, c.hidden_size, dtype=model.lm_head.weight.dtype)
+    xi = torch.randn(batch, c.intermediate_size, dtype=x.dtype)
+
+    def step():
+        for layer in layers:
+            a, m = layer.self_attn, layer.mlp
+            for proj in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj):
+                F.linear(x, proj.weight, proj.bias)
+            F.linear(xi, m.down_proj.weight)
+        F.linear(x, model.lm_head.weight)
+
+    steps = 50
+    with torch.inference_mode():
+        return best_times({"floor": lambda: [step() for _ in range(steps)]}, "cpu", repeats)["floor"] / steps
+
+
 def kv_cache_bytes(config: ModelConfig, batch: int, cache_len: int, dtype: torch.dtype) -> int:
-    """Bytes of keys + values a decode step reads: the whole static cache (every column is attended, masked or not)."""
+    """Bytes of keys + values a decode step reads when it attends over `cache_len` columns."""
     elements = 2 * config.num_hidden_layers * batch * config.num_key_value_heads * cache_len * config.head_dim
     return elements * torch.tensor([], dtype=dtype).element_size()
 
@@ -113,7 +136,7 @@ def copy_bandwidth(device: str) -> float:
     """Bytes/s of a device-to-device copy of a 1 GiB tensor (read + write)."""
     x = torch.empty(2**28, dtype=torch.float32, device=device)
     y = torch.empty_like(x)
-    t = timed(lambda: y.copy_(x), device, 5)
+    t = best_times({"copy": lambda: y.copy_(x)}, device, 5)["copy"]
     return 2 * x.numel() * x.element_size() / t
 
 
@@ -131,50 +154,62 @@ def main() -> None:
 
 
 def run_cpu(args) -> None:
-    ours, hf = build_models(CPU_CONFIG, "cpu", torch.float32)
     batch, prompt_len, new_tokens = 16, 128, 128
-    print(f"\nmodel: 4 layers, hidden 256, 8/2 heads, vocab 8192 ({num_params(ours) / 1e6:.1f}M params, fp32)")
-    print(f"decode: {batch} prompts x {prompt_len} tokens, {new_tokens} new tokens each, best of {args.repeats}\n")
-    print(f"| {'decoding':<22} | {'HF tok/s':>9} | {'sqlr1 tok/s':>11} | {'ratio':>6} | {'sqlr1 ms/step':>13} |")
-    print(f"|{'-' * 24}|{'-' * 11}|{'-' * 13}|{'-' * 8}|{'-' * 15}|")
-    for name, temperature, compile in (
-        ("sampling T=1", 1.0, False), ("greedy", 0.0, False), ("sampling T=1, compile", 1.0, True)
-    ):
-        if compile and not args.compile:
-            continue
-        t = bench_decode(ours, hf, batch, prompt_len, new_tokens, temperature, "cpu", args.repeats, compile)
-        tokens = batch * new_tokens
-        step_ms = 1e3 * (t["ours"] - t["prefill"]) / (new_tokens - 1)
-        print(f"| {name:<22} | {tokens / t['hf']:>9.0f} | {tokens / t['ours']:>11.0f} | {t['hf'] / t['ours']:>5.2f}x |"
-              f" {step_ms:>13.2f} |")
+    print(f"\nmodel: 4 layers, hidden 256, 8/2 heads, vocab 8192 ({num_params(Qwen2(CPU_CONFIG)) / 1e6:.1f}M params)")
+    print(f"decode: {batch} prompts x {prompt_len} tokens, {new_tokens} new tokens each, best of {args.repeats}; "
+          "both engines run in the row's dtype\n")
+    print(f"| {'dtype':<8} | {'decoding':<17} | {'HF tok/s':>9} | {'sqlr1 tok/s':>11} | {'ratio':>6} | {'sqlr1 ms/step':>13} |")
+    print(f"|{'-' * 10}|{'-' * 19}|{'-' * 11}|{'-' * 13}|{'-' * 8}|{'-' * 15}|")
+    floors = []
+    for dtype in (torch.float32, torch.bfloat16):
+        ours, hf = build_models(CPU_CONFIG, "cpu", dtype)
+        for name, temperature, compile in (
+            ("sampling T=1", 1.0, False), ("greedy", 0.0, False), ("sampling, compile", 1.0, True)
+        ):
+            if compile and not args.compile:
+                continue
+            t = bench_decode(ours, hf, batch, prompt_len, new_tokens, temperature, "cpu", args.repeats, compile)
+            tokens = batch * new_tokens
+            step_ms = 1e3 * (t["ours"] - t["prefill"]) / (new_tokens - 1)
+            print(f"| {str(dtype)[6:]:<8} | {name:<17} | {tokens / t['hf']:>9.0f} | {tokens / t['ours']:>11.0f} |"
+                  f" {t['hf'] / t['ours']:>5.2f}x | {step_ms:>13.2f} |")
+            if name == "sampling T=1":
+                floor = matmul_floor(ours, batch, args.repeats)
+                bound = t["hf"] / (t["prefill"] + (new_tokens - 1) * floor)
+                floors.append(f"  {str(dtype)[6:]:<8} {1e3 * floor:5.2f} ms/step; bound on the sampling ratio: {bound:.2f}x")
+    print("\nweight matmuls alone (matmul_floor), and the best ratio any engine calling these kernels could reach,"
+          "\nHF time / (prefill + 127 x floor):")
+    print("\n".join(floors))
+    ours, hf = build_models(CPU_CONFIG, "cpu", torch.float32)
     t = bench_prefill_sharing(ours, 2, 8, 512, "cpu", args.repeats)
     print("\nprefill, 2 prompts x 512 tokens, G = 8 samples each (prefill + first token):")
     print(f"  shared prefix  {t['shared'] * 1e3:8.1f} ms\n  unshared       {t['unshared'] * 1e3:8.1f} ms"
           f"\n  speed-up       {t['unshared'] / t['shared']:8.2f}x")
 
 
-def run_cuda(args) -> None:
-    bandwidth = copy_bandwidth("cuda")
+def run_cuda(args, device: str = "cuda") -> None:
+    bandwidth = copy_bandwidth(device)
     print(f"device copy bandwidth: {bandwidth / 1e9:.0f} GB/s")
     prompt_len, new_tokens = 128, 256
     print(f"\n| {'model':<12} | {'batch':>5} | {'sqlr1 tok/s':>11} | {'HF tok/s':>9} | {'ratio':>6} |"
           f" {'GB/s':>6} | {'% of copy':>9} |")
     print(f"|{'-' * 14}|{'-' * 7}|{'-' * 13}|{'-' * 11}|{'-' * 8}|{'-' * 8}|{'-' * 11}|")
     for name, config in (("Qwen2.5-0.5B", QWEN25_05B), ("Qwen2.5-7B", QWEN25_7B)):
-        ours, hf = build_models(config, "cuda", torch.bfloat16)
+        ours, hf = build_models(config, device, torch.bfloat16)
         # A decode step reads every weight matrix once; an untied embedding table only at the looked-up rows.
         weight_bytes = 2 * (num_params(ours) - (0 if config.tie_word_embeddings else ours.embed_tokens.weight.numel()))
         for batch in (1, 64):
-            t = bench_decode(ours, hf, batch, prompt_len, new_tokens, 1.0, "cuda", args.repeats, args.compile)
+            t = bench_decode(ours, hf, batch, prompt_len, new_tokens, 1.0, device, args.repeats, args.compile)
             tps, tps_hf = batch * new_tokens / t["ours"], batch * new_tokens / t["hf"]
             steps = new_tokens - 1  # forward passes after the prefill
-            cache_len = prompt_len + new_tokens - 1
+            cache_len = prompt_len + new_tokens // 2  # mean number of filled columns a decode step reads
             step_bytes = weight_bytes + kv_cache_bytes(config, batch, cache_len, torch.bfloat16)
             achieved = step_bytes * steps / (t["ours"] - t["prefill"])
             print(f"| {name:<12} | {batch:>5} | {tps:>11.0f} | {tps_hf:>9.0f} | {tps / tps_hf:>5.2f}x |"
                   f" {achieved / 1e9:>6.0f} | {100 * achieved / bandwidth:>8.0f}% |")
         del ours, hf
-        torch.cuda.empty_cache()
+        if device == "cuda":
+            torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

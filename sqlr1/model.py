@@ -99,8 +99,9 @@ class KVCache:
     """Static, preallocated keys and values: one [B, H_kv, T_max, D] buffer pair per layer.
 
     The model writes the keys/values of the tokens it processes at cache columns `cache_position` (shared by all
-    rows) and attends over all T_max columns under the caller's `attention_mask` [B, T_max]. Nothing is reallocated
-    while decoding; `select_rows` builds the smaller cache used when finished rows are dropped.
+    rows) and attends over the first S columns under the caller's `attention_mask` [B, S], S <= T_max (the sampler
+    passes only the filled columns). Nothing is reallocated while decoding; `select_rows` builds the smaller cache
+    used when finished rows are dropped. A decode step (one new token per row) uses `decode_attention`.
     """
 
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
@@ -156,6 +157,18 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos[:, None] + torch.cat((-b, a), dim=-1) * sin[:, None]
 
 
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """softmax(q K^T / sqrt(D) + mask) V for ONE query per row (a decode step), q [B, H, 1, D], k/v [B, H_kv, S, D],
+    mask [B, 1, 1, S] bool. GQA without repeating K/V: the H / H_kv query heads that share a KV head are stacked as
+    rows of one [H / H_kv, D] @ [D, S] product. Softmax in fp32, as SDPA does. Two plain batched matmuls: SDPA's
+    flash kernel is built for long query blocks and costs several times more than this for a single query (CPU)."""
+    B, H, _, D = q.shape
+    n_kv = k.shape[1]
+    scores = (q.view(B, n_kv, H // n_kv, D) @ k.transpose(-1, -2)).float() * D**-0.5  # [B, H_kv, H / H_kv, S]
+    probs = scores.masked_fill(~mask, float("-inf")).softmax(-1).to(v.dtype)
+    return (probs @ v).view(B, H, 1, D)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
@@ -175,10 +188,13 @@ class Attention(nn.Module):
             k, v = kv_cache.update(self.layer, cache_position, k, v)
             if mask is not None:  # attend over the first S columns only: the caller's mask may be narrower
                 k, v = k[:, :, : mask.shape[-1]], v[:, :, : mask.shape[-1]]
-        # mask None means "plain causal, no padding" (training on unpadded rows): let SDPA pick a fused kernel.
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv != self.n_head
-        )
+        if T == 1 and kv_cache is not None:
+            y = decode_attention(q, k, v, mask)
+        else:
+            # mask None means "plain causal, no padding" (training on unpadded rows): let SDPA pick a fused kernel.
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv != self.n_head
+            )
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
 
@@ -242,8 +258,8 @@ class Qwen2(nn.Module):
         """Final-norm hidden states [B, T, hidden].
 
         input_ids [B, T]: the new tokens. attention_mask: 1 for real tokens, 0 for padding, over the keys —
-        [B, T] without a cache, [B, T_max] over the cache columns with one. cache_position [T]: the key columns the
-        new tokens occupy (default 0..T-1). position_ids [B, T] (default: number of real tokens before each one,
+        [B, T] without a cache, [B, S] over the first S <= T_max cache columns with one. cache_position [T]: the
+        key columns the new tokens occupy (default 0..T-1). position_ids [B, T] (default: number of real tokens before each one,
         which makes left padding invisible to RoPE).
         """
         B, T = input_ids.shape

@@ -94,10 +94,15 @@ def sample_tokens(
     return ids, logp.gather(-1, ids[:, None]).squeeze(-1)
 
 
-def _decode_step(model: Qwen2, vocab_size: int, ids, attention_mask, position_ids, kv_cache, cache_position):
-    """Feed one token per row; return next-token logits [B, vocab_size] in fp32 (head rows >= vocab_size skipped)."""
+def _decode_step(
+    model: Qwen2, vocab_size: int, ids, attention_mask, position_ids, kv_cache, cache_position,
+    temperature: float, top_k: int, top_p: float, uniform,
+):
+    """Feed one token per row and draw the next one: (ids [B], log p(ids) [B]). The logits [B, vocab_size] are
+    computed in fp32 from head rows < vocab_size only. One function, so that `compile` fuses the sampling too."""
     h = model.hidden_states(ids[:, None], attention_mask, position_ids[:, None], kv_cache, cache_position)
-    return F.linear(h[:, -1], model.lm_head.weight[:vocab_size]).float()
+    logits = F.linear(h[:, -1], model.lm_head.weight[:vocab_size]).float()
+    return sample_tokens(logits, temperature, top_k, top_p, uniform)
 
 
 @functools.cache
@@ -225,11 +230,12 @@ def _generate(
         generator.manual_seed(seed)
     step_fn = _compiled_decode_step() if compile else _decode_step
 
+    def uniforms():  # one uniform per original row and step, drawn whether or not the row is live: row r reads entry r
+        return torch.rand(N, generator=generator, device=device)[rows] if temperature > 0 else None
+
+    next_ids, next_logp = sample_tokens(logits, temperature, top_k, top_p, uniforms())
     bar = tqdm(total=N * max_new_tokens, unit="tok", desc="sampling", disable=not progress)
     for s in range(max_new_tokens):
-        # One uniform per original row and step, drawn whether or not the row is still live: row r reads entry r.
-        uniform = torch.rand(N, generator=generator, device=device)[rows] if temperature > 0 else None
-        next_ids, next_logp = sample_tokens(logits, temperature, top_k, top_p, uniform)
         out_ids[rows, s] = next_ids
         out_logp[rows, s] = next_logp
         bar.update(rows.shape[0])
@@ -248,7 +254,10 @@ def _generate(
                         t.index_select(0, keep) for t in (mask, positions, rows, done, next_ids)
                     )
         # keys beyond column L + s are still empty: pass only the filled part of the mask (attention reads that much)
-        logits = step_fn(model, vocab_size, next_ids, mask[:, : L + s + 1], positions, kv_cache, columns[s : s + 1])
+        next_ids, next_logp = step_fn(
+            model, vocab_size, next_ids, mask[:, : L + s + 1], positions, kv_cache,
+            columns[s : s + 1], temperature, top_k, top_p, uniforms(),
+        )
         positions += 1
     bar.close()
     del kv_cache

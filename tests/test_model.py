@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sqlr1.model import KVCache, ModelConfig, Qwen2
+from sqlr1.model import KVCache, ModelConfig, Qwen2, decode_attention
 
 ROWS = 128  # embedding rows; the "tokenizer" below has only VOCAB ids, as Qwen pads 151,665 ids to 152,064 rows
 VOCAB = 100
@@ -60,6 +60,22 @@ def test_kv_cache_decoding_equals_full_forward():
             out = model(ids[:, pos], attention_mask=mask, kv_cache=cache, cache_position=pos)
             real = mask[:, pos].bool()
             torch.testing.assert_close(out[real], full[:, pos][real], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("n_head,n_kv", [(4, 4), (6, 2), (5, 1)])
+def test_decode_attention_equals_sdpa(n_head, n_kv):
+    """The single-query attention of a decode step (grouped matmuls, no K/V repeat) equals SDPA with GQA, in fp32
+    and within bf16 rounding in bf16, with some key columns masked out (padding) in every row."""
+    g = torch.Generator().manual_seed(0)
+    B, S, D = 3, 11, 8
+    q, k, v = torch.randn(B, n_head, 1, D, generator=g), torch.randn(B, n_kv, S, D, generator=g), torch.randn(
+        B, n_kv, S, D, generator=g)
+    mask = torch.rand(B, 1, 1, S, generator=g) > 0.3
+    mask[..., -1] = True  # a query always sees itself
+    for dtype, atol in ((torch.float32, 1e-6), (torch.bfloat16, 2e-2)):
+        args = (q.to(dtype), k.to(dtype), v.to(dtype))
+        expected = F.scaled_dot_product_attention(*args, attn_mask=mask, enable_gqa=n_kv != n_head)
+        torch.testing.assert_close(decode_attention(*args, mask).float(), expected.float(), atol=atol, rtol=0)
 
 
 def test_kv_cache_select_rows_shares_a_prefix():
