@@ -10,7 +10,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from sqlr1.checkpoint import load_model, save_model
 from sqlr1.model import ModelConfig, Qwen2
-from sqlr1.tokenizer import QWEN_DEFAULT_SYSTEM, Tokenizer, load_tokenizer
+from sqlr1.tokenizer import QWEN_DEFAULT_SYSTEM, load_tokenizer
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CORPUS = [
