@@ -253,9 +253,11 @@ def _generate(
                     mask, positions, rows, done, next_ids = (
                         t.index_select(0, keep) for t in (mask, positions, rows, done, next_ids)
                     )
-        # keys beyond column L + s are still empty: pass only the filled part of the mask (attention reads that much)
+        # Keys beyond column L + s are still empty. Eager: pass only the filled part of the mask (attention reads that
+        # much). Compiled: pass all T_max columns, so shapes stay static (one graph; the mask hides empty columns).
+        width = T_max if compile else L + s + 1
         next_ids, next_logp = step_fn(
-            model, vocab_size, next_ids, mask[:, : L + s + 1], positions, kv_cache,
+            model, vocab_size, next_ids, mask[:, :width], positions, kv_cache,
             columns[s : s + 1], temperature, top_k, top_p, uniforms(),
         )
         positions += 1
