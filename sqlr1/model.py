@@ -157,15 +157,16 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos[:, None] + torch.cat((-b, a), dim=-1) * sin[:, None]
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """softmax(q K^T / sqrt(D) + mask) V for ONE query per row (a decode step), q [B, H, 1, D], k/v [B, H_kv, S, D],
-    mask [B, 1, 1, S] bool. GQA without repeating K/V: the H / H_kv query heads that share a KV head are stacked as
-    rows of one [H / H_kv, D] @ [D, S] product. Softmax in fp32, as SDPA does. Two plain batched matmuls: SDPA's
-    flash kernel is built for long query blocks and costs several times more than this for a single query (CPU)."""
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """softmax(q K^T / sqrt(D) + bias) V for ONE query per row (a decode step), q [B, H, 1, D], k/v [B, H_kv, S, D],
+    bias [B, 1, 1, S] additive (0 visible, -inf hidden). GQA without repeating K/V: the H / H_kv query heads that
+    share a KV head are stacked as rows of one [H / H_kv, D] @ [D, S] product. Softmax in fp32, as SDPA does. Two
+    plain batched matmuls: SDPA's flash kernel is built for long query blocks and costs several times more than this
+    for a single query (CPU)."""
     B, H, _, D = q.shape
     n_kv = k.shape[1]
-    scores = (q.view(B, n_kv, H // n_kv, D) @ k.transpose(-1, -2)).float() * D**-0.5  # [B, H_kv, H / H_kv, S]
-    probs = scores.masked_fill(~mask, float("-inf")).softmax(-1).to(v.dtype)
+    scores = (q.view(B, n_kv, H // n_kv, D) * D**-0.5) @ k.transpose(-1, -2)  # [B, H_kv, H / H_kv, S]
+    probs = (scores.float() + bias).softmax(-1).to(v.dtype)
     return (probs @ v).view(B, H, 1, D)
 
 
@@ -273,15 +274,17 @@ class Qwen2(nn.Module):
                 position_ids = cache_position.expand(B, T)
             else:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, cache_position]
+        x = self.embed_tokens(input_ids)
         mask = None
         if attention_mask is not None:
             keys = torch.arange(attention_mask.shape[1], device=device)
             causal = keys[None, :] <= cache_position[:, None]  # [T, S]
-            mask = causal[None] & attention_mask.bool()[:, None, :]  # [B, T, S]
+            visible = causal[None] & attention_mask.bool()[:, None, :]  # [B, T, S]
             # A padding query sees no real key; let it see itself so its (ignored) output stays finite.
-            mask = mask | (keys[None, :] == cache_position[:, None])[None]
-            mask = mask[:, None]  # [B, 1, T, S], broadcast over heads
-        x = self.embed_tokens(input_ids)
+            visible = visible | (keys[None, :] == cache_position[:, None])[None]
+            # Additive form, built once for all layers: 0 where visible, -inf elsewhere; [B, 1, T, S] over heads.
+            mask = torch.zeros(visible.shape, dtype=x.dtype, device=device).masked_fill_(~visible, float("-inf"))
+            mask = mask[:, None]
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
         for layer in self.layers:
             if self.gradient_checkpointing and torch.is_grad_enabled():

@@ -209,7 +209,8 @@ def _generate(
         ids, mask = ids[group], mask[group]
 
     kv_cache = KVCache(model.config, ids.shape[0], T_max, device=device, dtype=dtype)
-    h = model.hidden_states(ids, mask, kv_cache=kv_cache, cache_position=torch.arange(L, device=device))
+    # prefill attends over the L prompt columns only (the mask's first L columns), not the whole cache
+    h = model.hidden_states(ids, mask[:, :L], kv_cache=kv_cache, cache_position=torch.arange(L, device=device))
     logits = F.linear(h[:, -1], weight[:vocab_size]).float()
     del h
     if share_prefix:

@@ -75,7 +75,8 @@ def test_decode_attention_equals_sdpa(n_head, n_kv):
     for dtype, atol in ((torch.float32, 1e-6), (torch.bfloat16, 2e-2)):
         args = (q.to(dtype), k.to(dtype), v.to(dtype))
         expected = F.scaled_dot_product_attention(*args, attn_mask=mask, enable_gqa=n_kv != n_head)
-        torch.testing.assert_close(decode_attention(*args, mask).float(), expected.float(), atol=atol, rtol=0)
+        bias = torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, float("-inf"))  # the model's additive form
+        torch.testing.assert_close(decode_attention(*args, bias).float(), expected.float(), atol=atol, rtol=0)
 
 
 def test_kv_cache_select_rows_shares_a_prefix():
