@@ -9,8 +9,8 @@ Also measured: prefill with prefix sharing (each prompt once, then its cache row
 
 On GPU it also reports the achieved memory traffic of a decode step, (weight bytes + KV-cache bytes read) / step
 time, against the copy bandwidth of the device (torch copy of a 1 GiB tensor, read + write bytes / time).
-The sampler attends over the filled cache columns only (prompt + tokens so far), so a step reads on average
-prompt_len + new_tokens / 2 columns of keys and values.
+Eager, the sampler attends over the filled cache columns only (prompt + tokens so far), so a step reads on average
+prompt_len + new_tokens / 2 columns of keys and values; compiled, it reads all of them (static shapes).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from sqlr1.model import ModelConfig, Qwen2, num_params
+from sqlr1.model import KVCache, ModelConfig, Qwen2, num_params
 from sqlr1.sampling import generate
 
 CPU_CONFIG = ModelConfig(
@@ -105,6 +105,23 @@ def bench_prefill_sharing(model, num_prompts: int, group: int, prompt_len: int, 
     return best_times({"shared": lambda: run(True), "unshared": lambda: run(False)}, device, repeats)
 
 
+def bench_prefill_columns(model, num_prompts: int, prompt_len: int, new_tokens: int, device: str, repeats: int):
+    """Seconds for one prefill into a cache with room for `new_tokens` more columns: attending over the prompt
+    columns only (what `generate` does) vs over the whole cache with the empty columns masked out."""
+    generator = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, model.config.vocab_size, (num_prompts, prompt_len), generator=generator)
+    max_len = prompt_len + new_tokens - 1
+    mask = torch.ones(num_prompts, max_len, dtype=torch.bool, device=device)
+
+    def run(width: int):
+        cache = KVCache(model.config, num_prompts, max_len, device=device, dtype=model.lm_head.weight.dtype)
+        with torch.inference_mode():
+            model.hidden_states(ids.to(device), mask[:, :width], kv_cache=cache,
+                                cache_position=torch.arange(prompt_len, device=device))
+
+    return best_times({"prompt": lambda: run(prompt_len), "cache": lambda: run(max_len)}, device, repeats)
+
+
 def matmul_floor(model, batch: int, repeats: int) -> float:
     """Seconds per decode step spent in the weight matmuls alone: every projection of every layer and the head,
     applied to a [batch, hidden] input in a decode step's order, nothing else. Any engine that calls the same
@@ -185,6 +202,10 @@ def run_cpu(args) -> None:
     print("\nprefill, 2 prompts x 512 tokens, G = 8 samples each (prefill + first token):")
     print(f"  shared prefix  {t['shared'] * 1e3:8.1f} ms\n  unshared       {t['unshared'] * 1e3:8.1f} ms"
           f"\n  speed-up       {t['unshared'] / t['shared']:8.2f}x")
+    t = bench_prefill_columns(ours, 2, 512, 2048, "cpu", args.repeats)
+    print("\nprefill, 2 prompts x 512 tokens into a cache with room for 2048 new tokens:")
+    print(f"  over the prompt columns  {t['prompt'] * 1e3:8.1f} ms\n  over the whole cache     {t['cache'] * 1e3:8.1f} ms"
+          f"\n  speed-up                 {t['cache'] / t['prompt']:8.2f}x")
 
 
 def run_cuda(args, device: str = "cuda") -> None:
@@ -202,7 +223,8 @@ def run_cuda(args, device: str = "cuda") -> None:
             t = bench_decode(ours, hf, batch, prompt_len, new_tokens, 1.0, device, args.repeats, args.compile)
             tps, tps_hf = batch * new_tokens / t["ours"], batch * new_tokens / t["hf"]
             steps = new_tokens - 1  # forward passes after the prefill
-            cache_len = prompt_len + new_tokens // 2  # mean number of filled columns a decode step reads
+            # key columns a decode step reads: the filled ones on average (eager), all of them under compile
+            cache_len = prompt_len + new_tokens - 1 if args.compile else prompt_len + new_tokens // 2
             step_bytes = weight_bytes + kv_cache_bytes(config, batch, cache_len, torch.bfloat16)
             achieved = step_bytes * steps / (t["ours"] - t["prefill"])
             print(f"| {name:<12} | {batch:>5} | {tps:>11.0f} | {tps_hf:>9.0f} | {tps / tps_hf:>5.2f}x |"
