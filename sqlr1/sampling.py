@@ -35,6 +35,7 @@ sizes, which can move a draw only when u falls within ~1e-6 of a CDF step.)
 from __future__ import annotations
 
 import functools
+import math
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -115,6 +116,20 @@ def _compiled_decode_step():
 
 def _check_args(model, prompts, num_samples, max_new_tokens, temperature, top_p, top_k, vocab_size, check_every):
     cfg = model.config
+    if num_samples < 1:
+        raise ValueError(f"num_samples={num_samples}: must be >= 1")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 1")
+    if not 0 <= temperature < math.inf:
+        raise ValueError(f"temperature={temperature}: must be finite and >= 0 (0 means greedy)")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p={top_p}: must lie in (0, 1]")
+    if top_k < 0:
+        raise ValueError(f"top_k={top_k}: must be >= 0 (0 disables top-k)")
+    if not 1 <= vocab_size <= cfg.vocab_size:
+        raise ValueError(f"vocab_size={vocab_size}: must lie in [1, {cfg.vocab_size}] (the model's embedding rows)")
+    if check_every < 1:
+        raise ValueError(f"check_every={check_every}: must be >= 1")
     if len(prompts) == 0:
         raise ValueError("prompts: empty list; pass at least one prompt (a list of token ids)")
     for i, p in enumerate(prompts):
@@ -127,20 +142,6 @@ def _check_args(model, prompts, num_samples, max_new_tokens, temperature, top_p,
             )
         if min(p) < 0 or max(p) >= cfg.vocab_size:
             raise ValueError(f"prompts[{i}]: token ids must lie in [0, {cfg.vocab_size}) for this model")
-    if num_samples < 1:
-        raise ValueError(f"num_samples={num_samples}: must be >= 1")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 1")
-    if temperature < 0:
-        raise ValueError(f"temperature={temperature}: must be >= 0 (0 means greedy)")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p={top_p}: must lie in (0, 1]")
-    if top_k < 0:
-        raise ValueError(f"top_k={top_k}: must be >= 0 (0 disables top-k)")
-    if not 1 <= vocab_size <= cfg.vocab_size:
-        raise ValueError(f"vocab_size={vocab_size}: must lie in [1, {cfg.vocab_size}] (the model's embedding rows)")
-    if check_every < 1:
-        raise ValueError(f"check_every={check_every}: must be >= 1")
 
 
 def generate(

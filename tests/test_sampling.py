@@ -215,6 +215,8 @@ def test_restores_training_mode(model):
         (dict(prompts=[[1, 500]]), r"prompts\[0\]"),
         (dict(num_samples=0), "num_samples"),
         (dict(temperature=-0.1), "temperature"),
+        (dict(temperature=float("nan")), "temperature"),
+        (dict(temperature=float("inf")), "temperature"),
         (dict(top_p=0.0), "top_p"),
         (dict(top_p=1.5), "top_p"),
         (dict(top_k=-1), "top_k"),
@@ -224,7 +226,7 @@ def test_restores_training_mode(model):
     ],
 )
 def test_bad_input_raises_value_error(model, kwargs, argument):
-    kwargs = {"prompts": [[1, 2, 3]], **kwargs}
+    kwargs = {"prompts": [[1, 2, 3]], "max_new_tokens": 4, **kwargs}
     with pytest.raises(ValueError, match=argument):
         generate(model, **kwargs)
 
