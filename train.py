@@ -190,7 +190,7 @@ def grpo_step(step, policy, rollout_model, ref, opt, sched, examples, prompts, t
     t_reward = time.time()
 
     r = torch.tensor([x.total for x in rewards], dtype=torch.float32)
-    adv, adv_stats = group_advantages(r, G, cfg.grpo)
+    adv, adv_stats = group_advantages(r, G, cfg.grpo, world_reduce=distributed.all_reduce)
     keep = keep_groups(r, G, cfg.grpo)
     seqs = [
         Sequence(prompts[idx[samples.prompt_index[j]]].ids, samples.tokens[j], samples.logprobs[j], float(adv[j]))

@@ -34,7 +34,8 @@ class Dist:
 
 
 def setup(device: str = "auto") -> Dist:
-    """Read torchrun's RANK / WORLD_SIZE / LOCAL_RANK; init NCCL (GPU) or gloo (CPU) when world_size > 1."""
+    """Read torchrun's RANK / WORLD_SIZE / LOCAL_RANK; init the process group when world_size > 1: gloo on CPU;
+    on GPU NCCL for CUDA tensors (FSDP) plus gloo for the CPU tensors train.py reduces (token counts, metrics)."""
     rank, world, local = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -44,7 +45,8 @@ def setup(device: str = "auto") -> Dist:
     else:
         dev = torch.device(device)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None)
+        cuda = dev.type == "cuda"
+        dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo", device_id=dev if cuda else None)
     return Dist(rank, world, local, dev)
 
 

@@ -80,7 +80,9 @@ def _groups(rewards: Tensor, group_size: int) -> Tensor:
     return rewards.reshape(-1, group_size)
 
 
-def group_advantages(rewards: Tensor, group_size: int, cfg: GRPOConfig) -> tuple[Tensor, dict]:
+def group_advantages(
+    rewards: Tensor, group_size: int, cfg: GRPOConfig, world_reduce: Callable[[Tensor], Tensor] | None = None
+) -> tuple[Tensor, dict]:
     """Outcome advantages A_i, one per completion, for rewards [N] laid out group after group (N = n_prompts * G).
 
         group: A_i = (r_i - mean_g) / (max(std_g, std_floor) + eps)      (GRPO, SQL-R1)
@@ -89,7 +91,8 @@ def group_advantages(rewards: Tensor, group_size: int, cfg: GRPOConfig) -> tuple
 
     A singleton group (G=1) has no baseline to compare with: r_i - mean_g = 0, so A_i = 0 (its std, undefined with
     Bessel's correction, is taken as 0). Groups whose rewards are all equal likewise get A = 0 and count in
-    `frac_zero_std`. Returns (A [N] fp32, stats of python floats).
+    `frac_zero_std`. std_batch is over the whole step: with several ranks (each holding whole groups) pass
+    world_reduce, an elementwise SUM over ranks as in `loss_norm`. Returns (A [N] fp32, stats of python floats).
     """
     g = _groups(rewards, group_size).float()
     centred = g - g.mean(dim=1, keepdim=True)
@@ -100,7 +103,7 @@ def group_advantages(rewards: Tensor, group_size: int, cfg: GRPOConfig) -> tuple
         if cfg.adv_scale == "group":
             std = g.std(dim=1, keepdim=True, correction=correction) if group_size > 1 else g.new_zeros(g.shape[0], 1)
         else:
-            std = g.std(correction=correction) if g.numel() > 1 else g.new_zeros(())
+            std = _step_std(g.reshape(-1), correction, world_reduce or (lambda t: t))
         adv = centred / (std.clamp(min=cfg.std_floor) + cfg.adv_eps)
     zero_std = g.amax(dim=1) == g.amin(dim=1)
     stats = {
@@ -110,6 +113,15 @@ def group_advantages(rewards: Tensor, group_size: int, cfg: GRPOConfig) -> tuple
         "adv_abs_mean": adv.abs().mean().item(),
     }
     return adv.reshape(-1), stats
+
+
+def _step_std(r: Tensor, correction: int, world_reduce: Callable[[Tensor], Tensor]) -> Tensor:
+    """std of all the step's rewards, this rank's r [n] among them: two passes (count and sum for the mean, then
+    the squared deviations from it), each one SUM over ranks. 0 when the step has a single reward."""
+    count_and_sum = world_reduce(torch.stack([r.new_tensor(float(r.numel())), r.sum()]))
+    n, mean = count_and_sum[0], count_and_sum[1] / count_and_sum[0]
+    squares = world_reduce((r - mean).square().sum())
+    return (squares / (n - correction)).sqrt() if n > 1 else r.new_zeros(())
 
 
 def keep_groups(rewards: Tensor, group_size: int, cfg: GRPOConfig) -> Tensor:

@@ -247,6 +247,9 @@ def test_naive_per_microbatch_mean_differs():
     assert abs(exact.item() - naive.item()) > 1e-3  # averaging micro-batch means reweights short micro-batches
 
 
+STEP_REWARDS = torch.tensor([0.0, 1, 0, 0, 0.1, 0, 0.1, 0.1])  # 4 groups of 2
+
+
 def _rank_worker(rank, port, result_queue):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
@@ -267,12 +270,15 @@ def _rank_worker(rank, port, result_queue):
         loss.backward()
         summed = world_sum(loss.detach().clone())
         grad = world_sum(leaf.grad.clone())  # a SUM all-reduce (DDP averages: the trainer scales by world_size)
-        result_queue.put((rank, summed.item(), grad, (norm.num_tokens, norm.num_seqs)))
+        # batch-scaled advantages from this rank's whole groups (rank 0: 1 group, rank 1: 3) use the step's std
+        rewards = STEP_REWARDS[:2] if rank == 0 else STEP_REWARDS[2:]
+        batch_adv, _ = group_advantages(rewards, 2, GRPOConfig(adv_scale="batch"), world_reduce=world_sum)
+        result_queue.put((rank, summed.item(), grad, (norm.num_tokens, norm.num_seqs), batch_adv))
     finally:
         dist.destroy_process_group()
 
 
-def test_loss_norm_across_two_real_ranks():
+def test_loss_norm_and_batch_std_across_two_real_ranks():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -290,10 +296,12 @@ def test_loss_norm_across_two_real_ranks():
     cfg = GRPOConfig(loss_agg="seq-mean-token-mean", kl_coef=0.05)
     full = microbatch_loss(leaf, old, ref, ent, adv, mask, cfg, [6], loss_norm([mask], 9))
     full.backward()
-    for _, loss, grad, counts in results:
+    for _, loss, grad, counts, _ in results:
         assert counts == (mask.sum().item(), 6.0)
         assert loss == pytest.approx(full.item(), rel=1e-13)
         torch.testing.assert_close(grad, leaf.grad, rtol=1e-12, atol=1e-15)
+    batch_adv = torch.cat([adv for _, *_, adv in sorted(results, key=lambda r: r[0])])
+    torch.testing.assert_close(batch_adv, group_advantages(STEP_REWARDS, 2, GRPOConfig(adv_scale="batch"))[0])
 
 
 # ---------------------------------------------------------------- GSPO
