@@ -7,7 +7,7 @@ thousands of times per training step. `Sandbox` is a pool of worker processes th
   journal files, no change check per query, about 1.2x faster; so a database must not change while a pool runs),
   `PRAGMA query_only`, no attached databases (`SQLITE_LIMIT_ATTACHED = 0`, which also stops `VACUUM INTO`),
   extension loading off, and an authorizer that allows only SELECT, column reads, recursive CTEs, functions other
-  than `load_extension`, and a few schema-reading pragmas. Python's sqlite3 runs one statement at most:
+  than `load_extension` and `fts3_tokenizer`, and a few schema-reading pragmas. Python's sqlite3 runs one statement at most:
   `SELECT 1; DROP TABLE t` is an error and nothing runs. Invalid UTF-8 text is an error, as in the official scripts.
 * deadlines: a SQLite progress handler interrupts a query at its deadline inside the worker; a worker that has not
   answered by deadline + `grace` (a single C-level operation the handler cannot interrupt) is killed and respawned.
@@ -53,7 +53,8 @@ FETCH_ROWS = 64  # rows fetched between two size checks (a batch too big for mem
 
 # Pragmas that only read the schema. Anything else (writable_schema, journal_mode, query_only=0, ...) is denied.
 READ_PRAGMAS = frozenset({"table_info", "table_xinfo", "index_list", "index_info", "index_xinfo", "foreign_key_list"})
-DENIED_FUNCTIONS = frozenset({"load_extension"})
+# load_extension runs native code; fts3_tokenizer reads and overwrites a tokenizer's C pointer (a crash, or worse).
+DENIED_FUNCTIONS = frozenset({"load_extension", "fts3_tokenizer"})
 
 
 @dataclass(slots=True)
@@ -97,6 +98,10 @@ def _authorize(action: int, arg1: str | None, arg2: str | None, db_name: str | N
     """SQLite authorizer: allow reading, deny everything else (writes, DDL, ATTACH, transactions, VACUUM, ...)."""
     if action in (sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_RECURSIVE):
         return sqlite3.SQLITE_OK
+    if action == sqlite3.SQLITE_UPDATE and arg1 == "sqlite_master":
+        # SQLite asks this while it sets up a virtual table for reading (json_each, pragma_table_info, an FTS
+        # table); a real write to the schema is still impossible: read-only connection, query_only, no pragmas.
+        return sqlite3.SQLITE_OK
     if action == sqlite3.SQLITE_FUNCTION:  # arg2 is the function name
         return sqlite3.SQLITE_DENY if (arg2 or "").lower() in DENIED_FUNCTIONS else sqlite3.SQLITE_OK
     if action == sqlite3.SQLITE_PRAGMA:  # arg1 is the pragma name
@@ -111,6 +116,7 @@ class _Executor:
         self.max_rows = max_rows
         self.max_bytes = max_bytes
         self.deadline = math.inf
+        self.result_bytes = 0
         self.connections: OrderedDict[str, sqlite3.Connection] = OrderedDict()
 
     def _past_deadline(self) -> bool:
@@ -137,7 +143,9 @@ class _Executor:
         return conn
 
     def run(self, db_path: str, sql: str, timeout: float) -> ExecResult:
+        """Execute one query; afterwards `result_bytes` is the size of the rows it returned (0 on failure)."""
         self.deadline = time.monotonic() + timeout
+        self.result_bytes = 0
         try:
             cursor = self.connect(db_path).execute(sql)
             if cursor.description is None:
@@ -152,6 +160,7 @@ class _Executor:
                     cursor.close()
                     return ExecResult("error", ncols=ncols, truncated=True,
                                       error=f"result too large (over {self.max_rows} rows or {self.max_bytes} bytes)")
+            self.result_bytes = nbytes
             return ExecResult("ok", rows=rows, ncols=ncols)
         except sqlite3.OperationalError as e:
             if self._past_deadline():
@@ -176,6 +185,7 @@ def _limit_memory(memory_mb: int) -> None:
 
 def _worker_main(conn, heartbeat, max_rows: int, max_bytes: int, memory_mb: int) -> None:
     """Worker loop: receive (timeout, [(db_path, sql), ...]), answer the ExecResult fields of each; b"" means stop.
+    Once the rows gathered for a chunk pass max_bytes it answers the queries done so far (a prefix of the chunk).
 
     Messages are `marshal`led plain tuples: SQLite values are only None/int/float/str/bytes, and marshal moves
     them about twice as fast as pickle (this round trip is a fifth of the cost of a typical Spider query).
@@ -187,12 +197,15 @@ def _worker_main(conn, heartbeat, max_rows: int, max_bytes: int, memory_mb: int)
     executor = _Executor(max_rows, max_bytes)
     while message := conn.recv_bytes():
         timeout, chunk = marshal.loads(message)
-        answers = []
+        answers, answer_bytes = [], 0
         for position, (db_path, sql) in enumerate(chunk):
             heartbeat[0] = position
             heartbeat[1] = time.monotonic()
             r = executor.run(db_path, sql, timeout)
             answers.append((r.status, r.rows, r.ncols, r.error, r.truncated))
+            answer_bytes += executor.result_bytes
+            if answer_bytes > max_bytes:  # answer now (memory stays ~2 x max_bytes); the rest goes back to the queue
+                break
         conn.send_bytes(marshal.dumps(answers))
 
 
@@ -335,12 +348,17 @@ class Sandbox:
                 "error", error=f"worker process died (exit code {w.process.exitcode})"))
             self._send_chunk(fresh, items, todo, timeout)
             return
-        done, w.chunk = w.chunk, []
+        chunk, w.chunk = w.chunk, []
         self._send_chunk(w, items, todo, timeout)  # keep the worker busy while we decode its answers
-        for i, fields in zip(done, marshal.loads(message)):
+        answers = marshal.loads(message)
+        for i, fields in zip(chunk, answers):
             results[i] = ExecResult(*fields)
+        if len(answers) < len(chunk):  # it answered a prefix (size budget): the rest goes back to the queue
+            todo.extendleft(reversed(chunk[len(answers):]))
+            if not w.chunk:
+                self._send_chunk(w, items, todo, timeout)
         if meter:
-            meter.update(len(done))
+            meter.update(len(answers))
 
     def _fail_culprit(self, w: _Worker, results: list, todo: deque, verdict: ExecResult) -> _Worker:
         """The query the worker was running gets `verdict`, the rest of its chunk goes back to the queue, and a

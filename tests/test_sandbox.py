@@ -93,6 +93,8 @@ HOSTILE = {
     "vacuum_into": "VACUUM INTO '{folder}/copy.sqlite'",
     "attach_new_file": "ATTACH '{folder}/new.sqlite' AS n",
     "load_extension": "SELECT load_extension('{folder}/evil.so')",
+    "fts3_tokenizer_pointer": "SELECT fts3_tokenizer('simple')",  # leaks (and can overwrite) a C function pointer
+    "update_schema": "UPDATE sqlite_master SET sql = 'x'",
     "writable_schema": "PRAGMA writable_schema = 1",
     "journal_mode_wal": "PRAGMA journal_mode = WAL",
     "query_only_off": "PRAGMA query_only = 0",
@@ -199,3 +201,34 @@ def test_dead_workers_are_replaced(db):
         first, crashed, last = sandbox.execute_many(items)
     assert crashed.status == "error" and "died" in crashed.error
     assert (first.rows, last.rows) == ([(1,)], [(2,)])
+
+
+def test_virtual_tables_can_be_read(pool, db, tmp_path):
+    """Table-valued functions and FTS tables are read through a virtual table, which SQLite sets up with a schema
+    'update' the authorizer must let through (the connection stays read-only)."""
+    json_rows, pragma_rows = pool.execute_many([
+        (db, "SELECT value FROM json_each('[1, 2]')"), (db, "SELECT name FROM pragma_table_info('t')")])
+    assert json_rows.rows == [(1,), (2,)] and pragma_rows.rows == [("id",), ("name",)]
+    fts = tmp_path / "fts.sqlite"
+    conn = sqlite3.connect(fts)
+    try:
+        conn.execute("CREATE VIRTUAL TABLE docs USING fts4(body)")
+    except sqlite3.OperationalError:
+        pytest.skip("this SQLite has no FTS4")
+    conn.execute("INSERT INTO docs VALUES ('hello world')")
+    conn.commit()
+    conn.close()
+    before = hashlib.sha256(fts.read_bytes()).hexdigest()
+    match, write = pool.execute_many([(fts, "SELECT body FROM docs WHERE docs MATCH 'hello'"),
+                                      (fts, "INSERT INTO docs VALUES ('x')")])
+    assert match.rows == [("hello world",)] and write.status == "error"
+    assert hashlib.sha256(fts.read_bytes()).hexdigest() == before
+
+
+def test_a_chunk_of_large_results_is_answered_in_parts(db):
+    """Results that each fit max_bytes but together would not fit the worker's memory: every one comes back."""
+    big = "SELECT printf('%.*c', 3000000, 'x')"  # 3 MB of text per query, under the 4 MB cap
+    with Sandbox(num_workers=1, max_bytes=4 << 20, memory_mb=16) as sandbox:
+        results = sandbox.execute_many([(db, big)] * 40 + [(db, "SELECT count(*) FROM t")])
+    assert [r.status for r in results] == ["ok"] * 41
+    assert all(len(r.rows[0][0]) == 3_000_000 for r in results[:40]) and results[40].rows == [(50,)]
