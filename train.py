@@ -205,10 +205,11 @@ def grpo_step(step, policy, rollout_model, ref, opt, sched, examples, prompts, t
             for mb in mbs:
                 mb.ref_logp = ref.token_logprobs(mb.input_ids, mb.attention_mask, start=mb.start,
                                                  temperature=cfg.temperature, vocab_size=tokenizer.vocab_size)[0]
-    metric_sums, grad_norms, skipped = {}, [], 0
+    metric_sums, grad_norms, losses, skipped = {}, [], [], 0
     for _ in range(cfg.ppo_epochs):
         loss_sum, sums = train_on_micro_batches(policy, mbs, norm, cfg, d, ctx, tokenizer.vocab_size, sft=False)
         grad_norm, ok = optimizer_step(policy, opt, sched, cfg, loss_sum)
+        losses.append(float(distributed.all_reduce(loss_sum.clone())))  # ~0 at ppo_epochs=1 (rho = 1): watch reward
         grad_norms.append(grad_norm)
         skipped += not ok
         for k, v in sums.items():
@@ -237,7 +238,8 @@ def grpo_step(step, policy, rollout_model, ref, opt, sched, examples, prompts, t
         "frac_zero_std": tot["zero_std_groups"] / tot["groups"], "completion_len_mean": tot["len_sum"] / n,
         "completion_len_max": len_max, "truncation_rate": tot["truncated"] / n,
         **finalize_metrics(reduce_metric_sums(metric_sums)),
-        "grad_norm": sum(grad_norms) / len(grad_norms), "lr": sched.get_last_lr()[0], "skipped": skipped,
+        "loss": sum(losses) / len(losses), "grad_norm": sum(grad_norms) / len(grad_norms), "lr": sched.get_last_lr()[0],
+        "skipped": skipped,
         "rollout_tokens_per_s": tot["rollout_tokens"] / (t_rollout - t0),
         "train_tokens_per_s": tot["train_tokens"] / (t_train - t_reward),
         "time_rollout": t_rollout - t0, "time_reward": t_reward - t_rollout, "time_train": t_train - t_reward,
