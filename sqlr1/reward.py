@@ -26,7 +26,7 @@ from sqlr1.sandbox import Sandbox
 
 _TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 _LAYOUT = re.compile(r"\s*<think>(.*)</think>\s*<answer>(.*)</answer>.*", re.DOTALL)
-_SQL_BLOCK = re.compile(r"```sql\s*(.*?)```", re.IGNORECASE | re.DOTALL)
+_SQL_BLOCK = re.compile(r"```sql(?!\w)\s*(.*?)```", re.IGNORECASE | re.DOTALL)  # not ```sqlite, not ```sqlSELECT
 
 
 @dataclass(frozen=True)

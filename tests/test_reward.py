@@ -20,6 +20,8 @@ GOOD = "The user wants names.</think>\n<answer>\nAnswer:\n```sql\nSELECT name FR
     ("r</think><answer>```sql\nSELECT 1\n```</answer></answer>", False, "SELECT 1"),  # tag twice
     ("r</think>words<answer>```sql\nSELECT 1\n```</answer>", False, "SELECT 1"),  # text between the parts
     ("<answer>```sql\nSELECT 1\n```</answer></think>", False, "SELECT 1"),  # wrong order
+    ("r</think><answer>```sqlite\nSELECT 1\n```</answer>", False, None),  # another fence language: not ```sql
+    ("r</think><answer>```sqlSELECT 1```</answer>", False, None),
     ("", False, None),
 ])
 def test_parse_response(text, format_ok, sql):
