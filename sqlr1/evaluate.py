@@ -4,7 +4,10 @@ Spider (test-suite execution rules, Zhong et al. 2020): results R_pred and R_gol
 or when they have the same number of rows and columns and some permutation pi of the pred's columns gives
     rows(R_pred o pi) == rows(R_gold)       as lists, if the gold SQL has ORDER BY,
     bag(R_pred o pi) == bag(R_gold)         as multisets, otherwise;
-DISTINCT is removed from both queries before executing them (unless keep_distinct) and `> =` is read as `>=`.
+after the official quick check that the rows, each with its values sorted by str(value) + str(type(value)), agree
+(as lists, or as sets). Before executing, both queries get the official rewrites: `> =` -> `>=` (also `< =`,
+`! =`), YEAR(CURDATE()) -> 2020, and unless keep_distinct, only the first statement is kept and every DISTINCT
+keyword is removed. "Has ORDER BY" is the official test: the text `order by` occurs in the lower-cased gold SQL.
 BIRD (Li et al. 2023):  set(R_pred) == set(R_gold).
 Values compare with Python `==` (and hash), so 1 == 1.0.
 
@@ -29,32 +32,36 @@ from sqlr1.sandbox import ExecResult, Sandbox, resolve_db
 
 MODES = ("spider", "bird")
 
-_ORDER_BY = re.compile(r"\border\s+by\b", re.IGNORECASE)
 # Things normalize_sql must leave alone (string literals, quoted identifiers, comments), then the things it edits.
-_SQL_TOKEN = re.compile(r"""'(?:[^']|'')*'|"(?:[^"]|"")*"|`[^`]*`|\[[^\]]*\]|--[^\n]*|/\*.*?\*/"""
-                        r"""|\bdistinct\b|[<>!]\s+=""", re.IGNORECASE | re.DOTALL)
+_SQL_TOKEN = re.compile(r"""'(?:[^']|'')*'|"(?:[^"]|"")*"|`[^`]*`|\[[^\]]*\]|--[^\n]*|/\*.*?\*/|\bdistinct\b|;""",
+                        re.IGNORECASE | re.DOTALL)
+_CURRENT_YEAR = re.compile(r"YEAR\s*\(\s*CURDATE\s*\(\s*\)\s*\)\s*", re.IGNORECASE)
 
 
 def order_matters(gold_sql: str) -> bool:
-    """Spider compares rows in order exactly when the gold query has ORDER BY."""
-    return _ORDER_BY.search(gold_sql) is not None
+    """Spider compares rows in order exactly when the gold query has ORDER BY (the official substring test)."""
+    return "order by" in gold_sql.lower()
 
 
 def normalize_sql(sql: str, keep_distinct: bool = False) -> str:
-    """Spider's pre-execution rewrite: drop every DISTINCT keyword (unless keep_distinct), `> =` -> `>=`.
+    """Spider's pre-execution rewrites, as the official test-suite script makes them.
 
-    Like the official script this also drops DISTINCT inside aggregates (`count(DISTINCT x)`); text inside string
-    literals, quoted identifiers and comments is never touched.
+    `> =`, `< =`, `! =` -> `>=`, `<=`, `!=` and YEAR(CURDATE()) -> 2020 are plain text replacements (string
+    literals included, as there). Unless keep_distinct: the text after the first statement's `;` is dropped, and
+    so is every DISTINCT keyword, also inside aggregates (`count(DISTINCT x)`), but never inside string literals,
+    quoted identifiers or comments (the official script does this on sqlparse tokens).
     """
-    def rewrite(m: re.Match) -> str:
-        token = m.group(0)
-        if token.lower() == "distinct":
-            return token if keep_distinct else ""
-        if token[0] in "<>!":
-            return token[0] + "="
-        return token
+    sql = sql.replace("> =", ">=").replace("< =", "<=").replace("! =", "!=")
+    sql = _CURRENT_YEAR.sub("2020", sql)
+    if keep_distinct:
+        return sql
+    end = next((m.end() for m in _SQL_TOKEN.finditer(sql) if m.group(0) == ";"), len(sql))
+    return _SQL_TOKEN.sub(lambda m: "" if m.group(0).lower() == "distinct" else m.group(0), sql[:end])
 
-    return _SQL_TOKEN.sub(rewrite, sql)
+
+def _unordered_row(row: tuple) -> tuple:
+    """The official quick check's row key: its values sorted by str(value) + str(type(value))."""
+    return tuple(sorted(row, key=lambda x: str(x) + str(type(x))))
 
 
 def _spider_rows_equal(pred: list[tuple], gold: list[tuple], in_order: bool) -> bool:
@@ -62,6 +69,9 @@ def _spider_rows_equal(pred: list[tuple], gold: list[tuple], in_order: bool) -> 
         return True
     if len(pred) != len(gold) or len(pred[0]) != len(gold[0]):
         return False
+    pred_keys, gold_keys = map(_unordered_row, pred), map(_unordered_row, gold)
+    if (list(pred_keys) != list(gold_keys)) if in_order else (set(pred_keys) != set(gold_keys)):
+        return False  # rejected by the official quick check (it also tells 1 from 1.0 when their sort keys differ)
     if pred == gold or (not in_order and Counter(pred) == Counter(gold)):  # the identity permutation: most matches
         return True
     pred_cols, gold_cols = list(zip(*pred)), list(zip(*gold))
@@ -162,8 +172,8 @@ def score_pairs(sandbox: Sandbox, preds: list[str | None], golds: list[str], db_
     pred_keys = [(str(db), prepare(p)) if p is not None else None for db, p in zip(db_paths, preds)]
     todo = list(dict.fromkeys([k for k in gold_keys if k not in cache] + [k for k in pred_keys if k is not None]))
     fresh = dict(zip(todo, sandbox.execute_many(todo, timeout=timeout, progress=progress)))
-    for key in gold_keys:
-        if key in fresh and fresh[key].status != "timeout":  # timeouts depend on load: not cached
+    for key in gold_keys:  # timeouts depend on load and crashes on the moment: run those again next time
+        if key in fresh and fresh[key].status != "timeout" and not fresh[key].crashed:
             cache[key] = fresh[key]
 
     verdicts, compared = [], {}

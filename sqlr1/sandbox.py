@@ -62,7 +62,8 @@ class ExecResult:
     """The outcome of one query: `status` is "ok", "error" (with SQLite's message) or "timeout".
 
     `rows` holds the result when ok; `truncated` is set when the result broke the row/byte cap (then status is
-    "error": a partial result cannot be compared with anything).
+    "error": a partial result cannot be compared with anything). `crashed`: the worker process died while running
+    it (an error of the moment, not necessarily of the query: running it again may succeed).
     """
 
     status: str
@@ -70,6 +71,7 @@ class ExecResult:
     ncols: int = 0
     error: str | None = None
     truncated: bool = False
+    crashed: bool = False
 
     @property
     def ok(self) -> bool:
@@ -345,7 +347,7 @@ class Sandbox:
             message = w.conn.recv_bytes()
         except (EOFError, OSError):  # the worker died (crash, OOM killer, ...)
             fresh = self._fail_culprit(w, results, todo, ExecResult(
-                "error", error=f"worker process died (exit code {w.process.exitcode})"))
+                "error", error=f"worker process died (exit code {w.process.exitcode})", crashed=True))
             self._send_chunk(fresh, items, todo, timeout)
             return
         chunk, w.chunk = w.chunk, []

@@ -3,6 +3,7 @@
 import json
 import random
 import sqlite3
+import threading
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,7 @@ TIMEOUT = ExecResult("timeout", error="query exceeded 1 s")
     ([(1, "a")], [(1,)], "spider", False, False),  # column count differs
     ([("a", 1), ("b", 2)], [(1, "a"), (2, "b")], "spider", False, True),  # columns reordered
     ([(1.0, "a")], [(1, "a")], "spider", False, True),  # 1 == 1.0
+    ([(1.0, 1.5)], [(1, 1.5)], "spider", False, False),  # official quick check: sorted by str, 1.0 < 1.5 but 1.5 < 1
     ([(2,), (1,)], [(1,), (2,)], "spider", False, True),  # bags ignore order
     ([(2,), (1,)], [(1,), (2,)], "spider", True, False),  # ORDER BY in gold: lists
     ([("b", 2), ("a", 1)], [(2, "b"), (1, "a")], "spider", True, True),  # lists, columns reordered
@@ -75,7 +77,7 @@ def test_permutation_search_with_many_columns():
 
 def test_order_matters():
     assert order_matters("SELECT a FROM t ORDER BY a DESC")
-    assert order_matters("select a from t order\n  by a")
+    assert not order_matters("select a from t order\n  by a")  # the official test is the exact text "order by"
     assert not order_matters("SELECT border_by FROM t")
     assert not order_matters("SELECT a FROM t GROUP BY a")
 
@@ -86,9 +88,15 @@ def test_normalize_sql():
     assert normalize_sql("SELECT DISTINCT a FROM t", keep_distinct=True) == "SELECT DISTINCT a FROM t"
     assert normalize_sql("SELECT a FROM t WHERE b > = 3 AND c < = 2 AND d ! = 1") == \
         "SELECT a FROM t WHERE b >= 3 AND c <= 2 AND d != 1"
-    untouched = "SELECT 'distinct > = x', \"DISTINCT\" FROM t -- distinct"
+    untouched = "SELECT 'distinct; x', \"DISTINCT\" FROM t -- distinct;"
     assert normalize_sql(untouched) == untouched
     assert normalize_sql("SELECT distinction FROM t") == "SELECT distinction FROM t"
+    # As the official script: `> =` is replaced everywhere (a plain text replacement), only the first statement runs
+    # (when DISTINCT is stripped), and YEAR(CURDATE()) is 2020.
+    assert normalize_sql("SELECT 'a > = b'") == "SELECT 'a >= b'"
+    assert normalize_sql("SELECT a FROM t; DROP TABLE t") == "SELECT a FROM t;"
+    assert normalize_sql("SELECT a FROM t; SELECT 1", keep_distinct=True) == "SELECT a FROM t; SELECT 1"
+    assert normalize_sql("SELECT a FROM t WHERE y < year(curdate())") == "SELECT a FROM t WHERE y < 2020"
 
 
 # ------------------------------------------------------------------ vote
@@ -183,6 +191,19 @@ def test_score_pairs_gold_cache(pool, db_root):
     assert v.gold.status == "timeout" and (str(db), slow) not in pool.gold_cache
     with pytest.raises(ValueError, match="one of each"):
         score_pairs(pool, ["SELECT 1"], [], [db])
+
+
+def test_gold_whose_worker_crashed_is_not_cached(db_root):
+    """A worker that dies running a gold query says nothing about the query: it must run again next time."""
+    db = resolve_db(db_root, "shop")
+    long_gold = "SELECT instr(hex(zeroblob(5000000)), hex(zeroblob(2500000)) || 'x') FROM item"  # seconds in C
+    with Sandbox(num_workers=1, timeout=30.0) as sandbox:
+        threading.Timer(0.5, sandbox._workers[0].process.kill).start()
+        [v] = score_pairs(sandbox, ["SELECT 1"], [long_gold], [db])
+        assert v.gold.crashed and "died" in v.gold.error and not v.match
+        assert (str(db), long_gold) not in sandbox.gold_cache
+        [again] = score_pairs(sandbox, ["SELECT 1"], ["SELECT count(*) FROM item"], [db])
+        assert again.gold.rows == [(5,)] and (str(db), "SELECT count(*) FROM item") in sandbox.gold_cache
 
 
 def test_cli_writes_verdicts(db_root, tmp_path, capsys):
