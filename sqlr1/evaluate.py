@@ -151,8 +151,9 @@ def score_pairs(sandbox: Sandbox, preds: list[str | None], golds: list[str], db_
     """Execute every (pred, gold) pair on its database and compare the results under `mode`.
 
     One `execute_many` call runs each distinct (db, sql) once, and each distinct (pred, gold) pair is compared once.
-    Gold results are reused from `gold_cache` (default: `sandbox.gold_cache`, which lives as long as the pool).
-    A pred of None is not executed.
+    Gold results are reused from `gold_cache` (default: `sandbox.gold_cache`, which lives as long as the pool),
+    keyed by (mode, db path, executed SQL). A pred of None is not executed. Text that is not valid UTF-8 loses its
+    bad bytes in spider mode (the test-suite script decodes with errors="ignore") and is an error in bird mode.
     """
     if not len(preds) == len(golds) == len(db_paths):
         raise ValueError(f"score_pairs: {len(preds)} preds, {len(golds)} golds, {len(db_paths)} db_paths; "
@@ -170,15 +171,16 @@ def score_pairs(sandbox: Sandbox, preds: list[str | None], golds: list[str], db_
 
     gold_keys = [(str(db), prepare(g)) for db, g in zip(db_paths, golds)]
     pred_keys = [(str(db), prepare(p)) if p is not None else None for db, p in zip(db_paths, preds)]
-    todo = list(dict.fromkeys([k for k in gold_keys if k not in cache] + [k for k in pred_keys if k is not None]))
-    fresh = dict(zip(todo, sandbox.execute_many(todo, timeout=timeout, progress=progress)))
+    todo = list(dict.fromkeys([k for k in gold_keys if (mode, *k) not in cache] + [k for k in pred_keys if k]))
+    text_errors = "ignore" if mode == "spider" else "strict"  # how each official script reads invalid UTF-8
+    fresh = dict(zip(todo, sandbox.execute_many(todo, timeout=timeout, progress=progress, text_errors=text_errors)))
     for key in gold_keys:  # timeouts depend on load and crashes on the moment: run those again next time
         if key in fresh and fresh[key].status != "timeout" and not fresh[key].crashed:
-            cache[key] = fresh[key]
+            cache[(mode, *key)] = fresh[key]
 
     verdicts, compared = [], {}
     for gold_sql, gold_key, pred_key in zip(golds, gold_keys, pred_keys):
-        gold = fresh[gold_key] if gold_key in fresh else cache[gold_key]
+        gold = fresh[gold_key] if gold_key in fresh else cache[(mode, *gold_key)]
         pred = fresh[pred_key] if pred_key is not None else _NOT_EXECUTED
         pair = (pred_key, gold_key, gold_sql)
         if pair not in compared:

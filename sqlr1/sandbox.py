@@ -7,8 +7,9 @@ thousands of times per training step. `Sandbox` is a pool of worker processes th
   journal files, no change check per query, about 1.2x faster; so a database must not change while a pool runs),
   `PRAGMA query_only`, no attached databases (`SQLITE_LIMIT_ATTACHED = 0`, which also stops `VACUUM INTO`),
   extension loading off, and an authorizer that allows only SELECT, column reads, recursive CTEs, functions other
-  than `load_extension` and `fts3_tokenizer`, and a few schema-reading pragmas. Python's sqlite3 runs one statement at most:
-  `SELECT 1; DROP TABLE t` is an error and nothing runs. Invalid UTF-8 text is an error, as in the official scripts.
+  than `load_extension` and `fts3_tokenizer`, and a few schema-reading pragmas. Python's sqlite3 runs one
+  statement at most: `SELECT 1; DROP TABLE t` is an error and nothing runs. Text that is not valid UTF-8 is an error, or with
+  text_errors="ignore" (Spider's test-suite rule) loses its undecodable bytes.
 * deadlines: a SQLite progress handler interrupts a query at its deadline inside the worker; a worker that has not
   answered by deadline + `grace` (a single C-level operation the handler cannot interrupt) is killed and respawned.
 * bounded: SQLite's heap is capped (`PRAGMA hard_heap_limit`), the worker's address space too (`RLIMIT_AS`), text
@@ -144,36 +145,58 @@ class _Executor:
             self.connections.popitem(last=False)[1].close()
         return conn
 
-    def run(self, db_path: str, sql: str, timeout: float) -> ExecResult:
-        """Execute one query; afterwards `result_bytes` is the size of the rows it returned (0 on failure)."""
+    def run(self, db_path: str, sql: str, timeout: float, text_errors: str = "strict") -> ExecResult:
+        """Execute one query; afterwards `result_bytes` is the size of the rows it returned (0 on failure).
+
+        Text that is not valid UTF-8 is an error with text_errors="strict" (as in BIRD's script); with "ignore" its
+        undecodable bytes are dropped (Spider's test-suite script). Such text is rare, so "ignore" runs the query
+        again with a Python text decoder only after the fast default one failed on it.
+        """
         self.deadline = time.monotonic() + timeout
         self.result_bytes = 0
         try:
-            cursor = self.connect(db_path).execute(sql)
-            if cursor.description is None:
-                return ExecResult("error", error="not a query: the statement returns no columns")
-            ncols = len(cursor.description)
-            rows: list[tuple] = []
-            nbytes = 0
-            while batch := cursor.fetchmany(FETCH_ROWS):
-                rows += batch
-                nbytes += sum(map(sys.getsizeof, chain.from_iterable(batch)))  # Python object sizes, summed in C
-                if len(rows) > self.max_rows or nbytes > self.max_bytes:
-                    cursor.close()
-                    return ExecResult("error", ncols=ncols, truncated=True,
-                                      error=f"result too large (over {self.max_rows} rows or {self.max_bytes} bytes)")
-            self.result_bytes = nbytes
-            return ExecResult("ok", rows=rows, ncols=ncols)
+            conn = self.connect(db_path)
+            try:
+                return self._fetch(conn, sql)
+            except sqlite3.OperationalError as e:
+                if text_errors == "strict" or not str(e).startswith("Could not decode to UTF-8"):
+                    raise
+                conn.text_factory = _drop_undecodable
+                try:
+                    return self._fetch(conn, sql)
+                finally:
+                    conn.text_factory = str
         except sqlite3.OperationalError as e:
             if self._past_deadline():
                 return ExecResult("timeout", error=f"query exceeded {timeout:g} s")
             return ExecResult("error", error=str(e))
         except MemoryError:
             return ExecResult("error", error="out of memory")
-        except Exception as e:  # sqlite3.Error, ValueError for NUL characters, decoding errors, ...
+        except Exception as e:  # sqlite3.Error, ValueError for NUL characters, ...
             return ExecResult("error", error=str(e) or type(e).__name__)
         finally:
             self.deadline = math.inf
+
+    def _fetch(self, conn: sqlite3.Connection, sql: str) -> ExecResult:
+        cursor = conn.execute(sql)
+        if cursor.description is None:
+            return ExecResult("error", error="not a query: the statement returns no columns")
+        ncols = len(cursor.description)
+        rows: list[tuple] = []
+        nbytes = 0
+        while batch := cursor.fetchmany(FETCH_ROWS):
+            rows += batch
+            nbytes += sum(map(sys.getsizeof, chain.from_iterable(batch)))  # Python object sizes, summed in C
+            if len(rows) > self.max_rows or nbytes > self.max_bytes:
+                cursor.close()
+                return ExecResult("error", ncols=ncols, truncated=True,
+                                  error=f"result too large (over {self.max_rows} rows or {self.max_bytes} bytes)")
+        self.result_bytes = nbytes
+        return ExecResult("ok", rows=rows, ncols=ncols)
+
+
+def _drop_undecodable(data: bytes) -> str:
+    return data.decode(errors="ignore")
 
 
 def _limit_memory(memory_mb: int) -> None:
@@ -186,7 +209,8 @@ def _limit_memory(memory_mb: int) -> None:
 
 
 def _worker_main(conn, heartbeat, max_rows: int, max_bytes: int, memory_mb: int) -> None:
-    """Worker loop: receive (timeout, [(db_path, sql), ...]), answer the ExecResult fields of each; b"" means stop.
+    """Worker loop: receive (timeout, text_errors, [(db_path, sql), ...]), answer the ExecResult fields of each;
+    b"" means stop.
     Once the rows gathered for a chunk pass max_bytes it answers the queries done so far (a prefix of the chunk).
 
     Messages are `marshal`led plain tuples: SQLite values are only None/int/float/str/bytes, and marshal moves
@@ -198,12 +222,12 @@ def _worker_main(conn, heartbeat, max_rows: int, max_bytes: int, memory_mb: int)
     _limit_memory(memory_mb)
     executor = _Executor(max_rows, max_bytes)
     while message := conn.recv_bytes():
-        timeout, chunk = marshal.loads(message)
+        timeout, text_errors, chunk = marshal.loads(message)
         answers, answer_bytes = [], 0
         for position, (db_path, sql) in enumerate(chunk):
             heartbeat[0] = position
             heartbeat[1] = time.monotonic()
-            r = executor.run(db_path, sql, timeout)
+            r = executor.run(db_path, sql, timeout, text_errors)
             answers.append((r.status, r.rows, r.ncols, r.error, r.truncated))
             answer_bytes += executor.result_bytes
             if answer_bytes > max_bytes:  # answer now (memory stays ~2 x max_bytes); the rest goes back to the queue
@@ -261,7 +285,7 @@ class Sandbox:
         self.grace = grace
         self._limits = (max_rows, max_bytes, memory_mb)
         self._ctx = _context()
-        self.gold_cache: dict[tuple[str, str], ExecResult] = {}
+        self.gold_cache: dict[tuple[str, str, str], ExecResult] = {}  # (mode, db path, sql)
         self._workers: list[_Worker] = []
         self._finalizer = weakref.finalize(self, _stop, self._workers)
         for _ in range(num_workers):
@@ -287,21 +311,25 @@ class Sandbox:
         self._workers[index] = self._start_worker()
         return self._workers[index]
 
-    def execute_many(self, items: list[tuple[str, str]], timeout: float | None = None,
-                     progress: bool = False) -> list[ExecResult]:
+    def execute_many(self, items: list[tuple[str, str]], timeout: float | None = None, progress: bool = False,
+                     text_errors: str = "strict") -> list[ExecResult]:
         """Execute each (db_path, sql) read-only; results in input order.
 
         Every item is executed: no caching, no de-duplication (callers that want them: `evaluate.score_pairs`).
+        text_errors: "strict" (text that is not valid UTF-8 is an error) or "ignore" (its bad bytes are dropped).
         """
         if not self._workers:
             raise RuntimeError("Sandbox is closed; create a new one")
         timeout = self.timeout if timeout is None else timeout
         if timeout <= 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
+        if text_errors not in ("strict", "ignore"):
+            raise ValueError(f"text_errors must be 'strict' or 'ignore', got {text_errors!r}")
         for w in list(self._workers):
             if not w.process.is_alive():  # died while idle (e.g. the OOM killer)
                 self._replace(w)
         items = [(str(db_path), sql) for db_path, sql in items]
+        job = (timeout, text_errors)  # what every chunk message carries besides its queries
         results: list[ExecResult | None] = [None] * len(items)
         todo = deque(range(len(items)))
         meter = _Progress(len(items)) if progress else None
@@ -311,17 +339,17 @@ class Sandbox:
         gc.disable()
         try:
             for w in self._workers:
-                self._send_chunk(w, items, todo, timeout)
+                self._send_chunk(w, items, todo, job)
             while busy := [w for w in self._workers if w.chunk]:
                 next_kill = min(w.heartbeat[1] for w in busy) + timeout + self.grace
                 ready = wait([w.conn for w in busy], timeout=max(0.0, next_kill - time.monotonic()))
                 for w in busy:
                     if w.conn in ready:
-                        self._collect(w, items, results, todo, timeout, meter)
+                        self._collect(w, items, results, todo, job, meter)
                     elif time.monotonic() > w.heartbeat[1] + timeout + self.grace and not w.conn.poll():
                         fresh = self._fail_culprit(w, results, todo, ExecResult(
                             "timeout", error=f"no answer within {timeout:g} s + {self.grace:g} s grace; worker killed"))
-                        self._send_chunk(fresh, items, todo, timeout)
+                        self._send_chunk(fresh, items, todo, job)
         except BaseException:  # Ctrl-C included: workers may be mid-chunk, so the pool cannot be trusted any more
             self.close()
             raise
@@ -332,33 +360,33 @@ class Sandbox:
             meter.finish()
         return results
 
-    def _send_chunk(self, w: _Worker, items: list[tuple[str, str]], todo: deque, timeout: float) -> None:
+    def _send_chunk(self, w: _Worker, items: list[tuple[str, str]], todo: deque, job: tuple[float, str]) -> None:
         """Give an idle worker the next chunk: guided scheduling, len(todo) / (2 x workers), at most MAX_CHUNK."""
         if not todo:
             return
         size = max(1, min(MAX_CHUNK, len(todo) // (2 * len(self._workers))))
         w.chunk = [todo.popleft() for _ in range(min(size, len(todo)))]
         w.heartbeat[0], w.heartbeat[1] = 0, time.monotonic()
-        w.conn.send_bytes(marshal.dumps((timeout, [items[i] for i in w.chunk])))
+        w.conn.send_bytes(marshal.dumps((*job, [items[i] for i in w.chunk])))
 
-    def _collect(self, w: _Worker, items: list, results: list, todo: deque, timeout: float,
+    def _collect(self, w: _Worker, items: list, results: list, todo: deque, job: tuple[float, str],
                  meter: _Progress | None) -> None:
         try:
             message = w.conn.recv_bytes()
         except (EOFError, OSError):  # the worker died (crash, OOM killer, ...)
             fresh = self._fail_culprit(w, results, todo, ExecResult(
                 "error", error=f"worker process died (exit code {w.process.exitcode})", crashed=True))
-            self._send_chunk(fresh, items, todo, timeout)
+            self._send_chunk(fresh, items, todo, job)
             return
         chunk, w.chunk = w.chunk, []
-        self._send_chunk(w, items, todo, timeout)  # keep the worker busy while we decode its answers
+        self._send_chunk(w, items, todo, job)  # keep the worker busy while we decode its answers
         answers = marshal.loads(message)
         for i, fields in zip(chunk, answers):
             results[i] = ExecResult(*fields)
         if len(answers) < len(chunk):  # it answered a prefix (size budget): the rest goes back to the queue
             todo.extendleft(reversed(chunk[len(answers):]))
             if not w.chunk:
-                self._send_chunk(w, items, todo, timeout)
+                self._send_chunk(w, items, todo, job)
         if meter:
             meter.update(len(answers))
 

@@ -143,6 +143,8 @@ def db_root(tmp_path_factory):
     conn.executemany("INSERT INTO item VALUES (?, ?, ?, ?)",
                      [(1, "pen", 1.5, "office"), (2, "ink", 4.0, "office"), (3, "tea", 3.0, "food"),
                       (4, "jam", 3.0, "food"), (5, "cup", 2.0, "kitchen")])
+    conn.execute("CREATE TABLE note (body TEXT)")
+    conn.execute("INSERT INTO note VALUES (CAST(x'61ff62' AS TEXT))")  # 'a', an invalid UTF-8 byte, 'b'
     conn.commit()
     conn.close()
     return root
@@ -180,17 +182,28 @@ def test_score_pairs_gold_cache(pool, db_root):
     cache: dict = {}
     golds = ["SELECT DISTINCT kind FROM item", "SELECT count(*) FROM item", "SELECT count(*) FROM item"]
     score_pairs(pool, ["SELECT 1"] * 3, golds, [db] * 3, gold_cache=cache)
-    assert set(cache) == {(str(db), "SELECT  kind FROM item"), (str(db), "SELECT count(*) FROM item")}
+    assert set(cache) == {("spider", str(db), "SELECT  kind FROM item"),
+                          ("spider", str(db), "SELECT count(*) FROM item")}
     # A cached gold is not executed again: planting a result shows it is the one compared against.
-    cache[(str(db), "SELECT count(*) FROM item")] = ExecResult("ok", rows=[(1,)], ncols=1)
+    cache[("spider", str(db), "SELECT count(*) FROM item")] = ExecResult("ok", rows=[(1,)], ncols=1)
     [v] = score_pairs(pool, ["SELECT 1"], ["SELECT count(*) FROM item"], [db], gold_cache=cache)
     assert v.match
     # The pool's own cache is the default, and timeouts are not cached.
     slow = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c"
     [v] = score_pairs(pool, ["SELECT 1"], [slow], [db], timeout=0.2)
-    assert v.gold.status == "timeout" and (str(db), slow) not in pool.gold_cache
+    assert v.gold.status == "timeout" and ("spider", str(db), slow) not in pool.gold_cache
     with pytest.raises(ValueError, match="one of each"):
         score_pairs(pool, ["SELECT 1"], [], [db])
+
+
+def test_invalid_utf8_text_follows_each_official_script(pool, db_root):
+    """Spider's test-suite script decodes text with errors="ignore"; BIRD's reads it strictly (an error)."""
+    db = resolve_db(db_root, "shop")
+    pair = (["SELECT 'ab'"], ["SELECT body FROM note"], [db])
+    [spider] = score_pairs(pool, *pair, mode="spider", gold_cache={})
+    [bird] = score_pairs(pool, *pair, mode="bird", gold_cache={})
+    assert spider.match and spider.gold.rows == [("ab",)]
+    assert not bird.match and bird.gold_error and "UTF-8" in bird.gold.error
 
 
 def test_gold_whose_worker_crashed_is_not_cached(db_root):
@@ -201,9 +214,9 @@ def test_gold_whose_worker_crashed_is_not_cached(db_root):
         threading.Timer(0.5, sandbox._workers[0].process.kill).start()
         [v] = score_pairs(sandbox, ["SELECT 1"], [long_gold], [db])
         assert v.gold.crashed and "died" in v.gold.error and not v.match
-        assert (str(db), long_gold) not in sandbox.gold_cache
+        assert ("spider", str(db), long_gold) not in sandbox.gold_cache
         [again] = score_pairs(sandbox, ["SELECT 1"], ["SELECT count(*) FROM item"], [db])
-        assert again.gold.rows == [(5,)] and (str(db), "SELECT count(*) FROM item") in sandbox.gold_cache
+        assert again.gold.rows == [(5,)] and ("spider", str(db), "SELECT count(*) FROM item") in sandbox.gold_cache
 
 
 def test_cli_writes_verdicts(db_root, tmp_path, capsys):

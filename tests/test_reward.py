@@ -129,7 +129,7 @@ def test_score_batch(db):
     assert [r.total for r in rewards] == pytest.approx([6 + expected_length, 6 + expected_length, 0, -1, -1, 3])
     assert [r.correct for r in rewards] == [True, True, False, False, False, False]
     assert [r.gold_error for r in rewards] == [False] * 5 + [True]
-    assert set(cache) == {gold, (str(db), "SELECT nope FROM t")}  # golds executed once, kept
+    assert set(cache) == {("spider", *gold), ("spider", str(db), "SELECT nope FROM t")}  # golds executed once, kept
     assert again == rewards
     with pytest.raises(ValueError, match="one gold each"):
         score_batch(None, responses, golds[:1], RewardConfig())

@@ -232,3 +232,15 @@ def test_a_chunk_of_large_results_is_answered_in_parts(db):
         results = sandbox.execute_many([(db, big)] * 40 + [(db, "SELECT count(*) FROM t")])
     assert [r.status for r in results] == ["ok"] * 41
     assert all(len(r.rows[0][0]) == 3_000_000 for r in results[:40]) and results[40].rows == [(50,)]
+
+
+def test_invalid_utf8_is_an_error_or_loses_its_bad_bytes(pool, db):
+    strict, lenient, normal = pool.execute_many([(db, "SELECT txt FROM bad")]), pool.execute_many(
+        [(db, "SELECT txt FROM bad")], text_errors="ignore"), pool.execute_many([(db, "SELECT name FROM t LIMIT 1")],
+                                                                                text_errors="ignore")
+    assert strict[0].status == "error" and "UTF-8" in strict[0].error
+    assert lenient[0].rows == [("A",)]  # x'fffe41': the two undecodable bytes are dropped (Spider's test-suite rule)
+    assert normal[0].rows == [("name0",)]
+    assert pool.execute_many([(db, "SELECT txt FROM bad")])[0].status == "error"  # the connection is strict again
+    with pytest.raises(ValueError, match="text_errors"):
+        pool.execute_many([(db, "SELECT 1")], text_errors="replace")
