@@ -8,7 +8,9 @@ after the official quick check that the rows, each with its values sorted by str
 (as lists, or as sets). Before executing, both queries get the official rewrites: `> =` -> `>=` (also `< =`,
 `! =`), YEAR(CURDATE()) -> 2020, and unless keep_distinct, only the first statement is kept and every DISTINCT
 keyword is removed. "Has ORDER BY" is the official test: the text `order by` occurs in the lower-cased gold SQL.
-BIRD (Li et al. 2023):  set(R_pred) == set(R_gold).
+A pair is checked on its database and on every other `*.sqlite` file in that database's folder (a distilled test
+suite, when one is installed there) and matches only if it matches on all of them.
+BIRD (Li et al. 2023):  set(R_pred) == set(R_gold), on the database alone.
 Values compare with Python `==` (and hash), so 1 == 1.0.
 
 Spider hardness levels are not computed: they need the official SQL parser (absent here).
@@ -150,7 +152,9 @@ def score_pairs(sandbox: Sandbox, preds: list[str | None], golds: list[str], db_
                 gold_cache: dict | None = None, progress: bool = False) -> list[Verdict]:
     """Execute every (pred, gold) pair on its database and compare the results under `mode`.
 
-    One `execute_many` call runs each distinct (db, sql) once, and each distinct (pred, gold) pair is compared once.
+    In spider mode a pair runs on its database and on every other `*.sqlite` file of that folder (a test suite) and
+    matches when it matches on all of them. One `execute_many` call runs each distinct (db, sql) once, and each
+    distinct (pred, gold) pair is compared once.
     Gold results are reused from `gold_cache` (default: `sandbox.gold_cache`, which lives as long as the pool),
     keyed by (mode, db path, executed SQL). A pred of None is not executed. Text that is not valid UTF-8 loses its
     bad bytes in spider mode (the test-suite script decodes with errors="ignore") and is an error in bird mode.
@@ -169,9 +173,18 @@ def score_pairs(sandbox: Sandbox, preds: list[str | None], golds: list[str], db_
             prepared[sql] = normalize_sql(sql, keep_distinct) if mode == "spider" else sql
         return prepared[sql]
 
-    gold_keys = [(str(db), prepare(g)) for db, g in zip(db_paths, golds)]
-    pred_keys = [(str(db), prepare(p)) if p is not None else None for db, p in zip(db_paths, preds)]
-    todo = list(dict.fromkeys([k for k in gold_keys if (mode, *k) not in cache] + [k for k in pred_keys if k]))
+    suites: dict[str, list[str]] = {}
+
+    def suite(db: str | Path) -> list[str]:  # the databases a pair runs on, its own first
+        db = str(db)
+        if db not in suites:
+            suites[db] = [db] + (sibling_databases(db) if mode == "spider" else [])
+        return suites[db]
+
+    gold_runs = [[(d, prepare(g)) for d in suite(db)] for db, g in zip(db_paths, golds)]
+    pred_runs = [[(d, prepare(p)) for d in suite(db)] if p is not None else [] for db, p in zip(db_paths, preds)]
+    gold_keys = [key for run in gold_runs for key in run]
+    todo = list(dict.fromkeys([k for k in gold_keys if (mode, *k) not in cache] + [k for r in pred_runs for k in r]))
     text_errors = "ignore" if mode == "spider" else "strict"  # how each official script reads invalid UTF-8
     fresh = dict(zip(todo, sandbox.execute_many(todo, timeout=timeout, progress=progress, text_errors=text_errors)))
     for key in gold_keys:  # timeouts depend on load and crashes on the moment: run those again next time
@@ -179,14 +192,29 @@ def score_pairs(sandbox: Sandbox, preds: list[str | None], golds: list[str], db_
             cache[(mode, *key)] = fresh[key]
 
     verdicts, compared = [], {}
-    for gold_sql, gold_key, pred_key in zip(golds, gold_keys, pred_keys):
-        gold = fresh[gold_key] if gold_key in fresh else cache[(mode, *gold_key)]
-        pred = fresh[pred_key] if pred_key is not None else _NOT_EXECUTED
-        pair = (pred_key, gold_key, gold_sql)
+    for gold_sql, gold_run, pred_run in zip(golds, gold_runs, pred_runs):
+        pair = (tuple(pred_run), tuple(gold_run), gold_sql)
         if pair not in compared:
-            compared[pair] = results_match(pred, gold, mode, order_matters(gold_sql))
-        verdicts.append(Verdict(compared[pair], pred, gold))
+            gold_results = [fresh[k] if k in fresh else cache[(mode, *k)] for k in gold_run]
+            pred_results = [fresh[k] for k in pred_run] or [_NOT_EXECUTED] * len(gold_run)
+            compared[pair] = _suite_verdict(pred_results, gold_results, mode, order_matters(gold_sql))
+        verdicts.append(compared[pair])
     return verdicts
+
+
+def sibling_databases(db_path: str | Path) -> list[str]:
+    """The other `*.sqlite` files in a database's folder: the official Spider script checks a pair on every database
+    there (a distilled test suite, Zhong et al. 2020); a folder of the plain Spider release holds just the one."""
+    db_path = Path(db_path)
+    return sorted(str(p) for p in db_path.parent.glob("*.sqlite") if p.name != db_path.name)
+
+
+def _suite_verdict(preds: list[ExecResult], golds: list[ExecResult], mode: str, ordered: bool) -> Verdict:
+    """A match on every database of the suite. The results kept are those of the first database that decides."""
+    for pred, gold in zip(preds, golds):
+        if not results_match(pred, gold, mode, ordered):
+            return Verdict(False, pred, gold)
+    return Verdict(True, preds[0], golds[0])
 
 
 # --------------------------------------------------------------------------------------------------------------

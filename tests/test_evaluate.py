@@ -206,6 +206,25 @@ def test_invalid_utf8_text_follows_each_official_script(pool, db_root):
     assert not bird.match and bird.gold_error and "UTF-8" in bird.gold.error
 
 
+def test_spider_pairs_run_on_every_database_of_the_folder(pool, tmp_path):
+    """Test-suite accuracy: two queries that agree on the database but not on its sibling (a test-suite variant)
+    do not match in spider mode; bird mode only looks at the database itself."""
+    (tmp_path / "d").mkdir()
+    for name, rows in (("d", [(1, "x"), (2, "y")]), ("d_1", [(1, "x"), (0, "z")])):
+        conn = sqlite3.connect(tmp_path / "d" / f"{name}.sqlite")
+        conn.execute("CREATE TABLE t (a INTEGER, s TEXT)")
+        conn.executemany("INSERT INTO t VALUES (?, ?)", rows)
+        conn.commit()
+        conn.close()
+    db = tmp_path / "d" / "d.sqlite"
+    pred, gold = ["SELECT 1 FROM t WHERE a < 2"], ["SELECT 1 FROM t WHERE s = 'x'"]  # [(1,)] on d, not on d_1
+    [spider] = score_pairs(pool, pred, gold, [db], gold_cache={})
+    assert not spider.match
+    assert spider.pred.rows == [(1,), (1,)] and spider.gold.rows == [(1,)]  # the results of the deciding database
+    assert score_pairs(pool, pred, gold, [db], mode="bird", gold_cache={})[0].match
+    assert score_pairs(pool, ["SELECT 1 FROM t WHERE s = 'x' AND a = 1"], gold, [db], gold_cache={})[0].match
+
+
 def test_gold_whose_worker_crashed_is_not_cached(db_root):
     """A worker that dies running a gold query says nothing about the query: it must run again next time."""
     db = resolve_db(db_root, "shop")
