@@ -47,11 +47,24 @@ def _expected_shapes(model: Qwen2) -> dict[str, torch.Size]:
     return shapes
 
 
+def read_json(path: Path) -> dict:
+    """A JSON object from `path`, or a ValueError that names the file."""
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); re-download or rewrite the file") from None
+    if not isinstance(content, dict):
+        raise ValueError(f"{path}: expected a JSON object, found {type(content).__name__}")
+    return content
+
+
 def _weight_files(d: Path) -> tuple[list[Path], dict[str, str] | None, Path]:
     """(shard files, weight_map from the index or None, the file that lists the weights)."""
     index = d / INDEX_FILE
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise ValueError(f"{index}: needs a \"weight_map\" object {{tensor name: shard file}}")
         return [d / f for f in dict.fromkeys(weight_map.values())], weight_map, index
     if (d / SINGLE_FILE).is_file():
         return [d / SINGLE_FILE], None, d / SINGLE_FILE
@@ -71,7 +84,7 @@ def load_model(path_or_repo_id: str | os.PathLike, dtype: torch.dtype = torch.bf
     config_file = d / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file} not found: a checkpoint directory needs config.json")
-    config = ModelConfig.from_hf(json.loads(config_file.read_text()), source=str(config_file))
+    config = ModelConfig.from_hf(read_json(config_file), source=str(config_file))
     files, weight_map, listing = _weight_files(d)
     with torch.device("meta"):
         model = Qwen2(config)
@@ -83,15 +96,21 @@ def load_model(path_or_repo_id: str | os.PathLike, dtype: torch.dtype = torch.bf
             if _hf_name(name) not in weight_map:
                 raise ValueError(f"{listing}: weight {_hf_name(name)!r} is missing from the weight_map")
     loaded: set[str] = set()
+    stored_head = None  # lm_head.weight stored by a tied checkpoint: must equal the embedding
     for file in files:
         if not file.is_file():
             raise FileNotFoundError(f"{file} is listed in {listing} but does not exist")
         shard = {}
-        with safe_open(file, framework="pt", device="cpu") as f:
+        try:
+            handle = safe_open(file, framework="pt", device="cpu")
+        except Exception as e:  # safetensors raises its own error type for a truncated or foreign file
+            raise ValueError(f"{file}: not a readable safetensors file ({e}); re-download it") from None
+        with handle as f:
             _check_names(f.keys(), expected, tied, file)
             for hf_name in f.keys():
                 name = _our_name(hf_name)
-                if name not in expected:  # a tied checkpoint that also stores lm_head.weight: it is the embedding
+                if name not in expected:  # a tied checkpoint that also stores lm_head.weight
+                    stored_head = (file, f.get_tensor(hf_name))
                     continue
                 t = f.get_slice(hf_name)
                 shape = torch.Size(t.get_shape())
@@ -110,6 +129,9 @@ def load_model(path_or_repo_id: str | os.PathLike, dtype: torch.dtype = torch.bf
             raise ValueError(f"{d / where}: weight {_hf_name(name)!r} is missing")
     if tied:  # assign=True replaced the embedding Parameter; point the head at the new one
         model.lm_head.weight = model.embed_tokens.weight
+        if stored_head is not None and not torch.equal(stored_head[1].to(device, dtype), model.embed_tokens.weight):
+            raise ValueError(f"{stored_head[0]}: lm_head.weight differs from the embedding but config.json says "
+                             "tie_word_embeddings=true; set it to false to load the head as stored")
     for name, p in model.named_parameters():
         if p.is_meta:
             raise ValueError(f"{d}: parameter {name!r} was not loaded (still on the meta device)")
@@ -215,6 +237,7 @@ def save_state_dict(
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"save: {out} exists and is not a directory")
+    _check_replaceable(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.saving-", dir=out.parent))
     old = None
     try:
@@ -244,6 +267,19 @@ def save_state_dict(
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     return out
+
+
+def _check_replaceable(out: Path) -> None:
+    """Saving replaces `out` as a whole: refuse unless it is new, empty, or a checkpoint (config.json, files only)."""
+    if Path.cwd().resolve().is_relative_to(out.resolve()):
+        raise ValueError(f"save: {out} is the working directory or holds it; save into a new subdirectory")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    folders = [p.name for p in out.iterdir() if p.is_dir()]
+    if not (out / "config.json").is_file() or folders:
+        reason = f"it holds the folder {folders[0]!r}" if folders else "it has no config.json"
+        raise ValueError(f"save: {out} is not empty and not a checkpoint ({reason}); saving would delete its "
+                         "contents: pick a new or empty directory")
 
 
 def save_model(

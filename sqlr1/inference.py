@@ -54,6 +54,8 @@ def answer(
     """Answer each prompt: N candidates -> execute all in one sandbox call -> vote by result set."""
     if n < 1:
         raise ValueError(f"n={n}: the number of candidates must be >= 1")
+    if len(db_paths) != len(prompts):
+        raise ValueError(f"answer: {len(prompts)} prompts but {len(db_paths)} db_paths; pass one database per prompt")
     greedy = n == 1 or temperature == 0
     n = 1 if greedy else n
     samples = generate(
@@ -86,19 +88,21 @@ def evaluate_policy(model, tokenizer, examples, prompts, sandbox: Sandbox, cfg, 
     ids = [prompts[i].ids for i in mine]
     dbs = [str(ex.db_path) for ex in exs]
     golds = [ex.sql for ex in exs]
-    common = dict(max_new_tokens=cfg.max_response_len, timeout=cfg.reward.timeout, progress=False, seed=cfg.seed)
-    greedy = answer(model, tokenizer, ids, dbs, sandbox, n=1, **common)
-    voted = greedy if cfg.eval_n <= 1 else answer(model, tokenizer, ids, dbs, sandbox, n=cfg.eval_n,
-                                                  temperature=cfg.eval_temperature, **common)
-    mode = cfg.reward.mode
-    ex_g = score_pairs(sandbox, [a.sql for a in greedy], golds, dbs, mode=mode, timeout=cfg.reward.timeout)
-    ex_v = ex_g if voted is greedy else score_pairs(sandbox, [a.sql for a in voted], golds, dbs, mode=mode,
-                                                    timeout=cfg.reward.timeout)
-    rewards = score_batch(sandbox, [a.response for a in greedy], list(zip(dbs, golds)), cfg.reward)
-    local = torch.tensor([
-        len(exs), sum(v.match for v in ex_g), sum(v.match for v in ex_v),
-        sum(r.format > 0 for r in rewards), sum(r.total for r in rewards),
-    ], dtype=torch.float64)
+    local = torch.zeros(5, dtype=torch.float64)  # a rank with no examples (fewer than ranks) still joins the sum
+    if exs:
+        common = dict(max_new_tokens=cfg.max_response_len, timeout=cfg.reward.timeout, progress=False, seed=cfg.seed)
+        greedy = answer(model, tokenizer, ids, dbs, sandbox, n=1, **common)
+        voted = greedy if cfg.eval_n <= 1 else answer(model, tokenizer, ids, dbs, sandbox, n=cfg.eval_n,
+                                                      temperature=cfg.eval_temperature, **common)
+        mode = cfg.reward.mode
+        ex_g = score_pairs(sandbox, [a.sql for a in greedy], golds, dbs, mode=mode, timeout=cfg.reward.timeout)
+        ex_v = ex_g if voted is greedy else score_pairs(sandbox, [a.sql for a in voted], golds, dbs, mode=mode,
+                                                        timeout=cfg.reward.timeout)
+        rewards = score_batch(sandbox, [a.response for a in greedy], list(zip(dbs, golds)), cfg.reward)
+        local = torch.tensor([
+            len(exs), sum(v.match for v in ex_g), sum(v.match for v in ex_v),
+            sum(r.format > 0 for r in rewards), sum(r.total for r in rewards),
+        ], dtype=torch.float64)
     n, g, v, f, r = distributed.all_reduce(local).tolist()
     n = max(n, 1)
     return {"ex_greedy": g / n, "ex_voted": v / n, "format_ok": f / n, "mean_reward": r / n}

@@ -25,6 +25,13 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 
+# What transformers' Qwen2Config assumes for a key config.json leaves out (our own defaults are Qwen2.5-0.5B's).
+HF_QWEN2_DEFAULTS = dict(
+    vocab_size=151936, hidden_size=4096, intermediate_size=22016, num_hidden_layers=32, num_attention_heads=32,
+    max_position_embeddings=32768, rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
+)
+
+
 @dataclass
 class ModelConfig:
     """The subset of a Qwen2 `config.json` that defines the network (defaults: Qwen2.5-0.5B)."""
@@ -64,19 +71,30 @@ class ModelConfig:
                 f"{source}: use_sliding_window=true is not supported (no Qwen2.5 release enables it); "
                 "set it to false"
             )
-        scaling = hf.get("rope_scaling")
-        if scaling is not None and scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
-            raise ValueError(
-                f"{source}: rope_scaling={scaling} is not supported yet (only null; YaRN may come later); "
-                "remove rope_scaling to use the native context length"
-            )
+        for key in ("rope_scaling", "rope_parameters"):  # transformers < 5 / >= 5 spelling
+            scaling = hf.get(key)
+            kind = scaling.get("rope_type", scaling.get("type")) if isinstance(scaling, dict) else scaling
+            if kind not in (None, "default"):
+                raise ValueError(
+                    f"{source}: {key}={scaling} is not supported yet (only the default RoPE; YaRN may come "
+                    f"later); remove the scaling to use the native context length"
+                )
         if hf.get("hidden_act", "silu") != "silu":
             raise ValueError(f"{source}: hidden_act={hf['hidden_act']!r} is not supported (Qwen2 uses 'silu')")
         known = {f.name for f in fields(cls)}
-        kwargs = {k: v for k, v in hf.items() if k in known and v is not None}
-        if "rope_theta" not in kwargs and isinstance(hf.get("rope_parameters"), dict):
-            kwargs["rope_theta"] = hf["rope_parameters"].get("rope_theta", cls.rope_theta)
-        return cls(**kwargs)
+        kwargs = {**HF_QWEN2_DEFAULTS, **{k: v for k, v in hf.items() if k in known and v is not None}}
+        if "rope_theta" not in hf and isinstance(hf.get("rope_parameters"), dict):
+            kwargs["rope_theta"] = hf["rope_parameters"].get("rope_theta", HF_QWEN2_DEFAULTS["rope_theta"])
+        if hf.get("num_key_value_heads") is None:  # transformers: no GQA unless stated
+            kwargs["num_key_value_heads"] = kwargs["num_attention_heads"]
+        for name, value in kwargs.items():  # a string here would fail far from config.json
+            numbers = (int, float) if name in ("rope_theta", "rms_norm_eps") else (int,)
+            if isinstance(value, bool) != (name == "tie_word_embeddings") or not isinstance(value, numbers):
+                raise ValueError(f"{source}: {name}={value!r} is not a valid value for {name}")
+        try:
+            return cls(**kwargs)
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
 
     def to_hf(self) -> dict:
         """The `config.json` contents transformers and vLLM expect for Qwen2ForCausalLM."""

@@ -29,6 +29,19 @@ def _token_text(token) -> str | None:
     return token.get("content") if isinstance(token, dict) else token
 
 
+def _read_json_object(path: Path) -> dict:
+    """The JSON object in `path` ({} if the file is absent), or a ValueError that names the file."""
+    if not path.is_file():
+        return {}
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(content, dict):
+        raise ValueError(f"{path}: expected a JSON object, found {type(content).__name__}")
+    return content
+
+
 class Tokenizer:
     """tokenizer.json plus the settings of tokenizer_config.json / generation_config.json in `directory`."""
 
@@ -37,15 +50,17 @@ class Tokenizer:
         tokenizer_file = d / "tokenizer.json"
         if not tokenizer_file.is_file():
             raise FileNotFoundError(f"{tokenizer_file} not found: the model directory needs a fast-tokenizer file")
-        self._tok = _HFTokenizer.from_file(str(tokenizer_file))
-        config_file, generation_file = d / "tokenizer_config.json", d / "generation_config.json"
-        self.config: dict = json.loads(config_file.read_text()) if config_file.is_file() else {}
-        generation = json.loads(generation_file.read_text()) if generation_file.is_file() else {}
+        try:
+            self._tok = _HFTokenizer.from_file(str(tokenizer_file))
+        except Exception as e:  # the tokenizers library raises a bare Exception for a malformed file
+            raise ValueError(f"{tokenizer_file}: not a readable tokenizer file ({e})") from None
+        self.config: dict = _read_json_object(d / "tokenizer_config.json")
+        generation = _read_json_object(d / "generation_config.json")
 
         # Ids are 0..vocab_size-1 (max id + 1 also covers added tokens placed after a gap).
         self.vocab_size: int = max(self._tok.get_vocab(with_added_tokens=True).values()) + 1
         eos = generation.get("eos_token_id", [])
-        eos_ids = list(eos) if isinstance(eos, list) else [eos]
+        eos_ids = [i for i in (eos if isinstance(eos, list) else [eos]) if isinstance(i, int)]  # null: none given
         for text in (_token_text(self.config.get("eos_token")), *STOP_TOKENS):
             tid = self.token_to_id(text) if text else None
             if tid is not None:

@@ -300,12 +300,65 @@ def test_shape_mismatch(single_file_checkpoint):
         (dict(rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}),
          ["rope_scaling", "yarn"]),
         (dict(hidden_act="gelu"), ["hidden_act", "gelu"]),
+        (dict(rope_scaling=None, rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6}),
+         ["rope_parameters", "yarn"]),  # transformers >= 5 spelling
+        (dict(hidden_size="40"), ["hidden_size='40'"]),
+        (dict(num_key_value_heads=2), ["num_key_value_heads=2"]),
     ],
-    ids=["architecture", "sliding_window", "yarn", "activation"],
+    ids=["architecture", "sliding_window", "yarn", "activation", "yarn_v5", "string_size", "heads"],
 )
 def test_unsupported_config(single_file_checkpoint, changes, fragments):
     edit_config(single_file_checkpoint, **changes)
     expect_error(single_file_checkpoint, ValueError, "config.json", *fragments)
+
+
+def test_missing_config_keys_take_transformers_defaults(single_file_checkpoint):
+    """A config.json without tie_word_embeddings / rope_theta means what transformers reads: untied, theta 1e4."""
+    cfg = json.loads((single_file_checkpoint / "config.json").read_text())
+    del cfg["tie_word_embeddings"], cfg["rope_theta"]
+    (single_file_checkpoint / "config.json").write_text(json.dumps(cfg))
+    config = load_model(single_file_checkpoint, dtype=torch.float32).config
+    reference = transformers.Qwen2Config(**{k: v for k, v in cfg.items() if k not in ("architectures", "model_type")})
+    assert (config.tie_word_embeddings, config.rope_theta) == (False, 10000.0)
+    assert reference.tie_word_embeddings is False and reference.rope_parameters["rope_theta"] == 10000.0
+
+
+def test_unreadable_files_are_named(single_file_checkpoint):
+    (single_file_checkpoint / "config.json").write_text("{not json")
+    expect_error(single_file_checkpoint, ValueError, "config.json", "not valid JSON")
+    (single_file_checkpoint / "config.json").write_text("[1, 2]")
+    expect_error(single_file_checkpoint, ValueError, "config.json", "JSON object")
+    save_model(tiny_model(tie=False), single_file_checkpoint)
+    (single_file_checkpoint / SINGLE_FILE).write_bytes(b"\x00" * 100)
+    expect_error(single_file_checkpoint, ValueError, SINGLE_FILE, "safetensors")
+
+
+def test_tied_config_with_a_different_stored_head(tmp_path):
+    d = save_model(tiny_model(tie=False), tmp_path / "m")
+    edit_config(d, tie_word_embeddings=True)
+    expect_error(d, ValueError, SINGLE_FILE, "lm_head.weight differs", "tie_word_embeddings")
+    edit_weights(d, lambda t: t.update({"lm_head.weight": t["model.embed_tokens.weight"].clone()}))
+    model = load_model(d, dtype=torch.float32)  # a stored copy equal to the embedding is fine
+    assert model.lm_head.weight is model.embed_tokens.weight
+
+
+def test_save_never_replaces_a_folder_that_is_not_a_checkpoint(tmp_path, monkeypatch):
+    victim = tmp_path / "victim"
+    (victim / "sub").mkdir(parents=True)
+    (victim / "notes.txt").write_text("keep me")
+    model = tiny_model(tie=False)
+    with pytest.raises(ValueError, match="not a checkpoint"):
+        save_model(model, victim)
+    (victim / "sub").rmdir()
+    with pytest.raises(ValueError, match="no config.json"):
+        save_model(model, victim)
+    assert (victim / "notes.txt").read_text() == "keep me"
+    monkeypatch.chdir(victim)
+    with pytest.raises(ValueError, match="working directory"):
+        save_model(model, ".")
+    save_model(model, tmp_path / "ckpt")
+    save_model(model, tmp_path / "ckpt")  # replacing a checkpoint is what saving is for
+    assert (tmp_path / "ckpt" / "config.json").is_file()
 
 
 def test_save_rejects_wrong_state_dict(tmp_path):

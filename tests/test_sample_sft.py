@@ -123,3 +123,15 @@ def test_sample_py_bad_input_is_one_line(tiny, tmp_path):
     proc = run_sample("--model", str(no_weights), "--db", str(db), "--question", "How many?")
     assert proc.returncode != 0 and "Traceback" not in proc.stderr and "safetensors" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_held_out_evaluation_on_a_rank_without_examples(tiny):
+    """More ranks than eval examples: a rank with none must still join the sums (else the others wait forever)."""
+    from sqlr1.inference import evaluate_policy
+    from sqlr1.sandbox import Sandbox
+
+    world, model_dir = tiny
+    model, tok = load_model(model_dir, dtype=torch.float32), load_tokenizer(world / "tokenizer")
+    with Sandbox(num_workers=1) as sandbox:
+        scores = evaluate_policy(model, tok, [], [], sandbox, TrainConfig(), Dist())
+    assert scores == {"ex_greedy": 0.0, "ex_voted": 0.0, "format_ok": 0.0, "mean_reward": 0.0}

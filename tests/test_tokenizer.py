@@ -88,6 +88,19 @@ def test_stop_and_pad_ids(instruct_dir, tmp_path):
     assert base.eos_ids == [eot, im_end] and base.pad_id == eot
     bare = load_tokenizer(write_tokenizer(tmp_path / "bare"))  # tokenizer.json only
     assert bare.eos_ids == [im_end, eot] and bare.pad_id == eot
+    null = load_tokenizer(write_tokenizer(tmp_path / "null", None, {"eos_token_id": None}))  # as some configs write
+    assert null.eos_ids == [im_end, eot]
+
+
+def test_unreadable_files_are_named(tmp_path):
+    broken = write_tokenizer(tmp_path / "a")
+    (broken / "tokenizer_config.json").write_text("{oops")
+    with pytest.raises(ValueError, match="tokenizer_config.json: not valid JSON"):
+        load_tokenizer(broken)
+    (broken / "tokenizer_config.json").unlink()
+    (broken / "tokenizer.json").write_text('{"model": 1}')
+    with pytest.raises(ValueError, match="tokenizer.json: not a readable tokenizer file"):
+        load_tokenizer(broken)
 
 
 def test_encode_decode(instruct_dir):
