@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -67,6 +68,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             ap.error(f"--db {args.db}: no such database file")
     if args.dataset and not args.data_root:
         ap.error("--dataset needs --data-root (the directory holding the data set's json files and databases)")
+    if args.batch_size < 1 or args.limit < 0 or args.n < 1 or args.max_new_tokens < 1 or args.max_prompt_len < 1:
+        ap.error("--batch-size, --n, --max-new-tokens and --max-prompt-len must be >= 1, --limit >= 0")
+    if not (0 <= args.temperature < math.inf and 0 < args.timeout < math.inf):  # NaN fails too
+        ap.error("--temperature must be finite and >= 0, --timeout finite and > 0")
     return args
 
 

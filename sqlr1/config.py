@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import runpy
 import typing
 from dataclasses import dataclass, field
@@ -97,8 +98,17 @@ class TrainConfig:
         for name in ("sft_steps", "grpo_steps", "warmup_steps", "eval_every", "eval_limit", "save_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"config {name}={getattr(self, name)}: must be >= 0")
-        if self.temperature <= 0:
-            raise ValueError(f"config temperature={self.temperature}: GRPO rollouts need temperature > 0")
+        # Written as `not (lo <= x <= hi)` so that NaN fails too.
+        ranges = {"lr": (0, 1), "sft_lr": (0, 1), "temperature": (1e-6, 100), "eval_temperature": (0, 100),
+                  "top_p": (1e-9, 1), "weight_decay": (0, 1e6), "adam_eps": (0, 1), "grad_clip": (1e-12, math.inf)}
+        for name, (lo, hi) in ranges.items():
+            value = getattr(self, name)
+            if not lo <= value <= hi:
+                raise ValueError(f"config {name}={value}: must lie in [{lo:g}, {hi:g}]")
+        if self.top_k < 0 or self.sample_values < 0 or self.sandbox_workers < 0:
+            raise ValueError("config top_k, sample_values and sandbox_workers must be >= 0")
+        if not all(0 <= b < 1 for b in self.adam_betas):
+            raise ValueError(f"config adam_betas={self.adam_betas}: each must lie in [0, 1)")
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:

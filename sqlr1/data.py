@@ -196,6 +196,13 @@ def _first_file(root: Path, names: list[str], what: str) -> Path:
 
 def _read_records(path: Path) -> list:
     """A JSON list of records, or one JSON record per line for `.jsonl`."""
+    try:
+        return _parse_records(path)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); re-encode the file as UTF-8") from None
+
+
+def _parse_records(path: Path) -> list:
     if path.suffix == ".jsonl":
         records = []
         with open(path, encoding="utf-8") as f:
@@ -253,8 +260,11 @@ def _examples(path: Path, records: list, db_dirs: list[Path], skip_missing: bool
             missing.append(ex.db_path)
             continue
         examples.append(ex)
+    first = list(dict.fromkeys(map(str, missing)))[:3]
+    if not examples:
+        because = f"the databases of all are missing, e.g. {', '.join(first)}" if missing else "it is empty"
+        raise ValueError(f"{path}: no usable examples in {len(records)} records: {because}")
     if missing:
-        first = list(dict.fromkeys(map(str, missing)))[:3]
         warnings.warn(f"{path}: skipped {len(missing)} of {len(records)} examples whose database is missing, "
                       f"e.g. {', '.join(first)}", stacklevel=3)
     return examples
@@ -273,9 +283,9 @@ def _identifier(name: str) -> str:
     """
     if _PLAIN_NAME.fullmatch(name):
         probe = sqlite3.connect(":memory:")
-        try:
-            probe.execute(f"SELECT {name} FROM (SELECT 1 AS {name})")
-            return name
+        try:  # also catches names SQLite reads as something else (current_date is today's date, not the column)
+            if probe.execute(f"SELECT {name} FROM (SELECT 'column' AS {name})").fetchall() == [("column",)]:
+                return name
         except sqlite3.OperationalError:
             pass
         finally:
@@ -345,10 +355,15 @@ def _table_statements(db_path: str, sample_values: int) -> tuple[tuple[str, str]
     """(table name, CREATE TABLE text) for every user table, in sqlite_master (creation) order. Cached: data set
     databases do not change during a run."""
     conn = _connect_read_only(db_path)
+    conn.text_factory = lambda b: b.decode(errors="replace")  # example values in bad UTF-8 still show
     try:
         names = [name for (name,) in conn.execute(
             "SELECT name FROM sqlite_master WHERE type = 'table' AND substr(name, 1, 7) != 'sqlite_' ORDER BY rowid")]
+        if not names:
+            raise ValueError(f"database {db_path} has no tables: an empty or unfinished file? re-download it")
         return tuple((name, _create_table(conn, name, sample_values)) for name in names)
+    except sqlite3.Error as e:
+        raise ValueError(f"database {db_path}: cannot read its schema ({e}); is it an SQLite file?") from None
     finally:
         conn.close()
 

@@ -25,6 +25,7 @@ variants branch. Nothing outside this module changes.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -63,9 +64,9 @@ class GRPOConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"GRPOConfig.{name}={getattr(self, name)!r}: choose one of {allowed}")
         for name in ("adv_eps", "std_floor", "clip_low", "clip_high", "kl_coef", "entropy_coef"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"GRPOConfig.{name}={getattr(self, name)} must be >= 0")
-        if self.clip_low >= 1 or self.max_log_ratio <= 0:
+            if not 0 <= getattr(self, name) < math.inf:  # NaN fails too
+                raise ValueError(f"GRPOConfig.{name}={getattr(self, name)} must be finite and >= 0")
+        if not (self.clip_low < 1 and self.max_log_ratio > 0):
             raise ValueError(f"GRPOConfig: need clip_low < 1 and max_log_ratio > 0 (got {self.clip_low}, "
                              f"{self.max_log_ratio})")
 

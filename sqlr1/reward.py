@@ -17,6 +17,7 @@ is 0. A failed gold query gives no result or length reward; the Reward says so (
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -74,8 +75,11 @@ class RewardConfig:
             raise ValueError(f"RewardConfig.length_unit must be 'chars' or 'tokens', got {self.length_unit!r}")
         if self.mode not in MODES:
             raise ValueError(f"RewardConfig.mode must be one of {MODES}, got {self.mode!r}")
-        if self.l_max <= 0 or self.timeout <= 0:
-            raise ValueError("RewardConfig.l_max and RewardConfig.timeout must be positive")
+        if not (self.l_max > 0 and 0 < self.timeout < math.inf):  # NaN fails too
+            raise ValueError(f"RewardConfig.l_max={self.l_max} and timeout={self.timeout} must be positive and finite")
+        for name in ("w_f", "w_e", "w_r", "w_l"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"RewardConfig.{name}={getattr(self, name)} must be a finite number")
 
 
 @dataclass(frozen=True)

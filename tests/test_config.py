@@ -58,3 +58,15 @@ def test_shipped_configs_load():
 
     for path in sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.py")):
         assert isinstance(load_config(path), TrainConfig)
+
+
+@pytest.mark.parametrize("override", [
+    "--grad_clip=-1", "--lr=-1", "--lr=nan", "--temperature=nan", "--top_p=0", "--top_k=-3",
+    "--eval_temperature=-1", "--reward.timeout=nan", "--reward.w_r=inf", "--grpo.clip_low=nan",
+    "--grpo.kl_coef=nan", "--adam_betas=0.9,1.5",
+])
+def test_out_of_range_numbers_are_refused_before_training(override):
+    """Numbers that would silently train uphill, switch off the SQL deadline or make every loss NaN (NaN included)."""
+    key = override.removeprefix("--").split("=")[0]
+    with pytest.raises(ValueError, match=key.split(".")[-1]):
+        load_config(None, [override])

@@ -126,8 +126,8 @@ def test_bird_minidev_fields_and_missing_databases():
     if not examples[0].db_path.is_file():  # the shared copy has no databases
         with pytest.raises(FileNotFoundError, match=str(examples[0].db_path)):
             load_bird(BIRD, "mini_dev", skip_missing=False)
-        with pytest.warns(UserWarning, match=f"skipped {len(records)} of {len(records)}"):
-            assert load_bird(BIRD, "mini_dev") == []
+        with pytest.raises(ValueError, match=f"no usable examples in {len(records)} records: the databases of all"):
+            load_bird(BIRD, "mini_dev")  # nothing to train or score on is an error, not an empty data set
 
 
 # --------------------------------------------------------------------------------------- loaders on made files
@@ -354,3 +354,33 @@ def test_filter_for_rl_drops_long_prompts_and_bad_golds(shop, tokenizer):
         assert kept == [0, 2] and counts["gold_empty"] == 0 and counts["gold_error"] == 1
     with pytest.raises(ValueError, match="3 examples but 2 prompts"):
         filter_for_rl(examples[:3], prompts[:2], None, limit)
+
+
+def test_unreadable_inputs_are_named(tmp_path):
+    (tmp_path / "dev.json").write_bytes(b'[{"question": "caf\xe9"}]')  # latin-1, not UTF-8
+    with pytest.raises(ValueError, match="dev.json: not UTF-8"):
+        load_spider(tmp_path, "dev")
+    write_json(tmp_path / "dev.json", [])
+    with pytest.raises(ValueError, match="dev.json: no usable examples in 0 records: it is empty"):
+        load_spider(tmp_path, "dev")
+    garbage = tmp_path / "garbage.sqlite"
+    garbage.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(ValueError, match="garbage.sqlite: cannot read its schema"):
+        schema_text(garbage)
+    empty = tmp_path / "empty.sqlite"
+    sqlite3.connect(empty).close()
+    with pytest.raises(ValueError, match="empty.sqlite has no tables"):
+        schema_text(empty)
+
+
+def test_schema_quotes_names_sqlite_reads_as_something_else(tmp_path):
+    """`current_date` is a valid bare name to SQLite, but it means today's date: the schema must quote it."""
+    path = tmp_path / "d.sqlite"
+    conn = sqlite3.connect(path)
+    conn.execute('CREATE TABLE t ("current_date" TEXT, "order" INT, plain INT)')
+    conn.execute("INSERT INTO t VALUES ('1999-01-01', 1, 2)")
+    conn.commit()
+    text = schema_text(path)
+    assert "`current_date`" in text and "`order`" in text and "`plain`" not in text
+    assert conn.execute("SELECT `current_date` FROM t").fetchall() == [("1999-01-01",)]
+    conn.close()
