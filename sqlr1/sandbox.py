@@ -8,8 +8,8 @@ thousands of times per training step. `Sandbox` is a pool of worker processes th
   `PRAGMA query_only`, no attached databases (`SQLITE_LIMIT_ATTACHED = 0`, which also stops `VACUUM INTO`),
   extension loading off, and an authorizer that allows only SELECT, column reads, recursive CTEs, functions other
   than `load_extension` and `fts3_tokenizer`, and a few schema-reading pragmas. Python's sqlite3 runs one
-  statement at most: `SELECT 1; DROP TABLE t` is an error and nothing runs. Text that is not valid UTF-8 is an error, or with
-  text_errors="ignore" (Spider's test-suite rule) loses its undecodable bytes.
+  statement at most: `SELECT 1; DROP TABLE t` is an error and nothing runs. Text that is not valid UTF-8 is an
+  error, or with text_errors="ignore" (Spider's test-suite rule) loses its undecodable bytes.
 * deadlines: a SQLite progress handler interrupts a query at its deadline inside the worker; a worker that has not
   answered by deadline + `grace` (a single C-level operation the handler cannot interrupt) is killed and respawned.
 * bounded: SQLite's heap is capped (`PRAGMA hard_heap_limit`), the worker's address space too (`RLIMIT_AS`), text
