@@ -67,17 +67,18 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, lr: float, total_st
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-def optimizer_step(model, opt, sched, cfg: TrainConfig, loss_sum: torch.Tensor) -> tuple[float, bool]:
-    """Clip, check for NaN/inf (then skip the update), step. Returns (grad_norm, stepped)."""
+def optimizer_step(model, opt, sched, cfg: TrainConfig, loss_sum: torch.Tensor) -> tuple[float, float, bool]:
+    """Clip, check for NaN/inf (then skip the update), step. Returns (grad_norm, the step's loss over all ranks,
+    stepped)."""
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-    loss_sum = float(distributed.all_reduce(loss_sum.detach().clone()))
-    ok = math.isfinite(grad_norm) and math.isfinite(loss_sum)
+    loss = float(distributed.all_reduce(loss_sum.detach().clone()))
+    ok = math.isfinite(grad_norm) and math.isfinite(loss)
     if ok:
         opt.step()
         sched.step()
     opt.zero_grad(set_to_none=True)
-    return grad_norm, ok
+    return grad_norm, loss, ok
 
 
 def compute_context(device: torch.device, compute_dtype: torch.dtype, sharded: bool):
@@ -153,10 +154,10 @@ def sft_step(step, policy, opt, sched, examples, prompts, tokenizer, cfg, d, ctx
     mbs = microbatches(seqs, cfg.micro_batch_size, tokenizer.pad_id, d.device)
     norm = loss_norm([mb.mask for mb in mbs], cfg.max_response_len, world_reduce=distributed.all_reduce)
     loss_sum, _ = train_on_micro_batches(policy, mbs, norm, cfg, d, ctx, tokenizer.vocab_size, sft=True)
-    grad_norm, ok = optimizer_step(policy, opt, sched, cfg, loss_sum)
+    grad_norm, loss, ok = optimizer_step(policy, opt, sched, cfg, loss_sum)
     tokens = float(distributed.all_reduce(torch.tensor(float(sum(mb.num_tokens for mb in mbs)))))
     dt = time.time() - t0
-    return {"stage": "sft", "step": step + 1, "loss": float(distributed.all_reduce(loss_sum.clone())), "grad_norm": grad_norm,
+    return {"stage": "sft", "step": step + 1, "loss": loss, "grad_norm": grad_norm,
             "lr": sched.get_last_lr()[0], "skipped": not ok, "train_tokens_per_s": tokens / dt, "time": dt}
 
 
@@ -208,8 +209,8 @@ def grpo_step(step, policy, rollout_model, ref, opt, sched, examples, prompts, t
     metric_sums, grad_norms, losses, skipped = {}, [], [], 0
     for _ in range(cfg.ppo_epochs):
         loss_sum, sums = train_on_micro_batches(policy, mbs, norm, cfg, d, ctx, tokenizer.vocab_size, sft=False)
-        grad_norm, ok = optimizer_step(policy, opt, sched, cfg, loss_sum)
-        losses.append(float(distributed.all_reduce(loss_sum.clone())))  # ~0 at ppo_epochs=1 (rho = 1): watch reward
+        grad_norm, loss, ok = optimizer_step(policy, opt, sched, cfg, loss_sum)
+        losses.append(loss)  # ~0 at ppo_epochs=1 (rho = 1): watch reward
         grad_norms.append(grad_norm)
         skipped += not ok
         for k, v in sums.items():

@@ -72,7 +72,7 @@ def test_every_parameter_changes_and_reference_does_not():
             mb.ref_logp = ref.token_logprobs(mb.input_ids, mb.attention_mask, start=mb.start, temperature=cfg.temperature)[0]
     norm = loss_norm([mb.mask for mb in mbs], cfg.max_response_len)
     loss, _ = train_on_micro_batches(model, mbs, norm, cfg, Dist(), contextlib.nullcontext(), 61, sft=False)
-    grad_norm, ok = optimizer_step(model, opt, sched, cfg, loss)
+    grad_norm, _, ok = optimizer_step(model, opt, sched, cfg, loss)
     assert ok and grad_norm > 0
     unchanged = [k for k, v in model.state_dict().items() if torch.equal(v, before[k])]
     assert not unchanged, f"parameters not updated: {unchanged}"
@@ -87,7 +87,7 @@ def test_non_finite_step_is_skipped():
     mbs[0].advantages[0] = float("nan")
     norm = loss_norm([mb.mask for mb in mbs], cfg.max_response_len)
     loss, _ = train_on_micro_batches(model, mbs, norm, cfg, Dist(), contextlib.nullcontext(), 61, sft=False)
-    grad_norm, ok = optimizer_step(model, opt, sched, cfg, loss)
+    grad_norm, _, ok = optimizer_step(model, opt, sched, cfg, loss)
     assert not ok and not math.isfinite(grad_norm)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())
