@@ -15,7 +15,6 @@ Steps [0, sft_steps) are SFT, [sft_steps, sft_steps + grpo_steps) GRPO; each sta
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import math
@@ -29,11 +28,11 @@ import torch
 from tqdm.auto import tqdm
 
 from sqlr1 import distributed
-from sqlr1.batch import MicroBatch, Sequence, collate, split_micro_batches
+from sqlr1.batch import Sequence
 from sqlr1.checkpoint import load_model
 from sqlr1.config import TrainConfig, config_dict, load_config, save_config
 from sqlr1.data import SHORT_PROMPT, SQLR1_PROMPT, build_prompt, filter_for_rl, load_dataset, sft_response
-from sqlr1.grpo import finalize_metrics, group_advantages, keep_groups, loss_norm, policy_loss, sft_loss
+from sqlr1.grpo import finalize_metrics, group_advantages, keep_groups, loss_norm
 from sqlr1.inference import completion_text, evaluate_policy
 from sqlr1.reward import score_batch
 from sqlr1.run import (
@@ -42,78 +41,11 @@ from sqlr1.run import (
 from sqlr1.sampling import generate
 from sqlr1.sandbox import Sandbox
 from sqlr1.tokenizer import load_tokenizer
+from sqlr1.update import (
+    compute_context, make_optimizer, micro_batch_logprobs, microbatches, optimizer_step, train_on_micro_batches,
+)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-# ----------------------------------------------------------------------------------------------- optimisation
-
-
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, lr: float, total_steps: int):
-    """AdamW on fp32 master weights, with constant or linear-warmup + cosine learning rate."""
-    opt = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=lr, betas=cfg.adam_betas, eps=cfg.adam_eps,
-        weight_decay=cfg.weight_decay,
-    )
-
-    def factor(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        if cfg.lr_schedule == "cosine":
-            progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-        return 1.0
-
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
-
-
-def optimizer_step(model, opt, sched, cfg: TrainConfig, loss_sum: torch.Tensor) -> tuple[float, float, bool]:
-    """Clip, check for NaN/inf (then skip the update), step. Returns (grad_norm, the step's loss over all ranks,
-    stepped)."""
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-    grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-    loss = float(distributed.all_reduce(loss_sum.detach().clone()))
-    ok = math.isfinite(grad_norm) and math.isfinite(loss)
-    if ok:
-        opt.step()
-        sched.step()
-    opt.zero_grad(set_to_none=True)
-    return grad_norm, loss, ok
-
-
-def compute_context(device: torch.device, compute_dtype: torch.dtype, sharded: bool):
-    """bf16 autocast around fp32 master weights in a single process (FSDP's MixedPrecisionPolicy does it when sharded)."""
-    if sharded or compute_dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=compute_dtype)
-
-
-def train_on_micro_batches(policy, micro_batches: list[MicroBatch], norm, cfg: TrainConfig, d, ctx, vocab_size: int,
-                           sft: bool) -> tuple[torch.Tensor, dict]:
-    """Forward + backward over one optimisation step's micro-batches (gradients accumulate in .grad).
-
-    The loss of each micro-batch is its contribution to the step's loss (normalised by counts over the whole step,
-    all ranks), so the accumulated gradient does not depend on how the step was split. FSDP averages gradients
-    over ranks; multiplying by world_size turns that average back into the sum the objective needs.
-    """
-    loss_sum, metric_sums = torch.zeros(()), {}
-    for i, mb in enumerate(micro_batches):
-        if hasattr(policy, "set_requires_gradient_sync"):  # FSDP: reduce-scatter once, after the last micro-batch
-            policy.set_requires_gradient_sync(i == len(micro_batches) - 1)
-        with ctx:
-            logp, entropy = policy.token_logprobs(
-                mb.input_ids, mb.attention_mask, start=mb.start, temperature=1.0 if sft else cfg.temperature,
-                with_entropy=not sft, vocab_size=vocab_size,
-            )
-        if sft:
-            loss, metrics = sft_loss(logp, mb.mask, norm), {}
-        else:
-            loss, metrics = policy_loss(logp, mb.old_logp, mb.ref_logp, mb.advantages, mb.mask, cfg.grpo, norm, entropy)
-        (loss * d.world_size).backward()
-        loss_sum += loss.detach().float().cpu()
-        for k, v in metrics.items():
-            metric_sums[k] = metric_sums.get(k, 0.0) + float(v)
-    return loss_sum, metric_sums
 
 
 def reduce_metric_sums(sums: dict) -> dict:
@@ -161,13 +93,6 @@ def sft_step(step, policy, opt, sched, examples, prompts, tokenizer, cfg, d, ctx
             "lr": sched.get_last_lr()[0], "skipped": not ok, "train_tokens_per_s": tokens / dt, "time": dt}
 
 
-def microbatches(seqs: list[Sequence], micro_batch_size: int, pad_id: int, device) -> list[MicroBatch]:
-    """Split into the same number of micro-batches on every rank (FSDP needs matching collectives)."""
-    n_local = math.ceil(len(seqs) / micro_batch_size)
-    n = int(distributed.all_reduce(torch.tensor(n_local), op="max"))
-    return [collate(chunk, pad_id, device) for chunk in split_micro_batches(seqs, micro_batch_size, n)]
-
-
 def grpo_step(step, policy, rollout_model, ref, opt, sched, examples, prompts, tokenizer, sandbox, cfg, d, ctx) -> tuple[dict, list[dict]]:
     """One GRPO step on this rank's B / world_size prompts (groups are never split across ranks)."""
     t0 = time.time()
@@ -204,8 +129,7 @@ def grpo_step(step, policy, rollout_model, ref, opt, sched, examples, prompts, t
     if ref is not None:
         with torch.no_grad(), ctx:
             for mb in mbs:
-                mb.ref_logp = ref.token_logprobs(mb.input_ids, mb.attention_mask, start=mb.start,
-                                                 temperature=cfg.temperature, vocab_size=tokenizer.vocab_size)[0]
+                mb.ref_logp = micro_batch_logprobs(ref, mb, cfg.temperature, tokenizer.vocab_size)[0]
     metric_sums, grad_norms, losses, skipped = {}, [], [], 0
     for _ in range(cfg.ppo_epochs):
         loss_sum, sums = train_on_micro_batches(policy, mbs, norm, cfg, d, ctx, tokenizer.vocab_size, sft=False)

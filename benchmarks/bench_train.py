@@ -3,8 +3,8 @@
     python benchmarks/bench_train.py                    # tiny CPU config (the toy demo's model size)
     python benchmarks/bench_train.py --device cuda      # Qwen2.5-1.5B shape, bf16 autocast, with MFU
 
-Both sides train the same random weights on the same padded micro-batch: ours is `train.train_on_micro_batches`
-(chunked log-probs, explicit masks, GRPO loss) + `train.optimizer_step`; the baseline is transformers'
+Both sides train the same random weights on the same padded micro-batch: ours is `sqlr1.update.train_on_micro_batches`
+(chunked log-probs, explicit masks, GRPO loss) + `sqlr1.update.optimizer_step`; the baseline is transformers'
 Qwen2ForCausalLM with a full [B, T, V] log-softmax and the same loss. Prints tokens/s and the ratio.
 """
 
@@ -23,7 +23,7 @@ from sqlr1.config import TrainConfig  # noqa: E402
 from sqlr1.distributed import Dist  # noqa: E402
 from sqlr1.grpo import GRPOConfig, loss_norm, policy_loss  # noqa: E402
 from sqlr1.model import ModelConfig, Qwen2, flops_per_token  # noqa: E402
-from train import make_optimizer, optimizer_step, train_on_micro_batches  # noqa: E402
+from sqlr1.update import make_optimizer, optimizer_step, train_on_micro_batches  # noqa: E402
 
 SHAPES = {
     "tiny": dict(vocab_size=2048, hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,

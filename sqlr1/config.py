@@ -55,6 +55,9 @@ class TrainConfig:
     prompts_per_step: int = 8  # B, over all ranks
     group_size: int = 8  # G rollouts per prompt
     micro_batch_size: int = 8  # sequences per forward/backward
+    grad_accum_no_sync: bool = True  # FSDP: reduce-scatter once per step (holds an unsharded fp32 grad per rank)
+    shared_prefix: bool = False  # policy/reference forward computes each group's prompt once, not G times
+    recompute_old_logp: bool = False  # log pi_old from the trainer's own no-grad forward, not the sampler's
     ppo_epochs: int = 1  # mu: optimisation passes over each rollout batch
     lr: float = 3e-7
     temperature: float = 1.1
@@ -75,10 +78,12 @@ class TrainConfig:
     eval_limit: int = 0  # 0: all eval examples
     eval_n: int = 8
     eval_temperature: float = 0.8
+    eval_batch_size: int = 0  # prompts per generate call in evaluation (0: all of a rank's prompts at once)
     # --- execution sandbox (the per-query deadline is reward.timeout) ---
     sandbox_workers: int = 0  # 0: number of cores
     # --- checkpoints and logging ---
     save_every: int = 0  # optimizer steps; 0: only at the end
+    keep_last: int = 0  # training checkpoints kept (newest N; 0: all); final/ is always kept
     log_samples: int = 2  # completions per step written to samples.jsonl
     wandb_project: str = ""
     compile: bool = False  # torch.compile the sampler's decode step

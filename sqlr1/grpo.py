@@ -58,6 +58,7 @@ class GRPOConfig:
     loss_agg: str = "token-mean"
     ratio_level: str = "token"  # "token" (GRPO/PPO) | "sequence" (GSPO)
     drop_zero_std_groups: bool = False  # DAPO dynamic sampling, filter flavour
+    tis_cap: float = 0.0  # truncated importance sampling C (Yao et al. 2025): 0 off
 
     def __post_init__(self) -> None:
         for name, allowed in (("adv_scale", ADV_SCALES), ("loss_agg", LOSS_AGGS), ("ratio_level", RATIO_LEVELS)):

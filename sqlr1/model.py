@@ -188,6 +188,14 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
     return (probs @ v).view(B, H, 1, D)
 
 
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """softmax(q K^T / sqrt(D) + mask) V for a block of queries: q [B, H, T, D], k/v [B, H_kv, S, D], mask [B, 1, T, S]
+    additive, or None for plain causal attention over unpadded rows (SDPA then picks a fused kernel)."""
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=k.shape[1] != q.shape[1]
+    )
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
@@ -210,10 +218,7 @@ class Attention(nn.Module):
         if T == 1 and kv_cache is not None:
             y = decode_attention(q, k, v, mask)
         else:
-            # mask None means "plain causal, no padding" (training on unpadded rows): let SDPA pick a fused kernel.
-            y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv != self.n_head
-            )
+            y = attention(q, k, v, mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
 

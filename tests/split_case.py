@@ -10,7 +10,7 @@ from sqlr1.batch import Sequence
 from sqlr1.config import TrainConfig
 from sqlr1.grpo import GRPOConfig, group_advantages, loss_norm
 from sqlr1.model import ModelConfig, Qwen2
-from train import make_optimizer, microbatches, optimizer_step, train_on_micro_batches
+from sqlr1.update import make_optimizer, microbatches, optimizer_step, train_on_micro_batches
 
 VOCAB, GROUP, PROMPTS = 61, 4, 4
 LOSS_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")

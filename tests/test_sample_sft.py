@@ -18,7 +18,7 @@ from sqlr1.distributed import Dist
 from sqlr1.grpo import loss_norm, sft_loss
 from sqlr1.tokenizer import load_tokenizer
 from sqlr1.toyworld import build_toyworld, init_model
-from train import make_optimizer, optimizer_step, train_on_micro_batches
+from sqlr1.update import make_optimizer, optimizer_step, train_on_micro_batches
 
 ROOT = Path(__file__).resolve().parents[1]
 

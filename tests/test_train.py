@@ -16,7 +16,8 @@ from sqlr1.grpo import group_advantages, loss_norm
 from sqlr1.model import ModelConfig, Qwen2
 from sqlr1.sampling import generate
 from tests.split_case import LOSS_MODES, make_case, one_step
-from train import make_optimizer, microbatches, optimizer_step, step_indices, train_on_micro_batches
+from sqlr1.update import make_optimizer, microbatches, optimizer_step, train_on_micro_batches
+from train import step_indices
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,0 +1,98 @@
+"""The policy update shared by SFT and GRPO: AdamW, the micro-batch loop, the optimizer step.
+
+One optimisation step = forward + backward over the step's micro-batches (gradients accumulate), then one clipped
+AdamW step. train.py calls these for both stages; the dry run (sqlr1/dryrun.py) runs the very same functions under
+fake tensors to measure their memory at full scale.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+
+from sqlr1 import distributed
+from sqlr1.batch import MicroBatch, Sequence, collate, split_micro_batches
+from sqlr1.config import TrainConfig
+from sqlr1.grpo import policy_loss, sft_loss
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, lr: float, total_steps: int):
+    """AdamW on fp32 master weights, with constant or linear-warmup + cosine learning rate."""
+    opt = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=lr, betas=cfg.adam_betas, eps=cfg.adam_eps,
+        weight_decay=cfg.weight_decay,
+    )
+
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.lr_schedule == "cosine":
+            progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def optimizer_step(model, opt, sched, cfg: TrainConfig, loss_sum: torch.Tensor) -> tuple[float, float, bool]:
+    """Clip, check for NaN/inf (then skip the update), step. Returns (grad_norm, the step's loss over all ranks,
+    stepped)."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+    loss = float(distributed.all_reduce(loss_sum.detach().clone()))
+    ok = math.isfinite(grad_norm) and math.isfinite(loss)
+    if ok:
+        opt.step()
+        sched.step()
+    opt.zero_grad(set_to_none=True)
+    return grad_norm, loss, ok
+
+
+def compute_context(device: torch.device, compute_dtype: torch.dtype, sharded: bool):
+    """bf16 autocast around fp32 master weights in a single process (FSDP's MixedPrecisionPolicy does it when sharded)."""
+    if sharded or compute_dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=compute_dtype)
+
+
+def micro_batch_logprobs(model, mb: MicroBatch, temperature: float, vocab_size: int,
+                         with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log pi(y_t | q, y_<t) [B, C] of a micro-batch's completion tokens (aligned with mb.mask), and optionally the
+    entropy there: the one forward every consumer uses (policy update, reference, old log-probs)."""
+    return model.token_logprobs(mb.input_ids, mb.attention_mask, start=mb.start, temperature=temperature,
+                                with_entropy=with_entropy, vocab_size=vocab_size)
+
+
+def train_on_micro_batches(policy, micro_batches: list[MicroBatch], norm, cfg: TrainConfig, d, ctx, vocab_size: int,
+                           sft: bool) -> tuple[torch.Tensor, dict]:
+    """Forward + backward over one optimisation step's micro-batches (gradients accumulate in .grad).
+
+    The loss of each micro-batch is its contribution to the step's loss (normalised by counts over the whole step,
+    all ranks), so the accumulated gradient does not depend on how the step was split. FSDP averages gradients
+    over ranks; multiplying by world_size turns that average back into the sum the objective needs.
+    """
+    loss_sum, metric_sums = torch.zeros(()), {}
+    for i, mb in enumerate(micro_batches):
+        if hasattr(policy, "set_requires_gradient_sync"):  # FSDP: reduce-scatter once, after the last micro-batch
+            policy.set_requires_gradient_sync(i == len(micro_batches) - 1)
+        with ctx:
+            logp, entropy = micro_batch_logprobs(policy, mb, 1.0 if sft else cfg.temperature, vocab_size,
+                                                 with_entropy=not sft)
+        if sft:
+            loss, metrics = sft_loss(logp, mb.mask, norm), {}
+        else:
+            loss, metrics = policy_loss(logp, mb.old_logp, mb.ref_logp, mb.advantages, mb.mask, cfg.grpo, norm, entropy)
+        (loss * d.world_size).backward()
+        loss_sum += loss.detach().float().cpu()
+        for k, v in metrics.items():
+            metric_sums[k] = metric_sums.get(k, 0.0) + float(v)
+    return loss_sum, metric_sums
+
+
+def microbatches(seqs: list[Sequence], micro_batch_size: int, pad_id: int, device) -> list[MicroBatch]:
+    """Split into the same number of micro-batches on every rank (FSDP needs matching collectives)."""
+    n_local = math.ceil(len(seqs) / micro_batch_size)
+    n = int(distributed.all_reduce(torch.tensor(n_local), op="max"))
+    return [collate(chunk, pad_id, device) for chunk in split_micro_batches(seqs, micro_batch_size, n)]
