@@ -7,12 +7,15 @@ only whitespace between </think> and <answer>, and a ```sql block in the answer 
 
 Components (SQL-R1, Ma et al. 2025, arXiv 2504.08600):
     S_f = +1 if the format is right, -1 otherwise
-    S_e = +2 if the SQL executes, -2 if it errors or times out      (only when the format is right, else 0)
-    S_r = +3 if its result equals the gold result, -3 otherwise     (only when it executed, else 0)
+    S_e = +2 if the SQL executes, -2 if it errors or times out      (only when the format is right and the gold ran)
+    S_r = +3 if its result equals the gold result, -3 otherwise     (only when it executed and the gold ran)
     S_l = 0.5 * min(1, (len(think) + len(answer)) / L_max) + len(sql) / len(answer)    (only when correct, else 0)
     R   = w_f S_f + w_e S_e + w_r S_r + w_l S_l
 Lengths are in characters or, with a token counter, in tokens. A component switched off (the paper's ablations)
-is 0. A failed gold query gives no result or length reward; the Reward says so (`gold_error`) so it is counted.
+is 0. A gold query that fails (error or timeout) makes the pair unscorable: S_e = S_r = S_l = 0 whatever the
+prediction did, only S_f counts. This is SQL-R1's release (its verl reward maps the evaluator's "Gold Error" verdict
+to exec 0 and result 0, and pays length only on "Match"): a failed gold must not reward a query that merely runs.
+The Reward says so (`gold_error`) so it is counted.
 """
 
 from __future__ import annotations
@@ -98,14 +101,14 @@ class Reward:
 def compute_reward(parsed: Parsed, exec_status: str | None, match: bool, cfg: RewardConfig, gold_error: bool = False,
                    count_tokens: Callable[[str], int] | None = None) -> Reward:
     """The reward of one completion, given how its SQL ran ("ok" / "error" / "timeout"; ignored when the format is
-    wrong) and whether its result matched the gold result."""
+    wrong) and whether its result matched the gold result. With `gold_error` only the format reward is given."""
     if cfg.length_unit == "tokens" and count_tokens is None:
         raise ValueError("RewardConfig.length_unit='tokens' needs count_tokens (e.g. a tokenizer's len(encode(s)))")
     size = count_tokens if cfg.length_unit == "tokens" else len
     executed = parsed.format_ok and exec_status == "ok"
     correct = executed and match and not gold_error
     s_f = 1.0 if parsed.format_ok else -1.0
-    s_e = (2.0 if executed else -2.0) if parsed.format_ok else 0.0
+    s_e = (2.0 if executed else -2.0) if parsed.format_ok and not gold_error else 0.0
     s_r = (3.0 if correct else -3.0) if executed and not gold_error else 0.0
     s_l = 0.0
     if correct:

@@ -63,10 +63,14 @@ def test_reward_table(parsed, status, match, expected):
     assert not r.gold_error
 
 
-def test_gold_error_gives_no_result_reward():
-    r = compute_reward(OK, "ok", True, RewardConfig(), gold_error=True)
-    assert (r.format, r.execution, r.result, r.length, r.total) == (1, 2, 0, 0, 3)
+@pytest.mark.parametrize("status", ["ok", "error", "timeout"])
+def test_gold_error_gives_no_execution_or_result_reward(status):
+    """SQL-R1's release: a "Gold Error" verdict scores exec 0 and result 0, whatever the prediction did."""
+    r = compute_reward(OK, status, status == "ok", RewardConfig(), gold_error=True)
+    assert (r.format, r.execution, r.result, r.length, r.total) == (1, 0, 0, 0, 1)
     assert r.gold_error and not r.correct
+    r = compute_reward(BAD, status, False, RewardConfig(), gold_error=True)
+    assert (r.format, r.execution, r.total) == (-1, 0, -1)
 
 
 def test_switches_and_weights():
@@ -117,18 +121,19 @@ def test_score_batch(db):
         respond("SELECT name FROM t ORDER BY age DESC"),  # wrong order
         respond("SELECT nme FROM t"),  # error
         "SELECT name FROM t",  # bad format
-        respond("SELECT name FROM t"),  # against a broken gold
+        respond("SELECT name FROM t"),  # against a broken gold: runs, but no execution reward
+        respond("SELECT nme FROM t"),  # against a broken gold: fails, no execution penalty either
     ]
-    golds = [gold] * 5 + [(str(db), "SELECT nope FROM t")]
+    golds = [gold] * 5 + [(str(db), "SELECT nope FROM t")] * 2
     cache: dict = {}
     with Sandbox(num_workers=2, timeout=5.0) as sandbox:
         rewards = score_batch(sandbox, responses, golds, RewardConfig(), gold_cache=cache)
         again = score_batch(sandbox, responses, golds, RewardConfig())  # default cache: the pool's
         assert set(sandbox.gold_cache) == set(cache)
     expected_length = length_score(parse_response(responses[0]))
-    assert [r.total for r in rewards] == pytest.approx([6 + expected_length, 6 + expected_length, 0, -1, -1, 3])
-    assert [r.correct for r in rewards] == [True, True, False, False, False, False]
-    assert [r.gold_error for r in rewards] == [False] * 5 + [True]
+    assert [r.total for r in rewards] == pytest.approx([6 + expected_length, 6 + expected_length, 0, -1, -1, 1, 1])
+    assert [r.correct for r in rewards] == [True, True, False, False, False, False, False]
+    assert [r.gold_error for r in rewards] == [False] * 5 + [True] * 2
     assert set(cache) == {("spider", *gold), ("spider", str(db), "SELECT nope FROM t")}  # golds executed once, kept
     assert again == rewards
     with pytest.raises(ValueError, match="one gold each"):
