@@ -27,7 +27,7 @@ import math
 import re
 import sys
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from sqlr1.sandbox import ExecResult, Sandbox, resolve_db
@@ -236,27 +236,40 @@ class Vote:
 _NAN = object()  # stands for every NaN, which is otherwise unequal to itself
 
 
-def _vote_key(rows: list[tuple]) -> frozenset:
-    """The result as a set of rows; hashing makes 1 and 1.0 one value, and NaNs are made equal to each other."""
-    return frozenset(tuple(_NAN if isinstance(v, float) and math.isnan(v) else v for v in row) for row in rows)
+def _without_nan(result: ExecResult) -> ExecResult:
+    """The result with every NaN replaced by one shared object, so that two NaN results compare equal."""
+    rows = [tuple(_NAN if isinstance(v, float) and math.isnan(v) else v for v in row) for row in result.rows]
+    return replace(result, rows=rows)
 
 
-def vote(candidates: list[tuple[str, ExecResult]]) -> Vote:
-    """Self-consistency: group candidates whose results are the same set of rows; the largest group wins.
+def vote(candidates: list[tuple[str, ExecResult]], mode: str = "spider") -> Vote:
+    """Self-consistency: group candidates whose results the evaluator would call equal; the largest group wins.
 
+    Candidates i and j agree when `results_match(R_i, R_j, mode, ordered)` with
+    ordered = order_matters(sql_i) or order_matters(sql_j): the rules EX is scored with (spider: same bag of rows up
+    to a column permutation, same list of rows when ordered; bird: same set of rows), the SQL having ORDER BY
+    standing in for the gold's. Each candidate joins the first group whose first member it agrees with.
     Failed or timed-out candidates do not vote. Ties go to the group seen first, and the answer is the first SQL
     of the winning group. If every candidate failed, all_failed is set and the first candidate is kept.
     """
     if not candidates:
         raise ValueError("vote: no candidates")
-    groups: dict[frozenset, list[int]] = {}  # insertion order = order first seen
-    for index, (_, result) in enumerate(candidates):
-        if result.ok:
-            groups.setdefault(_vote_key(result.rows), []).append(index)
+    groups: list[list[int]] = []  # in order first seen; groups[g][0] is the member the others are compared with
+    results = [_without_nan(r) if r.ok else r for _, r in candidates]
+    for index, ((sql, _), result) in enumerate(zip(candidates, results)):
+        if not result.ok:
+            continue
+        for group in groups:
+            first_sql = candidates[group[0]][0]
+            if results_match(result, results[group[0]], mode, order_matters(sql) or order_matters(first_sql)):
+                group.append(index)
+                break
+        else:
+            groups.append([index])
     if not groups:
         return Vote(candidates[0][0], 0, 0, 0, all_failed=True)
-    winner = max(groups.values(), key=len)  # max keeps the first of equals
-    return Vote(candidates[winner[0]][0], winner[0], len(winner), sum(map(len, groups.values())), all_failed=False)
+    winner = max(groups, key=len)  # max keeps the first of equals
+    return Vote(candidates[winner[0]][0], winner[0], len(winner), sum(map(len, groups)), all_failed=False)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """Answering questions with execution-grounded self-consistency, and held-out execution accuracy.
 
 SQL-R1 inference (Sec. 3.3): sample N candidates at temperature T (N = 8, T = 0.8), parse the SQL out of each
-`<answer>`, execute all of them, group the candidates that ran by their result set and answer with the first SQL of
-the largest group. N = 1 or T = 0 is greedy decoding. Used by sample.py and by train.py's evaluations, so the
+`<answer>`, execute all of them, group the candidates that ran by their result, compared as the evaluator compares
+(`sqlr1.evaluate.vote`: in order when the SQL has ORDER BY), and answer with the first SQL of the largest group. N = 1 or T = 0 is greedy decoding. Used by sample.py and by train.py's evaluations, so the
 numbers a training run logs are the numbers sample.py reproduces.
 """
 
@@ -50,8 +50,9 @@ def answer(
     seed: int = 0,
     progress: bool | None = None,
     timeout: float | None = None,
+    mode: str = "spider",
 ) -> list[Answer]:
-    """Answer each prompt: N candidates -> execute all in one sandbox call -> vote by result set."""
+    """Answer each prompt: N candidates -> execute all in one sandbox call -> vote by result under `mode`'s rules."""
     if n < 1:
         raise ValueError(f"n={n}: the number of candidates must be >= 1")
     if len(db_paths) != len(prompts):
@@ -71,7 +72,7 @@ def answer(
         js = range(i * n, (i + 1) * n)
         # a candidate without SQL cannot vote: give it an error result
         cands = [(sqls[j], results[j] if sqls[j] else ExecResult("error", [], 0, "no SQL in the answer", False)) for j in js]
-        v = vote(cands)
+        v = vote(cands, mode)
         j = i * n + v.index
         answers.append(Answer(sqls[j], texts[j], results[j] if sqls[j] else None, v.votes, v.num_valid, [texts[k] for k in js]))
     return answers
@@ -90,7 +91,8 @@ def evaluate_policy(model, tokenizer, examples, prompts, sandbox: Sandbox, cfg, 
     golds = [ex.sql for ex in exs]
     local = torch.zeros(5, dtype=torch.float64)  # a rank with no examples (fewer than ranks) still joins the sum
     if exs:
-        common = dict(max_new_tokens=cfg.max_response_len, timeout=cfg.reward.timeout, progress=False, seed=cfg.seed)
+        common = dict(max_new_tokens=cfg.max_response_len, timeout=cfg.reward.timeout, progress=False, seed=cfg.seed,
+                      mode=cfg.reward.mode)
         greedy = answer(model, tokenizer, ids, dbs, sandbox, n=1, **common)
         voted = greedy if cfg.eval_n <= 1 else answer(model, tokenizer, ids, dbs, sandbox, n=cfg.eval_n,
                                                       temperature=cfg.eval_temperature, **common)

@@ -102,9 +102,12 @@ def test_normalize_sql():
 # ------------------------------------------------------------------ vote
 
 
-def test_vote_largest_group_by_row_set_wins():
-    v = vote([("q0", ok([(1,)])), ("q1", ok([(2,), (3,)])), ("q2", ok([(3,), (2,)])), ("q3", ok([(1.0,)])),
-              ("q4", ok([(2,), (3,), (3,)]))])  # q4: duplicates collapse, same set as q1 and q2
+def test_vote_largest_group_by_result_wins():
+    cands = [("q0", ok([(1,)])), ("q1", ok([(2,), (3,)])), ("q2", ok([(3,), (2,)])), ("q3", ok([(4.0,)])),
+             ("q4", ok([(2,), (3,), (3,)]))]  # q4: the same set as q1 and q2, not the same bag
+    v = vote(cands)  # spider rules: bags of rows
+    assert (v.sql, v.index, v.votes, v.num_valid, v.all_failed) == ("q1", 1, 2, 5, False)
+    v = vote(cands, mode="bird")  # bird rules: sets of rows
     assert (v.sql, v.index, v.votes, v.num_valid, v.all_failed) == ("q1", 1, 3, 5, False)
 
 
@@ -319,3 +322,25 @@ def test_spider_dev_hand_made_mismatches(pool):
     # DISTINCT must change the raw result for that case to mean anything
     raw = pool.execute_many([(db, cases[-1][1]), (db, gold_distinct)])
     assert len(raw[0].rows) < len(raw[1].rows)
+
+
+def test_vote_compares_candidates_as_the_evaluator_does(pool, db_root):
+    """Real SQLite results: with ORDER BY the order of the rows counts; columns may come in any order."""
+    db = str(resolve_db(db_root, "shop"))
+    office = "SELECT name FROM item WHERE kind = 'office'"
+    sqls = [office + " ORDER BY price DESC",  # ink, pen
+            office + " ORDER BY price",  # pen, ink
+            office + " ORDER BY price ASC",  # pen, ink
+            office]  # pen, ink (no ORDER BY, but the others have one: compared in order)
+    results = pool.execute_many([(db, q) for q in sqls])
+    assert [r.rows for r in results] == [[("ink",), ("pen",)]] + [[("pen",), ("ink",)]] * 3
+    v = vote(list(zip(sqls, results)))
+    assert (v.sql, v.index, v.votes, v.num_valid) == (sqls[1], 1, 3, 4)  # a row set would have made one group of 4
+    # the winner is the candidate the evaluator scores as correct against an ordered gold
+    golds = score_pairs(pool, [v.sql, sqls[0]], [sqls[2]] * 2, [db] * 2)
+    assert [g.match for g in golds] == [True, False]
+
+    sqls = ["SELECT name, price FROM item WHERE kind = 'food'", "SELECT price, name FROM item WHERE kind = 'food'",
+            "SELECT name FROM item WHERE kind = 'food'", "SELECT price, name FROM item WHERE kind = 'food'"]
+    v = vote(list(zip(sqls, pool.execute_many([(db, q) for q in sqls]))))
+    assert (v.sql, v.index, v.votes) == (sqls[0], 0, 3)  # spider EX matches columns under any permutation
