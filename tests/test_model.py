@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sqlr1.model import KVCache, ModelConfig, Qwen2, decode_attention
+from sqlr1.model import KVCache, ModelConfig, Qwen2, attention, decode_attention
 
 ROWS = 128  # embedding rows; the "tokenizer" below has only VOCAB ids, as Qwen pads 151,665 ids to 152,064 rows
 VOCAB = 100
@@ -77,6 +77,60 @@ def test_decode_attention_equals_sdpa(n_head, n_kv):
         expected = F.scaled_dot_product_attention(*args, attn_mask=mask, enable_gqa=n_kv != n_head)
         bias = torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, float("-inf"))  # the model's additive form
         torch.testing.assert_close(decode_attention(*args, bias).float(), expected.float(), atol=atol, rtol=0)
+
+
+def grouped_attention_reference(q, k, v, bias):
+    """softmax(q_h K_g^T / sqrt(D) + bias) V_g with g = h // (H / H_kv), written out in float64, K/V never repeated."""
+    group = q.shape[1] // k.shape[1]
+    out = []
+    for h in range(q.shape[1]):
+        kh, vh = k[:, h // group].double(), v[:, h // group].double()
+        scores = q[:, h].double() @ kh.transpose(-1, -2) / q.shape[-1] ** 0.5
+        if bias is not None:
+            scores = scores + bias[:, 0].double()
+        else:
+            scores = scores.masked_fill(torch.ones_like(scores, dtype=torch.bool).triu(1), float("-inf"))
+        out.append(scores.softmax(-1) @ vh)
+    return torch.stack(out, 1)
+
+
+def test_masked_gqa_attention_never_asks_sdpa_for_gqa_with_a_mask(monkeypatch):
+    """On CUDA no fused SDPA kernel takes a mask together with enable_gqa (flash takes no mask, memory-efficient no
+    GQA), so the math kernel would run with an fp32 [B, H, T, S] score tensor. `attention` must repeat K/V to H heads
+    when it passes a mask, and pass enable_gqa only unmasked in half precision (flash); the result equals GQA's math."""
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, is_causal=False, enable_gqa=False, **kw):
+        calls.append((q.shape[1], k.shape[1], v.shape[1], attn_mask is not None, is_causal, enable_gqa, q.dtype))
+        return sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=enable_gqa, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    model = tiny_model()  # 5 query heads, 1 KV head
+    ids, mask = left_padded([7, 4])
+    model(ids, attention_mask=mask)  # training / reference forward: padded rows, additive mask
+    cache = KVCache(model.config, 2, 9)
+    model(ids, attention_mask=mask, kv_cache=cache, cache_position=torch.arange(7))  # prefill
+    assert len(calls) == 2 * model.config.num_hidden_layers
+    assert {c[:6] for c in calls} == {(5, 5, 5, True, False, False)}  # K/V repeated, no enable_gqa with the mask
+
+    g = torch.Generator().manual_seed(0)
+    B, H, H_kv, T, D = 2, 6, 2, 5, 8
+    q, k, v = (torch.randn(B, h, T, D, generator=g) for h in (H, H_kv, H_kv))
+    visible = torch.ones(T, T, dtype=torch.bool).tril().expand(B, 1, T, T).clone()
+    visible[0, :, :, :2] = False  # row 0 left-padded by 2 columns
+    visible[0, :, :2, :2] = torch.eye(2, dtype=torch.bool)  # a padding query sees itself
+    bias = torch.zeros(visible.shape).masked_fill(~visible, float("-inf"))
+    calls.clear()
+    out = attention(q, k, v, bias)
+    assert calls[-1][:6] == (H, H, H, True, False, False)
+    torch.testing.assert_close(out.double(), grouped_attention_reference(q, k, v, bias), atol=1e-6, rtol=0)
+    out = attention(q, k, v, None)  # fp32 unmasked: flash cannot take fp32 on CUDA, so repeated too
+    assert calls[-1][:6] == (H, H, H, False, True, False)
+    torch.testing.assert_close(out.double(), grouped_attention_reference(q, k, v, None), atol=1e-6, rtol=0)
+    half = attention(*(t.bfloat16() for t in (q, k, v)), None)  # bf16 unmasked: flash with native GQA
+    assert calls[-1] == (H, H_kv, H_kv, False, True, True, torch.bfloat16)
+    torch.testing.assert_close(half.double(), grouped_attention_reference(q, k, v, None), atol=3e-2, rtol=0)
 
 
 def test_kv_cache_select_rows_shares_a_prefix():
