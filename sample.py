@@ -18,12 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from sqlr1.checkpoint import load_model
 from sqlr1.data import SHORT_PROMPT, SQLR1_PROMPT, Example, build_prompt, load_dataset
 from sqlr1.evaluate import score_pairs
-from sqlr1.inference import answer
+from sqlr1.inference import answer, answer_in_batches
 from sqlr1.sandbox import Sandbox
 from sqlr1.tokenizer import load_tokenizer
 
@@ -131,15 +130,14 @@ def dataset_eval(model, tokenizer, settings: PromptSettings, sandbox, args, mode
     out.mkdir(parents=True, exist_ok=True)
     summary = {}
     for name, n in runs.items():
-        t0, preds = time.time(), []
-        for i in tqdm(range(0, len(examples), args.batch_size), desc=name, unit="batch"):
-            batch = slice(i, i + args.batch_size)
-            preds += [a.sql for a in answer(model, tokenizer, prompts[batch], dbs[batch], sandbox, n=n,
-                                            temperature=args.temperature, max_new_tokens=args.max_new_tokens,
-                                            seed=args.seed + i, progress=False, timeout=args.timeout)]
+        t0 = time.time()
+        mode = "bird" if args.dataset == "bird" else "spider"
+        preds = [a.sql for a in answer_in_batches(model, tokenizer, prompts, dbs, sandbox, args.batch_size,
+                                                  seed=args.seed, desc=name, n=n, temperature=args.temperature,
+                                                  max_new_tokens=args.max_new_tokens, timeout=args.timeout,
+                                                  mode=mode)]
         elapsed = time.time() - t0
         write_predictions(out, name, args.dataset, examples, preds)
-        mode = "bird" if args.dataset == "bird" else "spider"
         verdicts = score_pairs(sandbox, preds, [ex.sql for ex in examples], dbs, mode=mode, timeout=args.timeout)
         with (out / f"verdicts_{name}.jsonl").open("w") as f:
             for i, (ex, v) in enumerate(zip(examples, verdicts)):

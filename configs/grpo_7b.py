@@ -32,6 +32,7 @@ config = TrainConfig(
     train_split="train",
     eval_split="dev",
     eval_limit=500,
+    eval_batch_size=4,  # 4 prompts x eval_n 8 = 32 rows per generate call (KV cache ~11 GB; see TrainConfig)
     prompt_template="sqlr1",
     sample_values=2,
     max_prompt_len=4096,

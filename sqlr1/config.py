@@ -78,7 +78,12 @@ class TrainConfig:
     eval_limit: int = 0  # 0: all eval examples
     eval_n: int = 8
     eval_temperature: float = 0.8
-    eval_batch_size: int = 0  # prompts per generate call in evaluation (0: all of a rank's prompts at once)
+    # Prompts per generate call in evaluation (0: all of a rank's prompts at once); the voted pass has
+    # eval_batch_size * eval_n rows. The default fits grpo_7b on 80 GB: its KV cache is b * 8 rows x 6143 columns x
+    # 57,344 B (28 layers x K,V x 4 KV heads x 128 x bf16) = 2.8 GB per prompt, and dropping finished rows briefly
+    # holds the old and the new cache (2x): b = 4 peaks at ~23 GB next to ~17 GB of sharded training state and the
+    # 15 GB bf16 rollout copy, ~55 GB, inside 80 GB less 10 % headroom (b = 6 would leave ~5 GB).
+    eval_batch_size: int = 4
     # --- execution sandbox (the per-query deadline is reward.timeout) ---
     sandbox_workers: int = 0  # 0: number of cores
     # --- checkpoints and logging ---
@@ -100,7 +105,8 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"config {name}={getattr(self, name)}: must be >= 1")
-        for name in ("sft_steps", "grpo_steps", "warmup_steps", "eval_every", "eval_limit", "save_every"):
+        for name in ("sft_steps", "grpo_steps", "warmup_steps", "eval_every", "eval_limit", "save_every",
+                     "eval_batch_size"):
             if getattr(self, name) < 0:
                 raise ValueError(f"config {name}={getattr(self, name)}: must be >= 0")
         # Written as `not (lo <= x <= hi)` so that NaN fails too.

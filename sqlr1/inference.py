@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 
 from sqlr1 import distributed
 from sqlr1.evaluate import score_pairs, vote
@@ -78,10 +79,35 @@ def answer(
     return answers
 
 
+def answer_in_batches(
+    model, tokenizer, prompts: list[list[int]], db_paths: list[str], sandbox: Sandbox, batch_size: int = 0,
+    seed: int = 0, desc: str | None = None, **kwargs,
+) -> list[Answer]:
+    """`answer` over consecutive batches of `batch_size` prompts (0: all in one call), so one generate call holds at
+    most batch_size * n rows and its static KV cache rows x (L + max_new_tokens - 1) columns stays bounded.
+
+    Seeds: the batch starting at prompt s is sampled with seed + s, so results depend on (seed, batch_size) and
+    not on anything else; batch_size 0 is the one call with `seed`. Greedy decoding uses no random numbers: its
+    answers are the same for every batch_size (up to float rounding, see sqlr1.sampling). `desc`: a progress bar
+    over batches with that label (None: no bar). Other keyword arguments go to `answer`.
+    """
+    if batch_size < 0:
+        raise ValueError(f"batch_size={batch_size}: must be >= 0 (0: all prompts in one generate call)")
+    size = batch_size or max(len(prompts), 1)
+    answers: list[Answer] = []
+    for start in tqdm(range(0, len(prompts), size), desc=desc, unit="batch", disable=desc is None):
+        batch = slice(start, start + size)
+        answers += answer(model, tokenizer, prompts[batch], db_paths[batch], sandbox, seed=seed + start,
+                          progress=False, **kwargs)
+    return answers
+
+
 def evaluate_policy(model, tokenizer, examples, prompts, sandbox: Sandbox, cfg, d=None) -> dict[str, float]:
     """Held-out execution accuracy of greedy decoding and of N-candidate voting, plus greedy format rate and reward.
 
-    With several ranks each evaluates every world_size-th example and the counts are summed.
+    With several ranks each evaluates every world_size-th example and the counts are summed. Each rank samples its
+    prompts in batches of `cfg.eval_batch_size` (the voted pass: eval_batch_size * eval_n rows per generate call),
+    seeded as `answer_in_batches` says.
     """
     rank, world = (d.rank, d.world_size) if d is not None else (0, 1)
     mine = list(range(rank, len(examples), world))
@@ -91,11 +117,11 @@ def evaluate_policy(model, tokenizer, examples, prompts, sandbox: Sandbox, cfg, 
     golds = [ex.sql for ex in exs]
     local = torch.zeros(5, dtype=torch.float64)  # a rank with no examples (fewer than ranks) still joins the sum
     if exs:
-        common = dict(max_new_tokens=cfg.max_response_len, timeout=cfg.reward.timeout, progress=False, seed=cfg.seed,
-                      mode=cfg.reward.mode)
-        greedy = answer(model, tokenizer, ids, dbs, sandbox, n=1, **common)
-        voted = greedy if cfg.eval_n <= 1 else answer(model, tokenizer, ids, dbs, sandbox, n=cfg.eval_n,
-                                                      temperature=cfg.eval_temperature, **common)
+        common = dict(max_new_tokens=cfg.max_response_len, timeout=cfg.reward.timeout, seed=cfg.seed,
+                      mode=cfg.reward.mode, batch_size=cfg.eval_batch_size)
+        greedy = answer_in_batches(model, tokenizer, ids, dbs, sandbox, n=1, **common)
+        voted = greedy if cfg.eval_n <= 1 else answer_in_batches(model, tokenizer, ids, dbs, sandbox, n=cfg.eval_n,
+                                                                 temperature=cfg.eval_temperature, **common)
         mode = cfg.reward.mode
         ex_g = score_pairs(sandbox, [a.sql for a in greedy], golds, dbs, mode=mode, timeout=cfg.reward.timeout)
         ex_v = ex_g if voted is greedy else score_pairs(sandbox, [a.sql for a in voted], golds, dbs, mode=mode,

@@ -63,7 +63,7 @@ def test_shipped_configs_load():
 @pytest.mark.parametrize("override", [
     "--grad_clip=-1", "--lr=-1", "--lr=nan", "--temperature=nan", "--top_p=0", "--top_k=-3",
     "--eval_temperature=-1", "--reward.timeout=nan", "--reward.w_r=inf", "--grpo.clip_low=nan",
-    "--grpo.kl_coef=nan", "--adam_betas=0.9,1.5",
+    "--grpo.kl_coef=nan", "--adam_betas=0.9,1.5", "--eval_batch_size=-1",
 ])
 def test_out_of_range_numbers_are_refused_before_training(override):
     """Numbers that would silently train uphill, switch off the SQL deadline or make every loss NaN (NaN included)."""

@@ -135,3 +135,49 @@ def test_held_out_evaluation_on_a_rank_without_examples(tiny):
     with Sandbox(num_workers=1) as sandbox:
         scores = evaluate_policy(model, tok, [], [], sandbox, TrainConfig(), Dist())
     assert scores == {"ex_greedy": 0.0, "ex_voted": 0.0, "format_ok": 0.0, "mean_reward": 0.0}
+
+
+def test_held_out_evaluation_runs_in_bounded_batches_with_the_same_answers(tiny, monkeypatch):
+    """evaluate_policy sends at most eval_batch_size prompts (x eval_n rows) to one generate call; greedy answers are
+    those of one unbatched call, and each voted batch starting at prompt s is seeded with seed + s."""
+    from sqlr1 import inference
+    from sqlr1.data import load_dataset
+    from sqlr1.inference import answer, answer_in_batches, evaluate_policy
+    from sqlr1.sandbox import Sandbox
+
+    world, model_dir = tiny
+    model, tok = load_model(model_dir, dtype=torch.float32), load_tokenizer(world / "tokenizer")
+    model.init_weights(std=0.5, generator=torch.Generator().manual_seed(0))  # peaked, prompt-dependent completions
+    examples = load_dataset("spider", world, "dev")[:5]  # the toy world is laid out like Spider
+    prompts = [build_prompt(ex, tok, SHORT_PROMPT, 512) for ex in examples]
+    ids, dbs = [p.ids for p in prompts], [str(ex.db_path) for ex in examples]
+    rows_per_call = []
+    real_generate = inference.generate
+
+    def counting_generate(model, prompts, num_samples=1, **kwargs):  # the real sampler, its calls counted
+        rows_per_call.append(len(prompts) * num_samples)
+        return real_generate(model, prompts, num_samples=num_samples, **kwargs)
+
+    monkeypatch.setattr(inference, "generate", counting_generate)
+    cfg = TrainConfig(eval_batch_size=2, eval_n=3, max_response_len=10, seed=3)
+    with Sandbox(num_workers=1) as sandbox:
+        batched = evaluate_policy(model, tok, examples, prompts, sandbox, cfg, Dist())
+        assert rows_per_call == [2, 2, 1, 6, 6, 3]  # greedy pass, then the voted pass: <= 2 prompts x 3 rows
+        rows_per_call.clear()
+        unbatched = evaluate_policy(model, tok, examples, prompts, sandbox, TrainConfig(
+            eval_batch_size=0, eval_n=3, max_response_len=10, seed=3), Dist())
+        assert rows_per_call == [5, 15]
+        for key in ("ex_greedy", "format_ok", "mean_reward"):  # the greedy numbers do not depend on the batching
+            assert batched[key] == unbatched[key]
+
+        common = dict(max_new_tokens=10, seed=3)
+        one_call = answer_in_batches(model, tok, ids, dbs, sandbox, 0, n=1, **common)
+        in_pairs = answer_in_batches(model, tok, ids, dbs, sandbox, 2, n=1, **common)
+        assert in_pairs == one_call and len({a.response for a in one_call}) > 1
+        voted = answer_in_batches(model, tok, ids, dbs, sandbox, 2, n=3, temperature=0.8, **common)
+        assert voted == answer_in_batches(model, tok, ids, dbs, sandbox, 2, n=3, temperature=0.8, **common)
+        for s in (0, 2, 4):
+            assert voted[s : s + 2] == answer(model, tok, ids[s : s + 2], dbs[s : s + 2], sandbox, n=3,
+                                              temperature=0.8, max_new_tokens=10, seed=3 + s, progress=False)
+    with pytest.raises(ValueError, match="batch_size=-1"):
+        answer_in_batches(model, tok, ids, dbs, None, -1)
