@@ -74,16 +74,18 @@ def truncate_logprobs(logp: torch.Tensor, top_k: int, top_p: float) -> torch.Ten
 
 
 def sample_tokens(
-    logits: torch.Tensor, temperature: float, top_k: int, top_p: float, uniform: torch.Tensor | None
+    logits: torch.Tensor, temperature: float | torch.Tensor, top_k: int, top_p: float, uniform: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw one id per row and return (ids [B], log p(ids) [B]).
 
-    logits [B, V] fp32; uniform [B] i.i.d. U(0, 1) (unused when temperature == 0, greedy). The draw is inverse-CDF
-    sampling of the truncated distribution p~: y = min{v : F(v) > u F(V)}, F the cumulative sum of p~ (u F(V) is
-    kept below F(V) so a float rounding can never pick an id with p~ = 0). The log-prob is the untruncated
-    log softmax(logits / tau) at the drawn id (tau = 1 for greedy).
+    logits [B, V] fp32; uniform [B] i.i.d. U(0, 1), or None for greedy decoding (temperature 0: argmax; temperature
+    is then unused). Greedy is told by `uniform`, not by temperature's value, so that temperature may be a 0-d
+    tensor (the compiled decode step: no graph per temperature). The draw is inverse-CDF sampling of the truncated
+    distribution p~: y = min{v : F(v) > u F(V)}, F the cumulative sum of p~ (u F(V) is kept below F(V) so a float
+    rounding can never pick an id with p~ = 0). The log-prob is the untruncated log softmax(logits / tau) at the
+    drawn id (tau = 1 for greedy).
     """
-    if temperature == 0:
+    if uniform is None:
         logp = logits.log_softmax(-1)
         ids = logp.argmax(-1)
     else:
@@ -108,10 +110,27 @@ def _decode_step(
 
 @functools.cache
 def _compiled_decode_step():
-    """`_decode_step` under torch.compile, built on first use (importing the compiler takes seconds). Shapes change
-    with the batch (compaction) and T_max (prompt lengths): automatic dynamic shapes recompile once with those
-    dimensions symbolic instead of once per size."""
-    return torch.compile(_decode_step)
+    """`_decode_step` under torch.compile, built on first use (importing the compiler takes seconds).
+
+    The number of graphs over a whole run is bounded, whatever values the run uses: the batch B (it shrinks as rows
+    finish) and the cache width T_max (it follows the prompt lengths) are symbolic from the first call (marked
+    dynamic); B never reaches 1, which dynamo would specialise (`_generate` keeps a finished row along, and runs a
+    one-row call eager); the temperature arrives as a 0-d tensor (no guard on its value); greedy decoding (uniform
+    None) is a graph of its own; vocab_size and top_k stay Python ints (fixed in a run). So a run builds one greedy
+    graph and one sampled graph per (top_k > 0, top_p < 1) combination it uses: 2 for SQL-R1's recipe, well below
+    dynamo's recompile limit (8; past it the step would silently run eager)."""
+    compiled = torch.compile(_decode_step)
+
+    def step(model, vocab_size, ids, attention_mask, position_ids, kv_cache, cache_position, temperature, top_k,
+             top_p, uniform):
+        for t in (ids, attention_mask, position_ids, *kv_cache.k, *kv_cache.v, *([] if uniform is None else [uniform])):
+            torch._dynamo.maybe_mark_dynamic(t, 0)  # B
+        for t in (attention_mask, *kv_cache.k, *kv_cache.v):
+            torch._dynamo.maybe_mark_dynamic(t, 1 if t is attention_mask else 2)  # T_max
+        return compiled(model, vocab_size, ids, attention_mask, position_ids, kv_cache, cache_position, temperature,
+                        top_k, top_p, uniform)
+
+    return step
 
 
 def _check_args(model, prompts, num_samples, max_new_tokens, temperature, top_p, top_k, vocab_size, check_every):
@@ -165,8 +184,8 @@ def generate(
     temperature 0 is greedy; top_k 0 and top_p 1 disable truncation; `vocab_size` (default: the model's) is the
     tokenizer's real vocabulary — ids >= vocab_size are never produced. Generation of a row ends at the first id in
     `stop_ids` or after `max_new_tokens`. `seed` fixes the random stream (None: nondeterministic). `compile` runs the
-    decode step under torch.compile (same results; the first calls pay a compilation: one static graph, then one
-    with the batch size and cache length symbolic).
+    decode step under torch.compile (same results; the first calls of a process pay a compilation: one graph for
+    greedy decoding, one for sampling, with the batch size and cache length symbolic; a one-row call runs eager).
     `share_prefix=False` prefills every row separately (same results; for tests and benchmarks). `progress` shows a
     tqdm bar over generated tokens (None: only when stderr is a terminal). The model runs in eval mode under
     inference_mode; its training flag is restored afterwards.
@@ -230,7 +249,10 @@ def _generate(
         generator.seed()
     else:
         generator.manual_seed(seed)
+    compile = compile and N >= 2  # a batch of 1 would be a graph of its own: one row decodes eager
     step_fn = _compiled_decode_step() if compile else _decode_step
+    step_temperature = torch.tensor(float(temperature), device=device) if compile else temperature
+    min_rows = 2 if compile else 1  # compiled: compaction keeps a finished row along rather than reach batch 1
 
     def uniforms():  # one uniform per original row and step, drawn whether or not the row is live: row r reads entry r
         return torch.rand(N, generator=generator, device=device)[rows] if temperature > 0 else None
@@ -249,18 +271,21 @@ def _generate(
                 num_live = int((~done).sum())  # the one host sync per check
                 if num_live == 0:
                     break
-                if num_live < rows.shape[0]:
+                if max(num_live, min_rows) < rows.shape[0]:
                     keep = (~done).nonzero().squeeze(-1)
+                    if num_live < min_rows:  # its tokens after its stop id are discarded like any row's
+                        keep = torch.cat([keep, done.nonzero()[: min_rows - num_live, 0]]).sort().values
                     kv_cache.select_rows(keep)
                     mask, positions, rows, done, next_ids = (
                         t.index_select(0, keep) for t in (mask, positions, rows, done, next_ids)
                     )
         # Keys beyond column L + s are still empty. Eager: pass only the filled part of the mask (attention reads that
-        # much). Compiled: pass all T_max columns, so shapes stay static (one graph; the mask hides empty columns).
+        # much). Compiled: pass all T_max columns, the cache's width, so the step sees one width per call (the mask
+        # hides empty columns).
         width = T_max if compile else L + s + 1
         next_ids, next_logp = step_fn(
             model, vocab_size, next_ids, mask[:, :width], positions, kv_cache,
-            columns[s : s + 1], temperature, top_k, top_p, uniforms(),
+            columns[s : s + 1], step_temperature, top_k, top_p, uniforms(),
         )
         positions += 1
     bar.close()
