@@ -2,8 +2,9 @@
 
 SQL-R1 inference (Sec. 3.3): sample N candidates at temperature T (N = 8, T = 0.8), parse the SQL out of each
 `<answer>`, execute all of them, group the candidates that ran by their result, compared as the evaluator compares
-(`sqlr1.evaluate.vote`: in order when the SQL has ORDER BY), and answer with the first SQL of the largest group. N = 1 or T = 0 is greedy decoding. Used by sample.py and by train.py's evaluations, so the
-numbers a training run logs are the numbers sample.py reproduces.
+(`sqlr1.evaluate.vote`: in order when the SQL has ORDER BY), and answer with the first SQL of the largest group.
+N = 1 or T = 0 is greedy decoding. Used by sample.py and by train.py's evaluations, so the numbers a training run
+logs are the numbers sample.py reproduces.
 """
 
 from __future__ import annotations
