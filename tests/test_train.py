@@ -12,11 +12,13 @@ import torch
 
 from sqlr1.batch import Sequence, collate
 from sqlr1.distributed import Dist
-from sqlr1.grpo import group_advantages, loss_norm
+from sqlr1.grpo import finalize_metrics, finalize_mismatch, group_advantages, loss_norm
 from sqlr1.model import ModelConfig, Qwen2
 from sqlr1.sampling import generate
 from tests.split_case import LOSS_MODES, make_case, one_step
-from sqlr1.update import make_optimizer, microbatches, optimizer_step, train_on_micro_batches
+from sqlr1.update import (
+    compute_context, make_optimizer, microbatches, optimizer_step, recompute_old_logprobs, train_on_micro_batches,
+)
 from train import step_indices
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,8 +41,12 @@ def test_gradient_does_not_depend_on_micro_batching(mode):
     assert max(g.abs().max() for g in g1.values()) > 1e-3  # the step did something
 
 
-def test_fsdp_two_ranks_match_one_process(tmp_path):
-    """torchrun, gloo, FSDP2 fully_shard: 2 ranks x 2 micro-batches == 1 process x 1 micro-batch."""
+def test_fsdp_two_ranks_match_one_process_and_hold_no_unsharded_gradient(tmp_path):
+    """torchrun, gloo, FSDP2 fully_shard: 2 ranks x 2 micro-batches == 1 process x 1 micro-batch, with gradient
+    sync after every micro-batch (grad_accum_no_sync=False, the default) and with no-sync until the last one.
+
+    With sync, FSDP2 holds no unsharded gradient after micro-batch 0 (only the sharded DTensor .grad); with no-sync
+    it holds the whole fp32 model's worth (the ~28 GiB per GPU at 7B this default avoids)."""
     out = tmp_path / "dist.pt"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
@@ -53,9 +59,14 @@ def test_fsdp_two_ranks_match_one_process(tmp_path):
     for mode in LOSS_MODES:
         model, seqs, cfg = make_case(mode)
         g1, p1 = one_step(model, seqs, cfg, Dist(), micro_batch_size=len(seqs))
-        g2, p2 = dist_results[mode]
-        assert_same(g1, g2, atol=1e-6)
-        assert_same(p1, p2, atol=1e-6)
+        for no_sync in (False, True):
+            g2, p2 = dist_results[mode, no_sync]
+            assert_same(g1, g2, atol=1e-6)
+            assert_same(p1, p2, atol=1e-6)
+    held, full_fp32, sharded = dist_results["held", False]
+    assert held == 0 and sharded, (held, full_fp32)
+    held, full_fp32, _ = dist_results["held", True]
+    assert held == full_fp32 > 0  # the probe sees what no-sync keeps: every parameter's fp32 gradient, unsharded
 
 
 def test_every_parameter_changes_and_reference_does_not():
@@ -135,3 +146,58 @@ def test_grpo_learns_a_synthetic_reward():
         optimizer_step(model, opt, sched, cfg, loss)
     early, late = sum(history[:5]) / 5, sum(history[-5:]) / 5
     assert early < 0.2 and late > early + 0.3, history
+
+
+def _bf16_rollout_case(recompute: bool, ratio_level: str = "token"):
+    """Train as train.py does in one bf16 process: fp32 policy under bf16 autocast, a bf16 rollout copy samples."""
+    V, G = 61, 4
+    torch.manual_seed(0)
+    policy = Qwen2(ModelConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2))
+    policy.init_weights(std=0.1, generator=torch.Generator().manual_seed(0))
+    rollout = Qwen2(policy.config).to(torch.bfloat16)
+    rollout.load_state_dict(policy.state_dict())
+    prompts = [[1, 2, 3, 4], [5, 6, 7], [8, 9, 10, 11, 12]]
+    s = generate(rollout, prompts, num_samples=G, max_new_tokens=10, temperature=1.1, vocab_size=V, seed=0,
+                 progress=False)
+    _, _, cfg = make_case()
+    cfg.temperature, cfg.recompute_old_logp = 1.1, recompute
+    cfg.grpo.ratio_level = ratio_level
+    if ratio_level == "sequence":  # GSPO's clip range
+        cfg.grpo.clip_low, cfg.grpo.clip_high = 3e-4, 4e-4
+    adv = torch.tensor([(-1.0) ** j for j in range(len(s.tokens))])
+    seqs = [Sequence(prompts[p], s.tokens[j], s.logprobs[j], float(adv[j]), sampler_logp=s.logprobs[j])
+            for j, p in enumerate(s.prompt_index)]
+    mbs = microbatches(seqs, 4, 0, "cpu")
+    ctx = compute_context(torch.device("cpu"), torch.bfloat16, sharded=False)
+    mismatch = recompute_old_logprobs(policy, mbs, cfg, ctx, V) if recompute else {}
+    norm = loss_norm([mb.mask for mb in mbs], cfg.max_response_len)
+    _, sums = train_on_micro_batches(policy, mbs, norm, cfg, Dist(), ctx, V, sft=False)
+    return finalize_metrics(sums), mismatch
+
+
+@pytest.mark.parametrize("ratio_level", ["token", "sequence"])
+def test_recomputed_old_logp_gives_ratio_exactly_one_before_the_update(ratio_level):
+    """bf16 autocast, one process: pi_old from the trainer's own forward -> rho == 1, nothing clipped by numerics;
+    the bf16 sampler's log-probs as pi_old (the old behaviour) give rho != 1. The mismatch is what gets logged."""
+    fixed, mismatch = _bf16_rollout_case(recompute=True, ratio_level=ratio_level)
+    assert fixed["ratio"] == 1.0 and fixed["kl_old"] == 0.0
+    assert fixed["clip_low"] == 0.0 and fixed["clip_high"] == 0.0
+    sampler, _ = _bf16_rollout_case(recompute=False, ratio_level=ratio_level)
+    assert sampler["kl_old"] > 1e-6  # the trainer's forward differs from the bf16 KV-cached sampler
+    logged = finalize_mismatch(mismatch)
+    assert logged["mismatch_abs_log_rho"] > 1e-3
+    if ratio_level == "sequence":  # with the sampler as pi_old, GSPO would clip sequences by numerics alone
+        assert sampler["clip_low"] + sampler["clip_high"] > 0 and logged["mismatch_clip_frac_seqs"] > 0
+
+
+def test_tis_needs_recomputed_old_logp_and_defaults_are_the_bounded_safe_ones():
+    from sqlr1.config import TrainConfig, load_config
+    from sqlr1.grpo import GRPOConfig
+
+    with pytest.raises(ValueError, match="recompute_old_logp"):
+        TrainConfig(recompute_old_logp=False, grpo=GRPOConfig(tis_cap=2.0))
+    TrainConfig(grpo=GRPOConfig(tis_cap=2.0))
+    assert TrainConfig().recompute_old_logp and not TrainConfig().grad_accum_no_sync
+    big = load_config(ROOT / "configs" / "grpo_7b.py")
+    assert big.recompute_old_logp and not big.grad_accum_no_sync
