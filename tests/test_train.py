@@ -201,3 +201,30 @@ def test_tis_needs_recomputed_old_logp_and_defaults_are_the_bounded_safe_ones():
     assert TrainConfig().recompute_old_logp and not TrainConfig().grad_accum_no_sync
     big = load_config(ROOT / "configs" / "grpo_7b.py")
     assert big.recompute_old_logp and not big.grad_accum_no_sync
+
+
+def test_step_without_varied_rewards_is_skipped_and_counted(tmp_path):
+    """DAPO filter on an untrained model: every completion has the wrong format (reward -1), so no group varies.
+    The run must skip those steps (no optimizer step, counted in the record) instead of crashing in loss_norm."""
+    from sqlr1.checkpoint import load_model
+    from sqlr1.toyworld import build_toyworld
+
+    world = build_toyworld(tmp_path / "world", seed=0, num_train_dbs=2, num_dev_dbs=1, train_questions_per_db=4,
+                           dev_questions_per_db=2)
+    run = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs" / "grpo_tiny.py"),
+           f"--data_root={world}", f"--out_dir={run}", "--sft_steps=0", "--grpo_steps=2", "--eval_split=",
+           "--prompts_per_step=2", "--group_size=4", "--micro_batch_size=4", "--max_response_len=12",
+           "--sandbox_workers=1", "--grpo.drop_zero_std_groups=true"]
+    out = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    import json
+
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    grpo = [r for r in records if r["stage"] == "grpo"]
+    assert [r["reward"] for r in grpo] == [-1.0, -1.0] and [r["frac_zero_std"] for r in grpo] == [1.0, 1.0]
+    assert [r["skipped_zero_var"] for r in grpo] == [1, 1] and [r["skipped_zero_var_total"] for r in grpo] == [1, 2]
+    assert all("loss" not in r for r in grpo)  # nothing was trained, so there is no loss to report
+    initial, final = load_model(world / "model_seed0"), load_model(run / "final")
+    assert all(torch.equal(a, b) for a, b in zip(initial.state_dict().values(), final.state_dict().values()))
