@@ -228,3 +228,36 @@ def test_step_without_varied_rewards_is_skipped_and_counted(tmp_path):
     assert all("loss" not in r for r in grpo)  # nothing was trained, so there is no loss to report
     initial, final = load_model(world / "model_seed0"), load_model(run / "final")
     assert all(torch.equal(a, b) for a, b in zip(initial.state_dict().values(), final.state_dict().values()))
+
+
+def test_rl_filter_runs_on_rank_zero_and_every_rank_gets_its_list(tmp_path):
+    """torchrun, 2 gloo ranks, the helper train.py calls: both ranks hold rank 0's list though rank 1's own filter
+    keeps a different one, and each rank's sandbox gets cores // LOCAL_WORLD_SIZE workers (at least 1)."""
+    import json
+
+    out = tmp_path / "filter.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(ROOT / "tests" / "dist_filter.py"), str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rank0, rank1 = json.loads(out.read_text())
+    assert rank0["own"] == [0, 1] and rank1["own"] == [1]  # left alone, the ranks would disagree
+    assert rank0["shared"] == rank1["shared"] == [0, 1]
+    assert rank1["counts"] == rank0["counts"] and rank1["counts"]["gold_error"] == 1
+    for r in (rank0, rank1):
+        assert r["local_world_size"] == 2 and r["workers"] == max(1, r["cores"] // 2)
+
+
+def test_sandbox_share_of_the_node(monkeypatch):
+    from sqlr1.distributed import cores_per_local_rank
+
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert cores_per_local_rank() == cores  # one process: all cores
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert cores_per_local_rank() == max(1, cores // 2)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(4 * cores))
+    assert cores_per_local_rank() == 1  # never zero workers
