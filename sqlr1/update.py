@@ -103,9 +103,10 @@ def recompute_old_logprobs(policy, micro_batches: list[MicroBatch], cfg: TrainCo
     that sampled, replacing each mb.old_logp; the sampler's log-probs stay in mb.sampler_logp (as verl does).
 
     Before the first update the ratio rho = pi_theta / pi_old is then exactly 1: the loss forward repeats this
-    forward bit for bit, whereas the rollout engine's KV-cached bf16 numbers differ (|log rho| ~0.03-0.05 per token
-    measured on a tiny bf16 model, enough to clip tokens by numerics alone). Costs one forward of the step's
-    micro-batches (no backward, no activations kept). Returns `rollout_mismatch` sums (empty without sampler_logp).
+    forward on the same micro-batches (bit for bit on CPU under bf16 autocast, tested), whereas the rollout
+    engine's KV-cached bf16 numbers differ (mean |log rho| 0.007-0.05 per token on tiny models, enough for GSPO's
+    clip band to reject most sequences by numerics alone). Costs one no-grad forward of the step's micro-batches
+    (benchmarks/bench_old_logp.py). Returns `rollout_mismatch` sums (empty when mb.sampler_logp is None).
     """
     sums: dict = {}
     for mb in micro_batches:
