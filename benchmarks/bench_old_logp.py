@@ -26,6 +26,24 @@ from sqlr1.model import ModelConfig, Qwen2  # noqa: E402
 from sqlr1.update import make_optimizer, optimizer_step, recompute_old_logprobs, train_on_micro_batches  # noqa: E402
 
 
+def measure(mcfg: ModelConfig, mb, device, dtype, checkpointing: bool, steps: int) -> tuple[float, float]:
+    """Seconds per call of (recompute_old_logprobs, one update) on the same model and micro-batch."""
+    torch.manual_seed(0)
+    model = Qwen2(mcfg).to(device)
+    model.gradient_checkpointing = checkpointing
+    tcfg = TrainConfig(lr=1e-5, grpo=GRPOConfig(kl_coef=0.0))
+    opt, sched = make_optimizer(model, tcfg, 1e-5, 100)
+    ctx = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    norm = loss_norm([mb.mask], 2048)
+
+    def update():
+        loss, _ = train_on_micro_batches(model, [mb], norm, tcfg, Dist(device=device), ctx, mcfg.vocab_size, sft=False)
+        optimizer_step(model, opt, sched, tcfg, loss)
+
+    forward = timed(lambda: recompute_old_logprobs(model, [mb], tcfg, ctx, mcfg.vocab_size), steps, device)
+    return forward, timed(update, steps, device)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -40,22 +58,8 @@ def main() -> None:
           f"({prompt} prompt + {completion} completion) tokens, {dtype}")
     print(f"{'gradient checkpointing':<24}{'forward s':>10}{'update s':>10}{'forward / update':>18}")
     for checkpointing in (False, True):
-        torch.manual_seed(0)
-        model = Qwen2(mcfg).to(device)
-        model.gradient_checkpointing = checkpointing
-        tcfg = TrainConfig(lr=1e-5, grpo=GRPOConfig(kl_coef=0.0))
-        opt, sched = make_optimizer(model, tcfg, 1e-5, 100)
-        ctx = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
-        norm = loss_norm([mb.mask], 2048)
-
-        def update():
-            loss, _ = train_on_micro_batches(model, [mb], norm, tcfg, Dist(device=device), ctx, mcfg.vocab_size,
-                                             sft=False)
-            optimizer_step(model, opt, sched, tcfg, loss)
-
-        forward = timed(lambda: recompute_old_logprobs(model, [mb], tcfg, ctx, mcfg.vocab_size), args.steps, device)
-        step = timed(update, args.steps, device)
-        print(f"{str(checkpointing):<24}{forward:>10.3f}{step:>10.3f}{forward / step:>17.2f}x")
+        forward, step = measure(mcfg, mb, device, dtype, checkpointing, args.steps)
+        print(f"{checkpointing!s:<24}{forward:>10.3f}{step:>10.3f}{forward / step:>17.2f}x")
 
 
 if __name__ == "__main__":

@@ -92,7 +92,7 @@ def cores_per_local_rank() -> int:
     of 8 ranks 8x.
     """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
 def all_reduce(x: torch.Tensor, op: str = "sum") -> torch.Tensor:
