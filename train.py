@@ -155,10 +155,16 @@ def grpo_step(step, policy, rollout_model, ref, opt, sched, examples, prompts, t
             with torch.no_grad(), ctx:
                 for mb in mbs:
                     mb.ref_logp = micro_batch_logprobs(ref, mb, cfg.temperature, tokenizer.vocab_size)[0]
-        if cfg.recompute_old_logp:  # pi_old := the trainer's forward; the sampler's stays in mb.sampler_logp
+        # pi_old := the trainer's forward (the sampler's log-probs stay in mb.sampler_logp): at ppo_epochs == 1 the
+        # update's own forward, detached (no extra forward); otherwise one no-grad forward before the first epoch
+        fused = cfg.recompute_old_logp and cfg.ppo_epochs == 1
+        if cfg.recompute_old_logp and not fused:
             mismatch = recompute_old_logprobs(policy, mbs, cfg, ctx, tokenizer.vocab_size)
         for _ in range(cfg.ppo_epochs):
-            loss_sum, sums = train_on_micro_batches(policy, mbs, norm, cfg, d, ctx, tokenizer.vocab_size, sft=False)
+            loss_sum, sums = train_on_micro_batches(policy, mbs, norm, cfg, d, ctx, tokenizer.vocab_size, sft=False,
+                                                    old_from_policy=fused)
+            if fused:
+                mismatch = {k: sums.pop(k) for k in list(sums) if k.startswith("mismatch_")}
             grad_norm, loss, ok = optimizer_step(policy, opt, sched, cfg, loss_sum)
             losses.append(loss)  # ~0 at ppo_epochs=1 (rho = 1): watch reward
             grad_norms.append(grad_norm)

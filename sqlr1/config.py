@@ -60,8 +60,9 @@ class TrainConfig:
     # fp32 gradient (4P bytes, ~28 GiB at 7B) from the first micro-batch on. No effect in one process.
     grad_accum_no_sync: bool = False
     shared_prefix: bool = False  # policy/reference forward computes each group's prompt once, not G times
-    # log pi_old from the trainer's own no-grad forward (rho = 1 exactly before the update; +1 forward per step)
-    # instead of the rollout engine's bf16 KV-cached log-probs (which differ numerically: rho != 1 from the start)
+    # log pi_old from the trainer's own forward (rho = 1 exactly before the update) instead of the rollout engine's
+    # bf16 KV-cached log-probs (which differ numerically: rho != 1 from the start). ppo_epochs == 1: the update's
+    # forward, detached (free); > 1: one extra no-grad forward per step
     recompute_old_logp: bool = True
     ppo_epochs: int = 1  # mu: optimisation passes over each rollout batch
     lr: float = 3e-7

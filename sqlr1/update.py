@@ -66,7 +66,7 @@ def micro_batch_logprobs(model, mb: MicroBatch, temperature: float, vocab_size: 
 
 
 def train_on_micro_batches(policy, micro_batches: list[MicroBatch], norm, cfg: TrainConfig, d, ctx, vocab_size: int,
-                           sft: bool) -> tuple[torch.Tensor, dict]:
+                           sft: bool, old_from_policy: bool = False) -> tuple[torch.Tensor, dict]:
     """Forward + backward over one optimisation step's micro-batches (gradients accumulate in .grad).
 
     The loss of each micro-batch is its contribution to the step's loss (normalised by counts over the whole step,
@@ -77,6 +77,10 @@ def train_on_micro_batches(policy, micro_batches: list[MicroBatch], norm, cfg: T
     False (default): reduce-scatter after every micro-batch; only the sharded fp32 gradient (4P/N bytes) is kept,
     at K reduce-scatters per step. True: `set_requires_gradient_sync(False)` until the last micro-batch, one
     reduce-scatter per step, but every rank holds the full unsharded fp32 gradient (4P bytes: ~28 GiB at 7B).
+
+    old_from_policy (recompute_old_logp at ppo_epochs == 1, as TRL does): log pi_old := this very forward's
+    detached log-probs, so rho = 1 exactly with no extra forward; mb.old_logp is overwritten and the
+    `rollout_mismatch` sums (vs mb.sampler_logp) are added to the returned metric sums.
     """
     loss_sum, metric_sums = torch.zeros(()), {}
     for i, mb in enumerate(micro_batches):
@@ -88,6 +92,11 @@ def train_on_micro_batches(policy, micro_batches: list[MicroBatch], norm, cfg: T
         if sft:
             loss, metrics = sft_loss(logp, mb.mask, norm), {}
         else:
+            if old_from_policy:
+                mb.old_logp = logp.detach()
+                if mb.sampler_logp is not None:
+                    for k, v in rollout_mismatch(mb.old_logp, mb.sampler_logp, mb.mask, cfg.grpo).items():
+                        metric_sums[k] = metric_sums.get(k, 0.0) + float(v)
             loss, metrics = policy_loss(logp, mb.old_logp, mb.ref_logp, mb.advantages, mb.mask, cfg.grpo, norm, entropy,
                                         sampler_logp=mb.sampler_logp)
         (loss * d.world_size).backward()
@@ -106,7 +115,8 @@ def recompute_old_logprobs(policy, micro_batches: list[MicroBatch], cfg: TrainCo
     forward on the same micro-batches (bit for bit on CPU under bf16 autocast, tested), whereas the rollout
     engine's KV-cached bf16 numbers differ (mean |log rho| 0.007-0.05 per token on tiny models, enough for GSPO's
     clip band to reject most sequences by numerics alone). Costs one no-grad forward of the step's micro-batches
-    (benchmarks/bench_old_logp.py). Returns `rollout_mismatch` sums (empty when mb.sampler_logp is None).
+    (benchmarks/bench_old_logp.py); at ppo_epochs == 1 train.py uses `train_on_micro_batches(old_from_policy=True)`.
+    Returns `rollout_mismatch` sums (empty when mb.sampler_logp is None).
     """
     sums: dict = {}
     for mb in micro_batches:

@@ -148,7 +148,7 @@ def test_grpo_learns_a_synthetic_reward():
     assert early < 0.2 and late > early + 0.3, history
 
 
-def _bf16_rollout_case(recompute: bool, ratio_level: str = "token"):
+def _bf16_rollout_case(recompute: bool, ratio_level: str = "token", fused: bool = False):
     """Train as train.py does in one bf16 process: fp32 policy under bf16 autocast, a bf16 rollout copy samples."""
     V, G = 61, 4
     torch.manual_seed(0)
@@ -170,17 +170,21 @@ def _bf16_rollout_case(recompute: bool, ratio_level: str = "token"):
             for j, p in enumerate(s.prompt_index)]
     mbs = microbatches(seqs, 4, 0, "cpu")
     ctx = compute_context(torch.device("cpu"), torch.bfloat16, sharded=False)
-    mismatch = recompute_old_logprobs(policy, mbs, cfg, ctx, V) if recompute else {}
+    mismatch = recompute_old_logprobs(policy, mbs, cfg, ctx, V) if recompute and not fused else {}
     norm = loss_norm([mb.mask for mb in mbs], cfg.max_response_len)
-    _, sums = train_on_micro_batches(policy, mbs, norm, cfg, Dist(), ctx, V, sft=False)
+    _, sums = train_on_micro_batches(policy, mbs, norm, cfg, Dist(), ctx, V, sft=False, old_from_policy=fused)
+    if fused:
+        mismatch = {k: v for k, v in sums.items() if k.startswith("mismatch_")}
     return finalize_metrics(sums), mismatch
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["extra-forward", "detached-at-ppo1"])
 @pytest.mark.parametrize("ratio_level", ["token", "sequence"])
-def test_recomputed_old_logp_gives_ratio_exactly_one_before_the_update(ratio_level):
-    """bf16 autocast, one process: pi_old from the trainer's own forward -> rho == 1, nothing clipped by numerics;
-    the bf16 sampler's log-probs as pi_old (the old behaviour) give rho != 1. The mismatch is what gets logged."""
-    fixed, mismatch = _bf16_rollout_case(recompute=True, ratio_level=ratio_level)
+def test_recomputed_old_logp_gives_ratio_exactly_one_before_the_update(ratio_level, fused):
+    """bf16 autocast, one process: pi_old from the trainer's own forward (a no-grad forward before the update, or at
+    ppo_epochs=1 the update's forward detached) -> rho == 1, nothing clipped by numerics; the bf16 sampler's
+    log-probs as pi_old (the old behaviour) give rho != 1. The mismatch is what gets logged."""
+    fixed, mismatch = _bf16_rollout_case(recompute=True, ratio_level=ratio_level, fused=fused)
     assert fixed["ratio"] == 1.0 and fixed["kl_old"] == 0.0
     assert fixed["clip_low"] == 0.0 and fixed["clip_high"] == 0.0
     sampler, _ = _bf16_rollout_case(recompute=False, ratio_level=ratio_level)
