@@ -32,7 +32,7 @@ from sqlr1.batch import Sequence
 from sqlr1.checkpoint import load_model
 from sqlr1.config import TrainConfig, config_dict, load_config, save_config
 from sqlr1.data import SHORT_PROMPT, SQLR1_PROMPT, build_prompt, filter_for_rl, load_dataset, sft_response
-from sqlr1.grpo import finalize_metrics, group_advantages, keep_groups, loss_norm
+from sqlr1.grpo import finalize_metrics, finalize_mismatch, group_advantages, keep_groups, loss_norm
 from sqlr1.inference import completion_text, evaluate_policy
 from sqlr1.reward import score_batch
 from sqlr1.run import (
@@ -42,7 +42,8 @@ from sqlr1.sampling import generate
 from sqlr1.sandbox import Sandbox
 from sqlr1.tokenizer import load_tokenizer
 from sqlr1.update import (
-    compute_context, make_optimizer, micro_batch_logprobs, microbatches, optimizer_step, train_on_micro_batches,
+    compute_context, make_optimizer, micro_batch_logprobs, microbatches, optimizer_step, recompute_old_logprobs,
+    train_on_micro_batches,
 )
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -71,6 +72,19 @@ def step_indices(num_examples: int, per_step: int, step: int, seed: int) -> list
     return out
 
 
+def shared_rl_filter(examples, prompts, sandbox: Sandbox, cfg: TrainConfig, d) -> tuple[list[int], dict]:
+    """`filter_for_rl` run once, on rank 0, and its (kept indices, drop counts) broadcast to every rank.
+
+    Every rank must train on the same example list (`step_indices` picks rank r's prompts from it by position); a
+    gold that times out on one rank and not on another would otherwise give ranks different lists.
+    """
+    result = None
+    if d.is_main:
+        result = filter_for_rl(examples, prompts, sandbox, cfg.max_prompt_len, drop_empty_gold=cfg.drop_empty_gold,
+                               timeout=cfg.reward.timeout)
+    return distributed.broadcast_object(result)
+
+
 # ---------------------------------------------------------------------------------------------------- stages
 
 
@@ -93,8 +107,14 @@ def sft_step(step, policy, opt, sched, examples, prompts, tokenizer, cfg, d, ctx
             "lr": sched.get_last_lr()[0], "skipped": not ok, "train_tokens_per_s": tokens / dt, "time": dt}
 
 
-def grpo_step(step, policy, rollout_model, ref, opt, sched, examples, prompts, tokenizer, sandbox, cfg, d, ctx) -> tuple[dict, list[dict]]:
-    """One GRPO step on this rank's B / world_size prompts (groups are never split across ranks)."""
+def grpo_step(step, policy, rollout_model, ref, opt, sched, examples, prompts, tokenizer, sandbox, cfg, d, ctx,
+              totals: dict | None = None) -> tuple[dict, list[dict]]:
+    """One GRPO step on this rank's B / world_size prompts (groups are never split across ranks).
+
+    A step in which the DAPO filter keeps no group on any rank (all rewards equal within every group) trains
+    nothing: it is skipped on every rank together (the decision is an all-reduced count), without an optimizer
+    step, and counted (`skipped_zero_var`; `totals`, if given, carries the running count over the run's steps).
+    """
     t0 = time.time()
     per_rank = cfg.prompts_per_step // d.world_size
     gstep = step - cfg.sft_steps
@@ -119,26 +139,40 @@ def grpo_step(step, policy, rollout_model, ref, opt, sched, examples, prompts, t
     adv, adv_stats = group_advantages(r, G, cfg.grpo, world_reduce=distributed.all_reduce)
     keep = keep_groups(r, G, cfg.grpo)
     seqs = [
-        Sequence(prompts[idx[samples.prompt_index[j]]].ids, samples.tokens[j], samples.logprobs[j], float(adv[j]))
+        Sequence(prompts[idx[samples.prompt_index[j]]].ids, samples.tokens[j], samples.logprobs[j], float(adv[j]),
+                 sampler_logp=samples.logprobs[j])
         for j in range(len(texts)) if keep[j]
     ]
-    if not seqs:  # every group had zero variance (DAPO filter): keep one zero-weight sequence to stay in step
-        seqs = [Sequence(prompts[idx[0]].ids, samples.tokens[0], samples.logprobs[0], 0.0, weight=0.0)]
-    mbs = microbatches(seqs, cfg.micro_batch_size, tokenizer.pad_id, d.device)
-    norm = loss_norm([mb.mask for mb in mbs], cfg.max_response_len, world_reduce=distributed.all_reduce)
-    if ref is not None:
-        with torch.no_grad(), ctx:
-            for mb in mbs:
-                mb.ref_logp = micro_batch_logprobs(ref, mb, cfg.temperature, tokenizer.vocab_size)[0]
-    metric_sums, grad_norms, losses, skipped = {}, [], [], 0
-    for _ in range(cfg.ppo_epochs):
-        loss_sum, sums = train_on_micro_batches(policy, mbs, norm, cfg, d, ctx, tokenizer.vocab_size, sft=False)
-        grad_norm, loss, ok = optimizer_step(policy, opt, sched, cfg, loss_sum)
-        losses.append(loss)  # ~0 at ppo_epochs=1 (rho = 1): watch reward
-        grad_norms.append(grad_norm)
-        skipped += not ok
-        for k, v in sums.items():
-            metric_sums[k] = metric_sums.get(k, 0.0) + v
+    skip_zero_var = int(distributed.all_reduce(torch.tensor(len(seqs)))) == 0  # same answer on every rank
+    mbs, metric_sums, mismatch, grad_norms, losses, skipped = [], {}, {}, [], [], 0
+    if not skip_zero_var:
+        if not seqs:  # this rank's groups were all dropped, another rank's were not: a zero-weight filler
+            seqs = [Sequence(prompts[idx[0]].ids, samples.tokens[0], samples.logprobs[0], 0.0, weight=0.0,
+                             sampler_logp=samples.logprobs[0])]
+        mbs = microbatches(seqs, cfg.micro_batch_size, tokenizer.pad_id, d.device)
+        norm = loss_norm([mb.mask for mb in mbs], cfg.max_response_len, world_reduce=distributed.all_reduce)
+        if ref is not None:
+            with torch.no_grad(), ctx:
+                for mb in mbs:
+                    mb.ref_logp = micro_batch_logprobs(ref, mb, cfg.temperature, tokenizer.vocab_size)[0]
+        # pi_old := the trainer's forward (the sampler's log-probs stay in mb.sampler_logp): at ppo_epochs == 1 the
+        # update's own forward, detached (no extra forward); otherwise one no-grad forward before the first epoch
+        fused = cfg.recompute_old_logp and cfg.ppo_epochs == 1
+        if cfg.recompute_old_logp and not fused:
+            mismatch = recompute_old_logprobs(policy, mbs, cfg, ctx, tokenizer.vocab_size)
+        for _ in range(cfg.ppo_epochs):
+            loss_sum, sums = train_on_micro_batches(policy, mbs, norm, cfg, d, ctx, tokenizer.vocab_size, sft=False,
+                                                    old_from_policy=fused)
+            if fused:
+                mismatch = {k: sums.pop(k) for k in list(sums) if k.startswith("mismatch_")}
+            grad_norm, loss, ok = optimizer_step(policy, opt, sched, cfg, loss_sum)
+            losses.append(loss)  # ~0 at ppo_epochs=1 (rho = 1): watch reward
+            grad_norms.append(grad_norm)
+            skipped += not ok
+            for k, v in sums.items():
+                metric_sums[k] = metric_sums.get(k, 0.0) + v
+    if totals is not None:
+        totals["skipped_zero_var"] = totals.get("skipped_zero_var", 0) + skip_zero_var
     t_train = time.time()
 
     # ---- metrics over all ranks
@@ -162,13 +196,18 @@ def grpo_step(step, policy, rollout_model, ref, opt, sched, examples, prompts, t
         "reward_length": tot["length"] / n, "accuracy": tot["correct"] / n, "gold_errors": int(tot["gold_error"]),
         "frac_zero_std": tot["zero_std_groups"] / tot["groups"], "completion_len_mean": tot["len_sum"] / n,
         "completion_len_max": len_max, "truncation_rate": tot["truncated"] / n,
-        **finalize_metrics(reduce_metric_sums(metric_sums)),
-        "loss": sum(losses) / len(losses), "grad_norm": sum(grad_norms) / len(grad_norms), "lr": sched.get_last_lr()[0],
-        "skipped": skipped,
+        "lr": sched.get_last_lr()[0], "skipped": skipped, "skipped_zero_var": int(skip_zero_var),
         "rollout_tokens_per_s": tot["rollout_tokens"] / (t_rollout - t0),
         "train_tokens_per_s": tot["train_tokens"] / (t_train - t_reward),
         "time_rollout": t_rollout - t0, "time_reward": t_reward - t_rollout, "time_train": t_train - t_reward,
     }
+    if totals is not None:
+        record["skipped_zero_var_total"] = totals["skipped_zero_var"]
+    if not skip_zero_var:  # policy-update metrics (the skipped step has none: no loss, no gradient)
+        record.update(finalize_metrics(reduce_metric_sums(metric_sums)), loss=sum(losses) / len(losses),
+                      grad_norm=sum(grad_norms) / len(grad_norms))
+    if mismatch:
+        record.update(finalize_mismatch(reduce_metric_sums(mismatch)))
     logged = [
         {"step": step + 1, "question": examples[idx[samples.prompt_index[j]]].question, "completion": texts[j],
          "reward": rewards[j].total, "correct": rewards[j].correct}
@@ -273,11 +312,11 @@ def train(cfg: TrainConfig, resume: str | None, d) -> int:
     start = trainer_state["step"]
     log = MetricsLog(run_dir, d.is_main, resume_step=start if ckpt else None, wandb_project=cfg.wandb_project,
                      config=config_dict(cfg))
-    with Sandbox(num_workers=cfg.sandbox_workers or None, timeout=cfg.reward.timeout) as sandbox:
+    workers = cfg.sandbox_workers or distributed.cores_per_local_rank()
+    with Sandbox(num_workers=workers, timeout=cfg.reward.timeout) as sandbox:
         rl_examples, rl_prompts = [], []
         if cfg.grpo_steps:  # drop prompts that are too long and golds that fail, time out or return nothing
-            kept, counts = filter_for_rl(train_examples, train_prompts, sandbox, cfg.max_prompt_len,
-                                         drop_empty_gold=cfg.drop_empty_gold, timeout=cfg.reward.timeout)
+            kept, counts = shared_rl_filter(train_examples, train_prompts, sandbox, cfg, d)
             if d.is_main:
                 print(f"RL data: kept {len(kept)} of {len(train_examples)} examples; dropped {counts}")
             if not kept:
@@ -295,7 +334,7 @@ def train(cfg: TrainConfig, resume: str | None, d) -> int:
 
         if start == 0 and cfg.sft_steps == 0 and cfg.grpo_steps:
             run_eval(0, "init")
-        stage, opt, sched, bad = None, None, None, 0
+        stage, opt, sched, bad, totals = None, None, None, 0, {}
         bar = tqdm(total=total, initial=start, desc="train", disable=not d.is_main, dynamic_ncols=True)
         for step in range(start, total):
             if (want := "sft" if step < cfg.sft_steps else "grpo") != stage:  # new stage: new optimizer
@@ -314,7 +353,7 @@ def train(cfg: TrainConfig, resume: str | None, d) -> int:
                 logged = []
             else:
                 record, logged = grpo_step(step, policy, rollout_model, ref, opt, sched, rl_examples, rl_prompts,
-                                           tokenizer, sandbox, cfg, d, ctx)
+                                           tokenizer, sandbox, cfg, d, ctx, totals)
             log.log(record)
             log.samples(logged)
             bar.update(1)

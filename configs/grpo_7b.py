@@ -48,6 +48,8 @@ config = TrainConfig(
     reward=RewardConfig(timeout=30.0),
     grad_clip=1.0,
     gradient_checkpointing=True,
+    grad_accum_no_sync=False,  # reduce-scatter per micro-batch: no unsharded fp32 gradient (~28 GiB) held
+    recompute_old_logp=True,  # log pi_old from the trainer's forward, not the bf16 sampler's
     eval_every=50,
     save_every=50,
 )

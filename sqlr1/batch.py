@@ -26,6 +26,7 @@ class Sequence:
     old_logp: list[float] | None = None  # log pi_old of each completion token (GRPO; None for SFT)
     advantage: float = 0.0
     weight: float = 1.0  # 0 marks a filler sequence that only keeps ranks in step (contributes nothing)
+    sampler_logp: list[float] | None = None  # the rollout engine's log-prob of each token (kept for TIS, mismatch)
 
 
 @dataclass
@@ -37,6 +38,7 @@ class MicroBatch:
     old_logp: torch.Tensor  # [B, C]
     advantages: torch.Tensor  # [B]
     ref_logp: torch.Tensor | None = None
+    sampler_logp: torch.Tensor | None = None  # [B, C], when the sequences carry it
 
     @property
     def num_tokens(self) -> int:
@@ -52,6 +54,7 @@ def collate(seqs: list[Sequence], pad_id: int, device: torch.device | str = "cpu
     attn = torch.zeros(B, P + C, dtype=torch.long)
     mask = torch.zeros(B, C)
     old = torch.zeros(B, C)
+    sampler = torch.zeros(B, C) if any(s.sampler_logp is not None for s in seqs) else None
     for i, s in enumerate(seqs):
         lp, lc = len(s.prompt), len(s.completion)
         ids[i, P - lp : P] = torch.tensor(s.prompt)
@@ -60,8 +63,11 @@ def collate(seqs: list[Sequence], pad_id: int, device: torch.device | str = "cpu
         mask[i, :lc] = s.weight
         if s.old_logp is not None:
             old[i, :lc] = torch.tensor(s.old_logp)
+        if s.sampler_logp is not None:
+            sampler[i, :lc] = torch.tensor(s.sampler_logp)
     adv = torch.tensor([s.advantage for s in seqs])
-    return MicroBatch(ids.to(device), attn.to(device), P - 1, mask.to(device), old.to(device), adv.to(device))
+    return MicroBatch(ids.to(device), attn.to(device), P - 1, mask.to(device), old.to(device), adv.to(device),
+                      sampler_logp=None if sampler is None else sampler.to(device))
 
 
 def split_micro_batches(seqs: list[Sequence], micro_batch_size: int, num_micro: int | None = None) -> list[list[Sequence]]:
@@ -77,6 +83,7 @@ def split_micro_batches(seqs: list[Sequence], micro_batch_size: int, num_micro: 
     if num_micro is not None:
         if num_micro < len(chunks):
             raise ValueError(f"num_micro={num_micro} < {len(chunks)} micro-batches needed")
-        filler = Sequence(order[0].prompt, order[0].completion, order[0].old_logp, 0.0, weight=0.0)
+        filler = Sequence(order[0].prompt, order[0].completion, order[0].old_logp, 0.0, weight=0.0,
+                          sampler_logp=order[0].sampler_logp)
         chunks += [[filler] for _ in range(num_micro - len(chunks))]
     return chunks

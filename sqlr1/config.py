@@ -55,9 +55,15 @@ class TrainConfig:
     prompts_per_step: int = 8  # B, over all ranks
     group_size: int = 8  # G rollouts per prompt
     micro_batch_size: int = 8  # sequences per forward/backward
-    grad_accum_no_sync: bool = True  # FSDP: reduce-scatter once per step (holds an unsharded fp32 grad per rank)
+    # FSDP micro-batch gradients. False: reduce-scatter after every micro-batch, only sharded grads are held (4P/N
+    # bytes), K reduce-scatters per step. True: one reduce-scatter per step, but each rank holds the full unsharded
+    # fp32 gradient (4P bytes, ~28 GiB at 7B) from the first micro-batch on. No effect in one process.
+    grad_accum_no_sync: bool = False
     shared_prefix: bool = False  # policy/reference forward computes each group's prompt once, not G times
-    recompute_old_logp: bool = False  # log pi_old from the trainer's own no-grad forward, not the sampler's
+    # log pi_old from the trainer's own forward (rho = 1 exactly before the update) instead of the rollout engine's
+    # bf16 KV-cached log-probs (which differ numerically: rho != 1 from the start). ppo_epochs == 1: the update's
+    # forward, detached (free); > 1: one extra no-grad forward per step
+    recompute_old_logp: bool = True
     ppo_epochs: int = 1  # mu: optimisation passes over each rollout batch
     lr: float = 3e-7
     temperature: float = 1.1
@@ -85,7 +91,7 @@ class TrainConfig:
     # 15 GB bf16 rollout copy, ~55 GB, inside 80 GB less 10 % headroom (b = 6 would leave ~5 GB).
     eval_batch_size: int = 4
     # --- execution sandbox (the per-query deadline is reward.timeout) ---
-    sandbox_workers: int = 0  # 0: number of cores
+    sandbox_workers: int = 0  # per rank; 0: the node's cores / LOCAL_WORLD_SIZE (at least 1)
     # --- checkpoints and logging ---
     save_every: int = 0  # optimizer steps; 0: only at the end
     keep_last: int = 0  # training checkpoints kept (newest N; 0: all); final/ is always kept
@@ -118,6 +124,9 @@ class TrainConfig:
                 raise ValueError(f"config {name}={value}: must lie in [{lo:g}, {hi:g}]")
         if self.top_k < 0 or self.sample_values < 0 or self.sandbox_workers < 0:
             raise ValueError("config top_k, sample_values and sandbox_workers must be >= 0")
+        if self.grpo.tis_cap > 0 and not self.recompute_old_logp:
+            raise ValueError("config grpo.tis_cap > 0 needs recompute_old_logp=True (without it pi_old is the "
+                             "sampler's log-prob and every TIS weight is 1)")
         if not all(0 <= b < 1 for b in self.adam_betas):
             raise ValueError(f"config adam_betas={self.adam_betas}: each must lie in [0, 1)")
 

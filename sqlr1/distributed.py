@@ -85,6 +85,16 @@ def copy_full_weights(src: torch.nn.Module, dst: torch.nn.Module) -> None:
         dst_params[name].copy_(p.full_tensor() if isinstance(p, DTensor) else p)
 
 
+def cores_per_local_rank() -> int:
+    """This process's share of the node's cores: usable cores // LOCAL_WORLD_SIZE (torchrun sets it), at least 1.
+
+    Each rank owns a CPU pool (the SQL sandbox); sizing it to all cores on every rank would oversubscribe a node
+    of 8 ranks 8x.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+
+
 def all_reduce(x: torch.Tensor, op: str = "sum") -> torch.Tensor:
     """Sum (or max) a tensor over ranks; identity in a single process."""
     if dist.is_initialized():

@@ -13,6 +13,8 @@ Variants selected by `GRPOConfig` (each a published one-line change):
 - Dr.GRPO (Liu et al. 2025): no std division (adv_scale="none") and a constant length normaliser L
   (loss_agg="seq-mean-token-sum-norm"), removing the length and difficulty biases of plain GRPO.
 - GSPO (Zheng et al. 2025): one importance ratio per sequence, s_i = exp(mean_t log rho_i,t) (ratio_level="sequence").
+- TIS (Yao et al. 2025): the rollout engine's log-probs differ from the trainer's numerically; each token's
+  policy-gradient term is weighted by the capped ratio min(pi_old / pi_sampler, C) (`tis_weights`, tis_cap=C).
 
 Aggregation is defined for ONE optimisation step, whatever the micro-batching: `loss_norm` counts the step's
 denominators over all micro-batches and ranks first, and `policy_loss` returns each micro-batch's additive share.
@@ -58,7 +60,7 @@ class GRPOConfig:
     loss_agg: str = "token-mean"
     ratio_level: str = "token"  # "token" (GRPO/PPO) | "sequence" (GSPO)
     drop_zero_std_groups: bool = False  # DAPO dynamic sampling, filter flavour
-    tis_cap: float = 0.0  # truncated importance sampling C (Yao et al. 2025): 0 off
+    tis_cap: float = 0.0  # truncated importance sampling C (Yao et al. 2025; they use 2): 0 off, else >= 1
 
     def __post_init__(self) -> None:
         for name, allowed in (("adv_scale", ADV_SCALES), ("loss_agg", LOSS_AGGS), ("ratio_level", RATIO_LEVELS)):
@@ -67,6 +69,9 @@ class GRPOConfig:
         for name in ("adv_eps", "std_floor", "clip_low", "clip_high", "kl_coef", "entropy_coef"):
             if not 0 <= getattr(self, name) < math.inf:  # NaN fails too
                 raise ValueError(f"GRPOConfig.{name}={getattr(self, name)} must be finite and >= 0")
+        if not (self.tis_cap == 0 or 1 <= self.tis_cap < math.inf):  # NaN fails too
+            raise ValueError(f"GRPOConfig.tis_cap={self.tis_cap}: use 0 (off) or a finite cap C >= 1 (e.g. 2); "
+                             "C < 1 would down-weight tokens where sampler and trainer agree")
         if not (self.clip_low < 1 and self.max_log_ratio > 0):
             raise ValueError(f"GRPOConfig: need clip_low < 1 and max_log_ratio > 0 (got {self.clip_low}, "
                              f"{self.max_log_ratio})")
@@ -193,6 +198,60 @@ def aggregate(per_token: Tensor, mask: Tensor, cfg: GRPOConfig, norm: LossNorm) 
     return (masked.sum(dim=1) / norm.max_len).sum() / norm.num_seqs
 
 
+def tis_weights(old_logp: Tensor, sampler_logp: Tensor, cap: float) -> Tensor:
+    """Truncated importance-sampling weights (Yao et al. 2025), detached, [B, T]:
+
+        w_t = min(pi_old(o_t) / pi_sampler(o_t), C) = min(exp(log pi_old,t - log pi_sampler,t), C)
+
+    pi_old is the trainer's own forward at the rollout's weights, pi_sampler the rollout engine's (KV-cached, bf16)
+    probability of the same token. The completions were drawn from pi_sampler, so w_t corrects the policy gradient
+    towards pi_old; the cap C bounds its variance. The log-ratio is clamped to +-20 before exp (masked garbage).
+    """
+    if cap < 1 or not math.isfinite(cap):
+        raise ValueError(f"tis_weights: cap={cap} must be a finite C >= 1")
+    _check("sampler_logp", sampler_logp, old_logp.shape)
+    return torch.exp((old_logp - sampler_logp).detach().clamp(-20.0, 20.0)).clamp(max=cap)
+
+
+def rollout_mismatch(old_logp: Tensor, sampler_logp: Tensor, mask: Tensor, cfg: GRPOConfig) -> dict[str, Tensor]:
+    """How far the rollout engine is from the trainer before any update, as SUMS over this micro-batch [B, T]:
+
+        log rho_sampler,t = log pi_old,t - log pi_sampler,t        (0 if both computed the same numbers)
+        mismatch_abs_log_rho = sum_t m_t |log rho_sampler,t|
+        mismatch_tokens_out  = sum_t m_t [rho_sampler,t outside [1 - eps_low, 1 + eps_high]]
+        mismatch_seqs_out    = sum_i [exp(mean_t log rho_sampler,i,t) outside the band]   (GSPO's s_i)
+
+    plus the counts mismatch_tokens and mismatch_seqs. Were pi_sampler used as pi_old, these tokens (sequences for
+    ratio_level="sequence") would be clipped by numerics alone. Add over micro-batches and ranks, then
+    `finalize_mismatch`.
+    """
+    _check("sampler_logp", sampler_logp, old_logp.shape)
+    _check("mask", mask, old_logp.shape)
+    valid = mask != 0
+    w = mask.to(torch.float64)
+    log_rho = torch.where(valid, old_logp.double() - sampler_logp.double(), 0.0)
+    lo, hi = math.log1p(-cfg.clip_low), math.log1p(cfg.clip_high)
+    seq_w = w.sum(dim=1)
+    seq_log_rho = (w * log_rho).sum(dim=1) / seq_w.clamp(min=1e-12)
+    seqs = seq_w > 0
+    return {
+        "mismatch_tokens": w.sum(),
+        "mismatch_seqs": seqs.double().sum(),
+        "mismatch_abs_log_rho": (w * log_rho.abs()).sum(),
+        "mismatch_tokens_out": (w * ((log_rho < lo) | (log_rho > hi))).sum(),
+        "mismatch_seqs_out": (seqs & ((seq_log_rho < lo) | (seq_log_rho > hi))).double().sum(),
+    }
+
+
+def finalize_mismatch(summed: dict) -> dict[str, float]:
+    """Sums from `rollout_mismatch` (over micro-batches and ranks) -> mean |log rho_sampler| per token and the
+    fractions of tokens and of sequences outside the clip band."""
+    tokens, seqs = max(float(summed["mismatch_tokens"]), 1e-12), max(float(summed["mismatch_seqs"]), 1e-12)
+    return {"mismatch_abs_log_rho": float(summed["mismatch_abs_log_rho"]) / tokens,
+            "mismatch_clip_frac_tokens": float(summed["mismatch_tokens_out"]) / tokens,
+            "mismatch_clip_frac_seqs": float(summed["mismatch_seqs_out"]) / seqs}
+
+
 def policy_loss(
     logp: Tensor,
     old_logp: Tensor,
@@ -202,6 +261,7 @@ def policy_loss(
     cfg: GRPOConfig,
     norm: LossNorm,
     entropy: Tensor | None = None,
+    sampler_logp: Tensor | None = None,
 ) -> tuple[Tensor, dict]:
     """Clipped surrogate + k3 KL - entropy bonus, aggregated as this micro-batch's share of the step loss.
 
@@ -210,8 +270,11 @@ def policy_loss(
     derived from token ids, since Qwen's stop token <|im_end|> may equal the pad id. Values at masked positions
     are ignored, even inf/nan.
 
-        l_t = -min(rho_t A, clip(rho_t, 1 - eps_low, 1 + eps_high) A) + beta k3_t - c_H H_t
+        l_t = -w_t min(rho_t A, clip(rho_t, 1 - eps_low, 1 + eps_high) A) + beta k3_t - c_H H_t
         k3_t = exp(log pi_ref - log pi) - (log pi_ref - log pi) - 1
+
+    w_t = 1, or with cfg.tis_cap = C > 0 the truncated importance weight min(exp(old_logp - sampler_logp), C) of
+    `tis_weights` (sampler_logp [B, T] is then required): it multiplies the policy-gradient term only.
 
     ratio_level="token": rho_t = exp(clamp(logp_t - old_logp_t, +-max_log_ratio)).
     ratio_level="sequence" (GSPO-token): rho_t = sg[s_i] * pi_t / sg[pi_t], s_i = exp(mean_t log(pi_t/pi_old,t)):
@@ -225,7 +288,8 @@ def policy_loss(
     shape = logp.shape
     if logp.dim() != 2:
         raise ValueError(f"logp must be [B, T], got shape {tuple(shape)}")
-    for name, x in (("old_logp", old_logp), ("ref_logp", ref_logp), ("mask", mask), ("entropy", entropy)):
+    for name, x in (("old_logp", old_logp), ("ref_logp", ref_logp), ("mask", mask), ("entropy", entropy),
+                    ("sampler_logp", sampler_logp)):
         _check(name, x, shape)
     if advantages.shape == shape[:1]:
         advantages = advantages[:, None]
@@ -235,6 +299,8 @@ def policy_loss(
         raise ValueError("ref_logp is None but GRPOConfig.kl_coef > 0: pass reference log-probs or set kl_coef=0")
     if cfg.entropy_coef > 0 and entropy is None:
         raise ValueError("entropy is None but GRPOConfig.entropy_coef > 0: use token_logprobs(with_entropy=True)")
+    if cfg.tis_cap > 0 and sampler_logp is None:
+        raise ValueError("sampler_logp is None but GRPOConfig.tis_cap > 0: pass the rollout engine's log-probs")
 
     valid = mask != 0
     w = mask.to(logp.dtype)
@@ -249,6 +315,10 @@ def policy_loss(
     per_token = -torch.min(ratio * advantages, clipped * advantages)
 
     metrics = {"tokens": w.sum(), "seqs": (w.sum(dim=1) > 0).to(w.dtype).sum()}
+    if cfg.tis_cap > 0:
+        tis = torch.where(valid, tis_weights(old_logp, sampler_logp, cfg.tis_cap), 0.0)
+        per_token = per_token * tis
+        metrics["tis_weight_sum"] = (w * tis).sum()
     if ref_logp is not None:
         delta = torch.where(valid, ref_logp.detach() - logp, 0.0).clamp(-cfg.max_log_ratio, cfg.max_log_ratio)
         k3 = torch.exp(delta) - delta - 1

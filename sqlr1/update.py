@@ -15,7 +15,7 @@ import torch
 from sqlr1 import distributed
 from sqlr1.batch import MicroBatch, Sequence, collate, split_micro_batches
 from sqlr1.config import TrainConfig
-from sqlr1.grpo import policy_loss, sft_loss
+from sqlr1.grpo import policy_loss, rollout_mismatch, sft_loss
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, lr: float, total_steps: int):
@@ -66,29 +66,66 @@ def micro_batch_logprobs(model, mb: MicroBatch, temperature: float, vocab_size: 
 
 
 def train_on_micro_batches(policy, micro_batches: list[MicroBatch], norm, cfg: TrainConfig, d, ctx, vocab_size: int,
-                           sft: bool) -> tuple[torch.Tensor, dict]:
+                           sft: bool, old_from_policy: bool = False) -> tuple[torch.Tensor, dict]:
     """Forward + backward over one optimisation step's micro-batches (gradients accumulate in .grad).
 
     The loss of each micro-batch is its contribution to the step's loss (normalised by counts over the whole step,
     all ranks), so the accumulated gradient does not depend on how the step was split. FSDP averages gradients
     over ranks; multiplying by world_size turns that average back into the sum the objective needs.
+
+    FSDP2 gradient sync (cfg.grad_accum_no_sync), for a model of P parameters on N ranks and K micro-batches:
+    False (default): reduce-scatter after every micro-batch; only the sharded fp32 gradient (4P/N bytes) is kept,
+    at K reduce-scatters per step. True: `set_requires_gradient_sync(False)` until the last micro-batch, one
+    reduce-scatter per step, but every rank holds the full unsharded fp32 gradient (4P bytes: ~28 GiB at 7B).
+
+    old_from_policy (recompute_old_logp at ppo_epochs == 1, as TRL does): log pi_old := this very forward's
+    detached log-probs, so rho = 1 exactly with no extra forward; mb.old_logp is overwritten and the
+    `rollout_mismatch` sums (vs mb.sampler_logp) are added to the returned metric sums.
     """
     loss_sum, metric_sums = torch.zeros(()), {}
     for i, mb in enumerate(micro_batches):
-        if hasattr(policy, "set_requires_gradient_sync"):  # FSDP: reduce-scatter once, after the last micro-batch
-            policy.set_requires_gradient_sync(i == len(micro_batches) - 1)
+        if hasattr(policy, "set_requires_gradient_sync"):  # FSDP: no-sync holds unsharded grads until the last one
+            policy.set_requires_gradient_sync(not cfg.grad_accum_no_sync or i == len(micro_batches) - 1)
         with ctx:
             logp, entropy = micro_batch_logprobs(policy, mb, 1.0 if sft else cfg.temperature, vocab_size,
                                                  with_entropy=not sft)
         if sft:
             loss, metrics = sft_loss(logp, mb.mask, norm), {}
         else:
-            loss, metrics = policy_loss(logp, mb.old_logp, mb.ref_logp, mb.advantages, mb.mask, cfg.grpo, norm, entropy)
+            if old_from_policy:
+                mb.old_logp = logp.detach()
+                if mb.sampler_logp is not None:
+                    for k, v in rollout_mismatch(mb.old_logp, mb.sampler_logp, mb.mask, cfg.grpo).items():
+                        metric_sums[k] = metric_sums.get(k, 0.0) + float(v)
+            loss, metrics = policy_loss(logp, mb.old_logp, mb.ref_logp, mb.advantages, mb.mask, cfg.grpo, norm, entropy,
+                                        sampler_logp=mb.sampler_logp)
         (loss * d.world_size).backward()
         loss_sum += loss.detach().float().cpu()
         for k, v in metrics.items():
             metric_sums[k] = metric_sums.get(k, 0.0) + float(v)
     return loss_sum, metric_sums
+
+
+@torch.no_grad()
+def recompute_old_logprobs(policy, micro_batches: list[MicroBatch], cfg: TrainConfig, ctx, vocab_size: int) -> dict:
+    """log pi_old := the policy's own no-grad forward (`micro_batch_logprobs`, same compute context) at the weights
+    that sampled, replacing each mb.old_logp; the sampler's log-probs stay in mb.sampler_logp (as verl does).
+
+    Before the first update the ratio rho = pi_theta / pi_old is then exactly 1: the loss forward repeats this
+    forward on the same micro-batches (bit for bit on CPU under bf16 autocast, tested), whereas the rollout
+    engine's KV-cached bf16 numbers differ (mean |log rho| 0.007-0.05 per token on tiny models, enough for GSPO's
+    clip band to reject most sequences by numerics alone). Costs one no-grad forward of the step's micro-batches
+    (benchmarks/bench_old_logp.py); at ppo_epochs == 1 train.py uses `train_on_micro_batches(old_from_policy=True)`.
+    Returns `rollout_mismatch` sums (empty when mb.sampler_logp is None).
+    """
+    sums: dict = {}
+    for mb in micro_batches:
+        with ctx:
+            mb.old_logp = micro_batch_logprobs(policy, mb, cfg.temperature, vocab_size)[0].float()
+        if mb.sampler_logp is not None:
+            for k, v in rollout_mismatch(mb.old_logp, mb.sampler_logp, mb.mask, cfg.grpo).items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+    return sums
 
 
 def microbatches(seqs: list[Sequence], micro_batch_size: int, pad_id: int, device) -> list[MicroBatch]:

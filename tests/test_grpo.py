@@ -13,11 +13,14 @@ from sqlr1.grpo import (
     GRPOConfig,
     LossNorm,
     finalize_metrics,
+    finalize_mismatch,
     group_advantages,
     keep_groups,
     loss_norm,
     policy_loss,
+    rollout_mismatch,
     sft_loss,
+    tis_weights,
 )
 
 AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
@@ -349,3 +352,70 @@ def test_gspo_clipping_zeroes_whole_sequences():
     loss.backward()
     assert (logp.grad[0] != 0).all() and (logp.grad[1] == 0).all()
     assert metrics["clip_high_sum"].item() == 4
+
+
+# ---------------------------------------------------------------- rollout/trainer mismatch, TIS
+
+
+def test_tis_weights_are_capped_ratios_on_known_numbers():
+    old = torch.tensor([[0.5, 0.9, 0.3, 0.8]]).log()
+    sampler = torch.tensor([[0.25, 0.9, 0.6, 0.1]]).log()
+    w = tis_weights(old, sampler, cap=1.5)  # ratios 2, 1, 0.5, 8 -> capped at 1.5
+    torch.testing.assert_close(w, torch.tensor([[1.5, 1.0, 0.5, 1.5]]))
+    torch.testing.assert_close(tis_weights(old, sampler, cap=10.0), torch.tensor([[2.0, 1.0, 0.5, 8.0]]))
+    for bad in (0.5, 0.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="cap"):
+            tis_weights(old, sampler, cap=bad)
+
+
+def test_tis_multiplies_only_the_policy_gradient_term():
+    """l_t = -w_t min(rho A, clip(rho) A) + beta k3_t, w_t = min(exp(old - sampler), C), by hand; w carries no grad."""
+    old = torch.tensor([[-1.0, -2.0, -0.5]], dtype=torch.float64)
+    logp = (old + torch.tensor([[0.1, -0.05, 0.3]], dtype=torch.float64)).requires_grad_()
+    sampler = old - torch.tensor([[0.5, -0.2, 2.0]], dtype=torch.float64)  # w = e^0.5, e^-0.2, min(e^2, 2) = 2
+    ref = old + 0.2
+    mask = torch.ones(1, 3, dtype=torch.float64)
+    adv = torch.tensor([1.5], dtype=torch.float64)
+    cfg = GRPOConfig(kl_coef=0.1, clip_low=0.2, clip_high=0.2, tis_cap=2.0)
+    norm = loss_norm([mask], max_len=4)
+    loss, metrics = policy_loss(logp, old, ref, adv, mask, cfg, norm, sampler_logp=sampler)
+    rho = torch.exp(logp.detach() - old)
+    pg = -torch.min(rho * 1.5, rho.clamp(0.8, 1.2) * 1.5)
+    w = torch.tensor([[math.exp(0.5), math.exp(-0.2), 2.0]], dtype=torch.float64)
+    delta = ref - logp.detach()
+    k3 = delta.exp() - delta - 1
+    assert loss.item() == pytest.approx(((w * pg + 0.1 * k3).sum() / 3).item(), rel=1e-12)
+    assert finalize_metrics(metrics)["tis_weight"] == pytest.approx(w.mean().item(), rel=1e-12)
+    loss.backward()
+    unclipped = torch.tensor([[1.0, 1.0, 0.0]], dtype=torch.float64)  # rho_3 = e^0.3 > 1.2 with A > 0: clipped
+    grad = (-w * 1.5 * rho * unclipped + 0.1 * (1 - delta.exp())) / 3
+    torch.testing.assert_close(logp.grad, grad)
+    off, _ = policy_loss(logp, old, ref, adv, mask, GRPOConfig(kl_coef=0.1, clip_low=0.2, clip_high=0.2), norm)
+    assert off.item() == pytest.approx(((pg + 0.1 * k3).sum() / 3).item(), rel=1e-12)
+    with pytest.raises(ValueError, match="sampler_logp"):
+        policy_loss(logp, old, ref, adv, mask, cfg, norm)
+
+
+def test_tis_cap_is_validated():
+    for ok in (0.0, 1.0, 2.0):
+        GRPOConfig(tis_cap=ok)
+    for bad in (0.5, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="tis_cap"):
+            GRPOConfig(tis_cap=bad)
+
+
+def test_rollout_mismatch_on_known_numbers():
+    """|log rho_sampler| mean and the token / sequence fractions outside [1 - 0.2, 1 + 0.25], masked rows ignored."""
+    log_rho = torch.tensor([[0.1, -0.3, 0.0, 9.0],   # tokens out: -0.3 (< log 0.8); seq mean -0.0667: in
+                            [0.3, 0.3, 0.0, 0.0],    # out: both; seq mean 0.3 > log 1.25 = 0.223: out
+                            [-0.1, 0.0, 0.0, 0.0]])  # in; seq in
+    mask = torch.tensor([[1.0, 1, 1, 0], [1, 1, 0, 0], [1, 0, 0, 0]])
+    sampler = torch.full((3, 4), -2.0)
+    sums = rollout_mismatch(sampler + log_rho, sampler, mask, GRPOConfig(clip_low=0.2, clip_high=0.25))
+    assert float(sums["mismatch_tokens"]) == 6 and float(sums["mismatch_seqs"]) == 3
+    out = finalize_mismatch(sums)
+    assert out["mismatch_abs_log_rho"] == pytest.approx((0.1 + 0.3 + 0.0 + 0.3 + 0.3 + 0.1) / 6, rel=1e-6)
+    assert out["mismatch_clip_frac_tokens"] == pytest.approx(3 / 6)
+    assert out["mismatch_clip_frac_seqs"] == pytest.approx(1 / 3)
+    same = finalize_mismatch(rollout_mismatch(sampler, sampler, mask, GRPOConfig()))
+    assert same == {"mismatch_abs_log_rho": 0.0, "mismatch_clip_frac_tokens": 0.0, "mismatch_clip_frac_seqs": 0.0}

@@ -12,11 +12,13 @@ import torch
 
 from sqlr1.batch import Sequence, collate
 from sqlr1.distributed import Dist
-from sqlr1.grpo import group_advantages, loss_norm
+from sqlr1.grpo import finalize_metrics, finalize_mismatch, group_advantages, loss_norm
 from sqlr1.model import ModelConfig, Qwen2
 from sqlr1.sampling import generate
 from tests.split_case import LOSS_MODES, make_case, one_step
-from sqlr1.update import make_optimizer, microbatches, optimizer_step, train_on_micro_batches
+from sqlr1.update import (
+    compute_context, make_optimizer, microbatches, optimizer_step, recompute_old_logprobs, train_on_micro_batches,
+)
 from train import step_indices
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,8 +41,12 @@ def test_gradient_does_not_depend_on_micro_batching(mode):
     assert max(g.abs().max() for g in g1.values()) > 1e-3  # the step did something
 
 
-def test_fsdp_two_ranks_match_one_process(tmp_path):
-    """torchrun, gloo, FSDP2 fully_shard: 2 ranks x 2 micro-batches == 1 process x 1 micro-batch."""
+def test_fsdp_two_ranks_match_one_process_and_hold_no_unsharded_gradient(tmp_path):
+    """torchrun, gloo, FSDP2 fully_shard: 2 ranks x 2 micro-batches == 1 process x 1 micro-batch, with gradient
+    sync after every micro-batch (grad_accum_no_sync=False, the default) and with no-sync until the last one.
+
+    With sync, FSDP2 holds no unsharded gradient after micro-batch 0 (only the sharded DTensor .grad); with no-sync
+    it holds the whole fp32 model's worth (the ~28 GiB per GPU at 7B this default avoids)."""
     out = tmp_path / "dist.pt"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
@@ -53,9 +59,14 @@ def test_fsdp_two_ranks_match_one_process(tmp_path):
     for mode in LOSS_MODES:
         model, seqs, cfg = make_case(mode)
         g1, p1 = one_step(model, seqs, cfg, Dist(), micro_batch_size=len(seqs))
-        g2, p2 = dist_results[mode]
-        assert_same(g1, g2, atol=1e-6)
-        assert_same(p1, p2, atol=1e-6)
+        for no_sync in (False, True):
+            g2, p2 = dist_results[mode, no_sync]
+            assert_same(g1, g2, atol=1e-6)
+            assert_same(p1, p2, atol=1e-6)
+    held, full_fp32, sharded = dist_results["held", False]
+    assert held == 0 and sharded, (held, full_fp32)
+    held, full_fp32, _ = dist_results["held", True]
+    assert held == full_fp32 > 0  # the probe sees what no-sync keeps: every parameter's fp32 gradient, unsharded
 
 
 def test_every_parameter_changes_and_reference_does_not():
@@ -135,3 +146,122 @@ def test_grpo_learns_a_synthetic_reward():
         optimizer_step(model, opt, sched, cfg, loss)
     early, late = sum(history[:5]) / 5, sum(history[-5:]) / 5
     assert early < 0.2 and late > early + 0.3, history
+
+
+def _bf16_rollout_case(recompute: bool, ratio_level: str = "token", fused: bool = False):
+    """Train as train.py does in one bf16 process: fp32 policy under bf16 autocast, a bf16 rollout copy samples."""
+    V, G = 61, 4
+    torch.manual_seed(0)
+    policy = Qwen2(ModelConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2))
+    policy.init_weights(std=0.1, generator=torch.Generator().manual_seed(0))
+    rollout = Qwen2(policy.config).to(torch.bfloat16)
+    rollout.load_state_dict(policy.state_dict())
+    prompts = [[1, 2, 3, 4], [5, 6, 7], [8, 9, 10, 11, 12]]
+    s = generate(rollout, prompts, num_samples=G, max_new_tokens=10, temperature=1.1, vocab_size=V, seed=0,
+                 progress=False)
+    _, _, cfg = make_case()
+    cfg.temperature, cfg.recompute_old_logp = 1.1, recompute
+    cfg.grpo.ratio_level = ratio_level
+    if ratio_level == "sequence":  # GSPO's clip range
+        cfg.grpo.clip_low, cfg.grpo.clip_high = 3e-4, 4e-4
+    adv = torch.tensor([(-1.0) ** j for j in range(len(s.tokens))])
+    seqs = [Sequence(prompts[p], s.tokens[j], s.logprobs[j], float(adv[j]), sampler_logp=s.logprobs[j])
+            for j, p in enumerate(s.prompt_index)]
+    mbs = microbatches(seqs, 4, 0, "cpu")
+    ctx = compute_context(torch.device("cpu"), torch.bfloat16, sharded=False)
+    mismatch = recompute_old_logprobs(policy, mbs, cfg, ctx, V) if recompute and not fused else {}
+    norm = loss_norm([mb.mask for mb in mbs], cfg.max_response_len)
+    _, sums = train_on_micro_batches(policy, mbs, norm, cfg, Dist(), ctx, V, sft=False, old_from_policy=fused)
+    if fused:
+        mismatch = {k: v for k, v in sums.items() if k.startswith("mismatch_")}
+    return finalize_metrics(sums), mismatch
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["extra-forward", "detached-at-ppo1"])
+@pytest.mark.parametrize("ratio_level", ["token", "sequence"])
+def test_recomputed_old_logp_gives_ratio_exactly_one_before_the_update(ratio_level, fused):
+    """bf16 autocast, one process: pi_old from the trainer's own forward (a no-grad forward before the update, or at
+    ppo_epochs=1 the update's forward detached) -> rho == 1, nothing clipped by numerics; the bf16 sampler's
+    log-probs as pi_old (the old behaviour) give rho != 1. The mismatch is what gets logged."""
+    fixed, mismatch = _bf16_rollout_case(recompute=True, ratio_level=ratio_level, fused=fused)
+    assert fixed["ratio"] == 1.0 and fixed["kl_old"] == 0.0
+    assert fixed["clip_low"] == 0.0 and fixed["clip_high"] == 0.0
+    sampler, _ = _bf16_rollout_case(recompute=False, ratio_level=ratio_level)
+    assert sampler["kl_old"] > 1e-6  # the trainer's forward differs from the bf16 KV-cached sampler
+    logged = finalize_mismatch(mismatch)
+    assert logged["mismatch_abs_log_rho"] > 1e-3
+    if ratio_level == "sequence":  # with the sampler as pi_old, GSPO would clip sequences by numerics alone
+        assert sampler["clip_low"] + sampler["clip_high"] > 0 and logged["mismatch_clip_frac_seqs"] > 0
+
+
+def test_tis_needs_recomputed_old_logp_and_defaults_are_the_bounded_safe_ones():
+    from sqlr1.config import TrainConfig, load_config
+    from sqlr1.grpo import GRPOConfig
+
+    with pytest.raises(ValueError, match="recompute_old_logp"):
+        TrainConfig(recompute_old_logp=False, grpo=GRPOConfig(tis_cap=2.0))
+    TrainConfig(grpo=GRPOConfig(tis_cap=2.0))
+    assert TrainConfig().recompute_old_logp and not TrainConfig().grad_accum_no_sync
+    big = load_config(ROOT / "configs" / "grpo_7b.py")
+    assert big.recompute_old_logp and not big.grad_accum_no_sync
+
+
+def test_step_without_varied_rewards_is_skipped_and_counted(tmp_path):
+    """DAPO filter on an untrained model: every completion has the wrong format (reward -1), so no group varies.
+    The run must skip those steps (no optimizer step, counted in the record) instead of crashing in loss_norm."""
+    from sqlr1.checkpoint import load_model
+    from sqlr1.toyworld import build_toyworld
+
+    world = build_toyworld(tmp_path / "world", seed=0, num_train_dbs=2, num_dev_dbs=1, train_questions_per_db=4,
+                           dev_questions_per_db=2)
+    run = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs" / "grpo_tiny.py"),
+           f"--data_root={world}", f"--out_dir={run}", "--sft_steps=0", "--grpo_steps=2", "--eval_split=",
+           "--prompts_per_step=2", "--group_size=4", "--micro_batch_size=4", "--max_response_len=12",
+           "--sandbox_workers=1", "--grpo.drop_zero_std_groups=true"]
+    out = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    import json
+
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    grpo = [r for r in records if r["stage"] == "grpo"]
+    assert [r["reward"] for r in grpo] == [-1.0, -1.0] and [r["frac_zero_std"] for r in grpo] == [1.0, 1.0]
+    assert [r["skipped_zero_var"] for r in grpo] == [1, 1] and [r["skipped_zero_var_total"] for r in grpo] == [1, 2]
+    assert all("loss" not in r for r in grpo)  # nothing was trained, so there is no loss to report
+    initial, final = load_model(world / "model_seed0"), load_model(run / "final")
+    assert all(torch.equal(a, b) for a, b in zip(initial.state_dict().values(), final.state_dict().values()))
+
+
+def test_rl_filter_runs_on_rank_zero_and_every_rank_gets_its_list(tmp_path):
+    """torchrun, 2 gloo ranks, the helper train.py calls: both ranks hold rank 0's list though rank 1's own filter
+    keeps a different one, and each rank's sandbox gets cores // LOCAL_WORLD_SIZE workers (at least 1)."""
+    import json
+
+    out = tmp_path / "filter.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(ROOT / "tests" / "dist_filter.py"), str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rank0, rank1 = json.loads(out.read_text())
+    assert rank0["own"] == [0, 1] and rank1["own"] == [1]  # left alone, the ranks would disagree
+    assert rank0["shared"] == rank1["shared"] == [0, 1]
+    assert rank1["counts"] == rank0["counts"] and rank1["counts"]["gold_error"] == 1
+    for r in (rank0, rank1):
+        assert r["local_world_size"] == 2 and r["workers"] == max(1, r["cores"] // 2)
+
+
+def test_sandbox_share_of_the_node(monkeypatch):
+    from sqlr1.distributed import cores_per_local_rank
+
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert cores_per_local_rank() == cores  # one process: all cores
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert cores_per_local_rank() == max(1, cores // 2)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(4 * cores))
+    assert cores_per_local_rank() == 1  # never zero workers
