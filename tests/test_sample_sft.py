@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from sqlr1.batch import Sequence, collate
-from sqlr1.checkpoint import load_model
+from sqlr1.checkpoint import load_model, save_model
 from sqlr1.config import TrainConfig
 from sqlr1.data import Example, SHORT_PROMPT, build_prompt, sft_response
 from sqlr1.distributed import Dist
@@ -123,6 +123,36 @@ def test_sample_py_bad_input_is_one_line(tiny, tmp_path):
     proc = run_sample("--model", str(no_weights), "--db", str(db), "--question", "How many?")
     assert proc.returncode != 0 and "Traceback" not in proc.stderr and "safetensors" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_sample_py_refuses_limits_that_cannot_work(tiny):
+    world, model_dir = tiny
+    record = json.loads((world / "dev.json").read_text())[0]
+    db = world / "database" / record["db_id"] / f"{record['db_id']}.sqlite"
+    question = ["--db", str(db), "--question", record["question"], "--n", "1", "--template", "short"]
+    for flags, named in [(["--model", str(model_dir / "config.json")], "is a file"),
+                         (["--model", str(model_dir), "--max-new-tokens", "100000"], "2048 positions"),
+                         (["--model", str(model_dir), "--max-prompt-len", "5"], "--max-prompt-len 5")]:
+        proc = run_sample(*flags, *question)
+        assert proc.returncode != 0 and named in proc.stderr, proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr and "=== SQL" not in proc.stdout
+
+
+def test_sample_py_says_a_nan_checkpoint_is_broken(tiny, tmp_path):
+    world, model_dir = tiny
+    model = load_model(model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(float("nan"))
+    broken = save_model(model, tmp_path / "nan", tokenizer=load_tokenizer(model_dir))
+    record = json.loads((world / "dev.json").read_text())[0]
+    db = world / "database" / record["db_id"] / f"{record['db_id']}.sqlite"
+    for n in ("1", "4"):  # greedy printed "!!!!!!!!" (argmax of NaNs), sampling failed deep inside with an index error
+        proc = run_sample("--model", str(broken), "--db", str(db), "--question", record["question"], "--n", n,
+                          "--max-new-tokens", "8", "--template", "short")
+        assert proc.returncode != 0, proc.stdout[-2000:]
+        assert f"checkpoint {broken} is broken" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_held_out_evaluation_on_a_rank_without_examples(tiny):
