@@ -125,17 +125,18 @@ def test_sample_py_bad_input_is_one_line(tiny, tmp_path):
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
-def test_sample_py_refuses_limits_that_cannot_work(tiny):
+@pytest.mark.parametrize("flags, named", [(["--model-file"], "is a file"),  # was a NotADirectoryError traceback
+                                          (["--max-new-tokens", "100000"], "2048 positions"),  # ran on
+                                          (["--max-prompt-len", "5"], "--max-prompt-len 5")])  # answered, no schema
+def test_sample_py_refuses_limits_that_cannot_work(tiny, flags, named):
     world, model_dir = tiny
     record = json.loads((world / "dev.json").read_text())[0]
     db = world / "database" / record["db_id"] / f"{record['db_id']}.sqlite"
-    question = ["--db", str(db), "--question", record["question"], "--n", "1", "--template", "short"]
-    for flags, named in [(["--model", str(model_dir / "config.json")], "is a file"),
-                         (["--model", str(model_dir), "--max-new-tokens", "100000"], "2048 positions"),
-                         (["--model", str(model_dir), "--max-prompt-len", "5"], "--max-prompt-len 5")]:
-        proc = run_sample(*flags, *question)
-        assert proc.returncode != 0 and named in proc.stderr, proc.stderr[-2000:]
-        assert "Traceback" not in proc.stderr and "=== SQL" not in proc.stdout
+    model = ["--model", str(model_dir / "config.json") if flags == ["--model-file"] else str(model_dir)]
+    proc = run_sample(*model, *[f for f in flags if f != "--model-file"], "--db", str(db), "--question",
+                      record["question"], "--n", "1", "--template", "short")
+    assert proc.returncode != 0 and named in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and "=== SQL" not in proc.stdout
 
 
 def test_sample_py_says_a_nan_checkpoint_is_broken(tiny, tmp_path):
