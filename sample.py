@@ -96,20 +96,26 @@ def prompt_settings(model_dir: Path, args) -> PromptSettings:
 
 
 def check_prompts(prompts: list[Prompt], examples: list[Example], args, max_positions: int) -> None:
-    """Refuse to answer blind: a prompt over --max-prompt-len even without its schema, one left with no table of
-    its schema, or one longer than the model's positions. The limit that decides is named."""
+    """Refuse to answer blind: a prompt left with no table of its schema (the question is too long, or
+    --max-prompt-len too small), or one longer than the model's positions. The limit that decides is named."""
     limit = min(args.max_prompt_len, max_positions)
     bad = [i for i, (p, ex) in enumerate(zip(prompts, examples))
            if len(p.ids) > limit or len(p.dropped_tables) == len(table_names(ex.db_path))]
     if not bad:
         return
-    first = prompts[bad[0]]
-    which = "question" if args.question is not None else f"{len(bad)} of {len(prompts)} questions (first: #{bad[0]})"
-    if len(first.ids) > max_positions:
-        raise ValueError(f"the {which}: a prompt of {len(first.ids)} tokens does not fit the model's "
-                         f"{max_positions} positions (max_position_embeddings) even without its schema")
-    raise ValueError(f"--max-prompt-len {args.max_prompt_len}: too small for the {which}: the prompt needs "
-                     f"{len(first.ids)} tokens with no table of the schema left; raise --max-prompt-len")
+    first, ex = prompts[bad[0]], examples[bad[0]]
+    which = "the question" if args.question is not None else f"{len(bad)} of {len(prompts)} questions (#{bad[0]} first)"
+    if len(first.dropped_tables) < len(table_names(ex.db_path)):  # the schema fits the budget, the model does not
+        raise ValueError(f"{which}: a prompt of {len(first.ids)} tokens is longer than the model's {max_positions} "
+                         f"positions (max_position_embeddings); lower --max-prompt-len so that the schema is shrunk")
+    if len(first.ids) > limit:
+        binding = (f"--max-prompt-len {args.max_prompt_len}; shorten the question or raise the limit"
+                   if args.max_prompt_len <= max_positions else
+                   f"the model's {max_positions} positions (max_position_embeddings); shorten the question")
+        raise ValueError(f"{which}: the prompt is {len(first.ids)} tokens even without the schema, "
+                         f"{len(first.ids) - limit} over {binding}")
+    raise ValueError(f"--max-prompt-len {args.max_prompt_len}: too small for {which}: not one table of the schema "
+                     f"fits (the prompt without it is {len(first.ids)} tokens); raise --max-prompt-len")
 
 
 def check_generation_length(args, max_positions: int) -> None:

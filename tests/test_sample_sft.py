@@ -125,16 +125,20 @@ def test_sample_py_bad_input_is_one_line(tiny, tmp_path):
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("flags, named", [(["--model-file"], "is a file"),  # was a NotADirectoryError traceback
-                                          (["--max-new-tokens", "100000"], "2048 positions"),  # ran on
-                                          (["--max-prompt-len", "5"], "--max-prompt-len 5")])  # answered, no schema
-def test_sample_py_refuses_limits_that_cannot_work(tiny, flags, named):
+@pytest.mark.parametrize("case, flags, named", [
+    ("model is a file", [], "is a file"),  # was a NotADirectoryError traceback
+    ("", ["--max-new-tokens", "100000"], "2048 positions"),  # ran on past the model's positions
+    ("", ["--max-prompt-len", "5"], "--max-prompt-len 5"),  # answered with no schema, exit 0
+    ("100 KB question", [], "even without the schema"),  # was "dropped 2 tables" then "truncate the prompt"
+])
+def test_sample_py_refuses_limits_that_cannot_work(tiny, case, flags, named):
     world, model_dir = tiny
     record = json.loads((world / "dev.json").read_text())[0]
     db = world / "database" / record["db_id"] / f"{record['db_id']}.sqlite"
-    model = ["--model", str(model_dir / "config.json") if flags == ["--model-file"] else str(model_dir)]
-    proc = run_sample(*model, *[f for f in flags if f != "--model-file"], "--db", str(db), "--question",
-                      record["question"], "--n", "1", "--template", "short")
+    model = model_dir / "config.json" if case == "model is a file" else model_dir
+    question = "How many clubs are there? " * 4000 if case == "100 KB question" else record["question"]
+    proc = run_sample("--model", str(model), *flags, "--db", str(db), "--question", question, "--n", "1",
+                      "--template", "short")
     assert proc.returncode != 0 and named in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and "=== SQL" not in proc.stdout
 
