@@ -130,13 +130,15 @@ def test_sample_py_bad_input_is_one_line(tiny, tmp_path):
     ("", ["--max-new-tokens", "100000"], "2048 positions"),  # ran on past the model's positions
     ("", ["--max-prompt-len", "5"], "--max-prompt-len 5"),  # answered with no schema, exit 0
     ("100 KB question", [], "even without the schema"),  # was "dropped 2 tables" then "truncate the prompt"
+    ("undecodable question", [], "not valid Unicode"),  # a byte that is not UTF-8 in argv: was a TypeError
 ])
 def test_sample_py_refuses_limits_that_cannot_work(tiny, case, flags, named):
     world, model_dir = tiny
     record = json.loads((world / "dev.json").read_text())[0]
     db = world / "database" / record["db_id"] / f"{record['db_id']}.sqlite"
     model = model_dir / "config.json" if case == "model is a file" else model_dir
-    question = "How many clubs are there? " * 4000 if case == "100 KB question" else record["question"]
+    question = {"100 KB question": "How many clubs are there? " * 4000,
+                "undecodable question": "How many caf\udcff clubs?"}.get(case, record["question"])
     proc = run_sample("--model", str(model), *flags, "--db", str(db), "--question", question, "--n", "1",
                       "--template", "short")
     assert proc.returncode != 0 and named in proc.stderr, proc.stderr[-2000:]
