@@ -19,12 +19,14 @@ Workers come from a `forkserver` that preloads this module: importing `sqlr1` im
 fork server pays once; each worker (and each respawn after a kill) is then a fork of it (~20 ms). `spawn` would pay
 the import per worker and per respawn; `fork` would copy a parent that may hold CUDA state and threads. As with
 spawn, a worker re-imports the main script as `__mp_main__`, so scripts keep their work under `__main__`.
-Workers die with their parent however it ends (SIGKILL too, mid-query): each worker drops its inherited handle on
-the fork server's liveness pipe, so the fork server exits as soon as the parent is gone (it watches that pipe), and
-asks Linux for SIGKILL when its own parent, the fork server, dies (`PR_SET_PDEATHSIG`); with no worker left, the
-resource tracker sees its pipe close and exits too. A worker whose parent is gone exits without a word. A worker
-says "ready" once started; one that dies before that (typically: the main script, re-imported, creates a Sandbox at
-import time) is an error that says what to do, not a respawn loop.
+Workers die with their parent however it ends (SIGKILL too, mid-query; ~0.1 s): a watchdog thread in each worker
+sees the parent's end of its pipe close and SIGKILLs the fork server, and every worker has asked Linux for SIGKILL
+when the fork server dies (`PR_SET_PDEATHSIG`); with no worker left, the resource tracker sees its pipe close and
+exits. Should the watchdog not run, workers have dropped their inherited handle on the fork server's liveness pipe,
+so the fork server still exits by itself once the parent is gone (after a second or more of tearing down torch),
+taking the workers with it. A worker whose parent is gone exits without a word. A worker says "ready" once
+started; one that dies before that (typically: the main script, re-imported, creates a Sandbox at import time) is
+an error that says what to do, not a respawn loop.
 Work is sent in chunks (guided scheduling: chunk = remaining / (2 x workers), at most 64) so that the pipe
 round trip is amortised over many queries; each worker publishes which query it is running and since when in
 shared memory, so the parent can still kill exactly the culprit and re-queue the rest of its chunk.
