@@ -20,9 +20,10 @@ from pathlib import Path
 import torch
 
 from sqlr1.checkpoint import load_model
-from sqlr1.data import SHORT_PROMPT, SQLR1_PROMPT, Example, build_prompt, load_dataset
+from sqlr1.data import SHORT_PROMPT, SQLR1_PROMPT, Example, Prompt, build_prompt, load_dataset, table_names
 from sqlr1.evaluate import score_pairs
 from sqlr1.inference import answer, answer_in_batches
+from sqlr1.sampling import NonFiniteLogitsError
 from sqlr1.sandbox import Sandbox
 from sqlr1.tokenizer import load_tokenizer
 
@@ -56,6 +57,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                     default="bfloat16" if torch.cuda.is_available() else "float32")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    if Path(args.model).is_file():
+        ap.error(f"--model {args.model}: is a file; give the checkpoint directory (config.json, *.safetensors, "
+                 "tokenizer files) or a hub repo id")
     if (args.dataset is None) == (args.question is None):
         ap.error("give either --db and --question (one question) or --dataset and --data-root (a data set)")
     if args.question is not None:
@@ -90,6 +94,35 @@ def prompt_settings(model_dir: Path, args) -> PromptSettings:
                           else args.sample_values)
 
 
+def check_prompts(prompts: list[Prompt], examples: list[Example], args, max_positions: int) -> None:
+    """Refuse to answer blind: a prompt left with no table of its schema (the question is too long, or
+    --max-prompt-len too small), or one longer than the model's positions. The limit that decides is named."""
+    limit = min(args.max_prompt_len, max_positions)
+    bad = [i for i, (p, ex) in enumerate(zip(prompts, examples))
+           if len(p.ids) > limit or len(p.dropped_tables) == len(table_names(ex.db_path))]
+    if not bad:
+        return
+    first, ex = prompts[bad[0]], examples[bad[0]]
+    which = "the question" if args.question is not None else f"{len(bad)} of {len(prompts)} questions (#{bad[0]} first)"
+    if len(first.dropped_tables) < len(table_names(ex.db_path)):  # the schema fits the budget, the model does not
+        raise ValueError(f"{which}: a prompt of {len(first.ids)} tokens is longer than the model's {max_positions} "
+                         f"positions (max_position_embeddings); lower --max-prompt-len so that the schema is shrunk")
+    if len(first.ids) > limit:
+        binding = (f"--max-prompt-len {args.max_prompt_len}; shorten the question or raise the limit"
+                   if args.max_prompt_len <= max_positions else
+                   f"the model's {max_positions} positions (max_position_embeddings); shorten the question")
+        raise ValueError(f"{which}: the prompt is {len(first.ids)} tokens even without the schema, "
+                         f"{len(first.ids) - limit} over {binding}")
+    raise ValueError(f"--max-prompt-len {args.max_prompt_len}: too small for {which}: not one table of the schema "
+                     f"fits (the prompt without it is {len(first.ids)} tokens); raise --max-prompt-len")
+
+
+def check_generation_length(args, max_positions: int) -> None:
+    if args.max_new_tokens > max_positions:
+        raise ValueError(f"--max-new-tokens {args.max_new_tokens}: the model has {max_positions} positions "
+                         "(max_position_embeddings), prompt included; ask for fewer tokens")
+
+
 def print_table(rows: list[tuple], ncols: int, limit: int = 10) -> None:
     shown = [[str(v) for v in row] for row in rows[:limit]]
     widths = [max([len(r[c]) for r in shown] + [1]) for c in range(ncols)]
@@ -102,6 +135,7 @@ def print_table(rows: list[tuple], ncols: int, limit: int = 10) -> None:
 def one_question(model, tokenizer, settings: PromptSettings, sandbox, args) -> None:
     ex = Example(question=args.question, db_id=Path(args.db).stem, db_path=Path(args.db), sql="", evidence=args.evidence)
     prompt = build_prompt(ex, tokenizer, TEMPLATES[settings.template], args.max_prompt_len, settings.sample_values)
+    check_prompts([prompt], [ex], args, model.config.max_position_embeddings)
     a = answer(model, tokenizer, [prompt.ids], [str(ex.db_path)], sandbox, n=args.n, temperature=args.temperature,
                max_new_tokens=args.max_new_tokens, seed=args.seed, timeout=args.timeout)[0]
     print("=== reasoning and answer ===")
@@ -123,7 +157,9 @@ def dataset_eval(model, tokenizer, settings: PromptSettings, sandbox, args, mode
     if args.limit:
         examples = examples[: args.limit]
     template = TEMPLATES[settings.template]
-    prompts = [build_prompt(ex, tokenizer, template, args.max_prompt_len, settings.sample_values).ids for ex in examples]
+    built = [build_prompt(ex, tokenizer, template, args.max_prompt_len, settings.sample_values) for ex in examples]
+    check_prompts(built, examples, args, model.config.max_position_embeddings)
+    prompts = [p.ids for p in built]
     dbs = [str(ex.db_path) for ex in examples]
     runs = {"greedy": 1} if args.n == 1 or args.temperature == 0 else {"greedy": 1, f"voted@{args.n}": args.n}
     out = Path(args.out) if args.out else model_dir / f"eval_{args.dataset}_{args.split}"
@@ -176,13 +212,17 @@ def main(argv: list[str]) -> int:
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     tokenizer = load_tokenizer(args.model)
     model = load_model(args.model, dtype=dtype, device=args.device)
+    check_generation_length(args, model.config.max_position_embeddings)
     model_dir = Path(args.model) if Path(args.model).is_dir() else Path(".")
     settings = prompt_settings(model_dir, args)
     with Sandbox(timeout=args.timeout) as sandbox:
-        if args.question is not None:
-            one_question(model, tokenizer, settings, sandbox, args)
-        else:
-            dataset_eval(model, tokenizer, settings, sandbox, args, model_dir)
+        try:
+            if args.question is not None:
+                one_question(model, tokenizer, settings, sandbox, args)
+            else:
+                dataset_eval(model, tokenizer, settings, sandbox, args, model_dir)
+        except NonFiniteLogitsError as e:
+            raise ValueError(f"checkpoint {args.model} is broken: {e}") from None
     return 0
 
 

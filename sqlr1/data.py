@@ -240,7 +240,7 @@ def _examples(path: Path, records: list, db_dirs: list[Path], skip_missing: bool
               evidence: str | None = None, reasoning: str | None = None,
               difficulty: str | None = None) -> list[Example]:
     """Records -> Examples; `sql`, `evidence`, ... name the record fields that hold those Example fields."""
-    examples, missing = [], []
+    examples, missing, undecodable = [], [], []
     db_paths: dict[str, Path] = {}
     for i, record in enumerate(records):
         db_id = _text(path, i, record, "db_id", True)
@@ -253,6 +253,10 @@ def _examples(path: Path, records: list, db_dirs: list[Path], skip_missing: bool
                      sql=_text(path, i, record, sql, True), evidence=_text(path, i, record, evidence, False) or "",
                      reasoning=_text(path, i, record, reasoning, False),
                      difficulty=_text(path, i, record, difficulty, False))
+        bad_field = _lone_surrogate_field(ex)
+        if bad_field is not None:  # the tokenizer cannot encode it; one such record must not stop a whole data set
+            undecodable.append(f"record {i} ({bad_field})")
+            continue
         if require_db and not ex.db_path.is_file():
             if not skip_missing:
                 raise FileNotFoundError(f"{path}: record {i}: database {ex.db_path} not found (db_id {db_id!r}); "
@@ -262,12 +266,32 @@ def _examples(path: Path, records: list, db_dirs: list[Path], skip_missing: bool
         examples.append(ex)
     first = list(dict.fromkeys(map(str, missing)))[:3]
     if not examples:
-        because = f"the databases of all are missing, e.g. {', '.join(first)}" if missing else "it is empty"
+        if missing:
+            because = f"the databases of all are missing, e.g. {', '.join(first)}"
+        else:
+            because = "their text is not valid Unicode" if undecodable else "it is empty"
         raise ValueError(f"{path}: no usable examples in {len(records)} records: {because}")
     if missing:
         warnings.warn(f"{path}: skipped {len(missing)} of {len(records)} examples whose database is missing, "
                       f"e.g. {', '.join(first)}", stacklevel=3)
+    if undecodable:
+        warnings.warn(f"{path}: skipped {len(undecodable)} of {len(records)} examples whose text is not valid Unicode "
+                      f"(a lone surrogate such as '\\udcff', left by a badly decoded file), e.g. "
+                      f"{', '.join(undecodable[:3])}; fix the file's encoding to keep them", stacklevel=3)
     return examples
+
+
+def _lone_surrogate_field(example: Example) -> str | None:
+    """The first text field of `example` that cannot be encoded as UTF-8 (it holds a lone surrogate, e.g. '\\udcff'
+    from bytes decoded with errors="surrogateescape"), or None when all can."""
+    for name in ("question", "evidence", "sql", "reasoning"):
+        value = getattr(example, name)
+        if value is not None:
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return name
+    return None
 
 
 # ------------------------------------------------------------------------------------------------- schema text
@@ -436,8 +460,14 @@ def build_prompt(example: Example, tokenizer: Tokenizer, template: str = SQLR1_P
     `system=None` leaves the system turn to the tokenizer (Qwen's default). The template's fields are {schema},
     {question} and {external_knowledge} (EVIDENCE_SECTION when the example has evidence, else empty). When the
     prompt is longer than `max_prompt_tokens`, the schema is shrunk by `fit_schema`; if even an empty schema does
-    not fit, the over-long prompt is returned (`filter_for_rl` drops those).
+    not fit, the question (with evidence and template) is what is too long: a warning says so and by how many
+    tokens, and that over-long prompt, with every table dropped, is returned (`filter_for_rl` drops those).
+    Text that UTF-8 cannot encode (a lone surrogate) is a ValueError naming the example.
     """
+    bad_field = _lone_surrogate_field(example)
+    if bad_field is not None:
+        raise ValueError(f"example ({example.db_id}: {example.question[:60]!r}): its {bad_field} is not valid Unicode "
+                         "(a lone surrogate, left by a badly decoded file or argument); fix its encoding")
 
     def render(schema: str) -> str:
         knowledge = EVIDENCE_SECTION.format(evidence=example.evidence.strip()) if example.evidence.strip() else ""
@@ -454,6 +484,15 @@ def build_prompt(example: Example, tokenizer: Tokenizer, template: str = SQLR1_P
     ids = tokenizer.encode(text)
     dropped: list[str] = []
     if len(ids) > max_prompt_tokens:
+        text = render("")
+        ids = tokenizer.encode(text)
+        if len(ids) > max_prompt_tokens:  # no schema to blame: the rest of the prompt alone is over the budget
+            what = "question and its evidence" if example.evidence.strip() else "question"
+            warnings.warn(f"example ({example.db_id}: {example.question[:60]!r}): the prompt is {len(ids)} tokens "
+                          f"even without the schema, {len(ids) - max_prompt_tokens} over max_prompt_tokens="
+                          f"{max_prompt_tokens}: the {what} (with the template) is too long; shorten it or raise "
+                          "the limit", stacklevel=2)
+            return Prompt(text, ids, table_names(example.db_path))
         schema, dropped = fit_schema(example.db_path, lambda s: len(tokenizer.encode(render(s))), max_prompt_tokens,
                                      sample_values)
         text = render(schema)

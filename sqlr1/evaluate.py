@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
 import sys
 from collections import Counter
@@ -280,8 +281,8 @@ def vote(candidates: list[tuple[str, ExecResult]], mode: str = "spider") -> Vote
 def read_pairs(gold_file: Path, pred_file: Path) -> list[tuple[str, str, str]]:
     """(pred_sql, gold_sql, db_id) per pair. GOLD lines are `SQL<TAB>db_id`, PRED lines one SQL each (text after a
     tab ignored); a blank GOLD line separates interactions and is skipped with the PRED line beside it."""
-    gold_lines = gold_file.read_text(encoding="utf-8").splitlines()
-    pred_lines = pred_file.read_text(encoding="utf-8").splitlines()
+    gold_lines = _read_lines(gold_file)
+    pred_lines = _read_lines(pred_file)
     while gold_lines and not gold_lines[-1].strip():
         gold_lines.pop()
     if len(pred_lines) < len(gold_lines) or any(line.strip() for line in pred_lines[len(gold_lines):]):
@@ -298,6 +299,34 @@ def read_pairs(gold_file: Path, pred_file: Path) -> list[tuple[str, str, str]]:
     return pairs
 
 
+def _read_lines(path: Path) -> list[str]:
+    """The lines of a UTF-8 text file; text that is not UTF-8 is a ValueError naming the file, line and byte."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x} at column {column}: {e.reason}); "
+                         "re-encode the file as UTF-8") from None
+
+
+def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse numbers that cannot work and an output path that cannot be written, before any query runs."""
+    if not 0 < args.timeout < math.inf:  # NaN fails too: a NaN deadline never comes
+        parser.error(f"--timeout {args.timeout}: must be a finite number of seconds > 0")
+    if args.workers is not None and args.workers < 1:
+        parser.error(f"--workers {args.workers}: must be >= 1 (leave it out to use every core)")
+    if args.out is not None:
+        if args.out.is_dir():
+            parser.error(f"--out {args.out}: is a directory; give a file path such as {args.out / 'verdicts.jsonl'}")
+        folder = args.out.parent
+        if not folder.is_dir():
+            parser.error(f"--out {args.out}: folder {folder} does not exist; create it first")
+        if not os.access(folder, os.W_OK):
+            parser.error(f"--out {args.out}: folder {folder} is not writable")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sqlr1.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--gold", type=Path, required=True, help="lines `SQL<TAB>db_id`")
@@ -309,11 +338,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=None, help="worker processes (default: all cores)")
     parser.add_argument("--out", type=Path, default=None, help="write one JSON verdict per pair here")
     args = parser.parse_args(argv)
+    _check_args(parser, args)
     try:
         pairs = read_pairs(args.gold, args.pred)
         db_paths = [resolve_db(args.db_root, db_id) for _, _, db_id in pairs]
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not pairs:
+        print(f"error: nothing to score: {args.gold} has no `SQL<TAB>db_id` line", file=sys.stderr)
         return 2
 
     with Sandbox(args.workers, timeout=args.timeout) as sandbox:

@@ -47,6 +47,10 @@ from tqdm import tqdm
 from sqlr1.model import KVCache, Qwen2
 
 
+class NonFiniteLogitsError(ValueError):
+    """The model's logits for a prompt hold NaN or inf: its weights are broken (e.g. a diverged checkpoint)."""
+
+
 @dataclass
 class Samples:
     """Completions in prompt-major order: completion i*num_samples + j is sample j of prompt i."""
@@ -233,6 +237,10 @@ def _generate(
     h = model.hidden_states(ids, mask[:, :L], kv_cache=kv_cache, cache_position=torch.arange(L, device=device))
     logits = F.linear(h[:, -1], weight[:vocab_size]).float()
     del h
+    if not bool(torch.isfinite(logits).all()):  # one host sync per call; sampling NaNs gives garbage or index errors
+        bad = (~torch.isfinite(logits).all(-1)).nonzero().flatten().tolist()
+        raise NonFiniteLogitsError(f"the model's logits are NaN or infinite (batch rows {bad[:5]}): its weights are "
+                                   "broken (NaN or inf in the checkpoint?) or overflow its dtype")
     if share_prefix:
         kv_cache.select_rows(group)
         mask, logits = mask[group], logits[group]

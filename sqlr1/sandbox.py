@@ -19,6 +19,14 @@ Workers come from a `forkserver` that preloads this module: importing `sqlr1` im
 fork server pays once; each worker (and each respawn after a kill) is then a fork of it (~20 ms). `spawn` would pay
 the import per worker and per respawn; `fork` would copy a parent that may hold CUDA state and threads. As with
 spawn, a worker re-imports the main script as `__mp_main__`, so scripts keep their work under `__main__`.
+Workers die with their parent however it ends (SIGKILL too, mid-query; ~0.1 s): a watchdog thread in each worker
+sees the parent's end of its pipe close and SIGKILLs the fork server, and every worker has asked Linux for SIGKILL
+when the fork server dies (`PR_SET_PDEATHSIG`); with no worker left, the resource tracker sees its pipe close and
+exits. Should the watchdog not run, workers have dropped their inherited handle on the fork server's liveness pipe,
+so the fork server still exits by itself once the parent is gone (after a second or more of tearing down torch),
+taking the workers with it. A worker whose parent is gone exits without a word. A worker says "ready" once
+started; one that dies before that (typically: the main script, re-imported, creates a Sandbox at import time) is
+an error that says what to do, not a respawn loop.
 Work is sent in chunks (guided scheduling: chunk = remaining / (2 x workers), at most 64) so that the pipe
 round trip is amortised over many queries; each worker publishes which query it is running and since when in
 shared memory, so the parent can still kill exactly the culprit and re-queue the rest of its chunk.
@@ -28,16 +36,20 @@ Only stdlib: this module must not import torch.
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import marshal
 import math
 import multiprocessing as mp
+import multiprocessing.forkserver
 import os
 import re
 import resource
+import select
 import signal
 import sqlite3
 import sys
+import threading
 import time
 import urllib.parse
 import weakref
@@ -56,6 +68,11 @@ FETCH_ROWS = 64  # rows fetched between two size checks (a batch too big for mem
 READ_PRAGMAS = frozenset({"table_info", "table_xinfo", "index_list", "index_info", "index_xinfo", "foreign_key_list"})
 # load_extension runs native code; fts3_tokenizer reads and overwrites a tokenizer's C pointer (a crash, or worse).
 DENIED_FUNCTIONS = frozenset({"load_extension", "fts3_tokenizer"})
+READY = b"ready"  # a worker's first message: it started (the main script re-imported, memory capped, ...)
+START_TIMEOUT = 120.0  # seconds a worker may take to say READY (forks are ~20 ms; re-importing a script can be slow)
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+MAIN_GUARD_HINT = ('workers re-import the main script, so a script that uses Sandbox must keep its work under '
+                   '`if __name__ == "__main__":`')
 
 
 @dataclass(slots=True)
@@ -208,31 +225,72 @@ def _limit_memory(memory_mb: int) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
 
 
-def _worker_main(conn, heartbeat, max_rows: int, max_bytes: int, memory_mb: int) -> None:
-    """Worker loop: receive (timeout, text_errors, [(db_path, sql), ...]), answer the ExecResult fields of each;
-    b"" means stop.
+def _die_with_fork_server(fork_server_pid: int | None) -> None:
+    """Tie this worker's life to its parent's: the parent -> fork server -> worker chain ends together.
+
+    The fork server exits when its liveness pipe reads EOF, but every worker inherits a write end of that pipe
+    (for processes it would start itself; ours start none), which kept the fork server, and so this worker and the
+    resource tracker, alive after the parent died. Dropping it leaves the parent the only writer; then SIGKILL on
+    the fork server's death (Linux) stops this worker even inside a C-level SQLite loop. If the fork server died
+    before prctl took effect, we have already been re-parented: exit.
+    """
+    server = multiprocessing.forkserver._forkserver
+    if server._forkserver_alive_fd is not None:
+        os.close(server._forkserver_alive_fd)
+        server._forkserver_alive_fd = None
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if fork_server_pid is not None and os.getppid() != fork_server_pid:
+            os._exit(0)
+
+
+def _watch_parent(conn, fork_server_pid: int | None) -> None:
+    """Thread: the moment the parent's end of `conn` closes (the parent died: it closes its end itself only after
+    stopping us), SIGKILL the fork server, which served only that parent and would otherwise spend a second or more
+    of CPU tearing down its imports; its death takes every worker with it (PR_SET_PDEATHSIG), this one included.
+    The query in flight releases the GIL inside SQLite, so this thread runs even then."""
+    poller = select.poll()
+    poller.register(conn.fileno(), select.POLLRDHUP)
+    while not poller.poll()[0][1] & (select.POLLRDHUP | select.POLLHUP):
+        pass  # POLLERR / POLLNVAL: nothing to act on
+    if fork_server_pid is not None and os.getppid() == fork_server_pid:
+        os.kill(fork_server_pid, signal.SIGKILL)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _worker_main(conn, heartbeat, max_rows: int, max_bytes: int, memory_mb: int, fork_server_pid: int | None) -> None:
+    """Worker loop: say READY, then receive (timeout, text_errors, [(db_path, sql), ...]) and answer the ExecResult
+    fields of each; b"" means stop.
     Once the rows gathered for a chunk pass max_bytes it answers the queries done so far (a prefix of the chunk).
 
     Messages are `marshal`led plain tuples: SQLite values are only None/int/float/str/bytes, and marshal moves
     them about twice as fast as pickle (this round trip is a fifth of the cost of a typical Spider query).
     Before each query it writes (position in chunk, start time) to `heartbeat` so the parent knows whom to kill.
+    A parent that is gone (EOF or a broken pipe) ends the loop silently: there is nobody left to answer.
     """
+    _die_with_fork_server(fork_server_pid)
+    if hasattr(select, "POLLRDHUP"):  # Linux; started before the address-space cap, which then covers its stack
+        threading.Thread(target=_watch_parent, args=(conn, fork_server_pid), daemon=True).start()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it then stops us
     gc.freeze()  # the objects inherited from the fork server (torch's...) are never scanned nor copied-on-write by GC
     _limit_memory(memory_mb)
     executor = _Executor(max_rows, max_bytes)
-    while message := conn.recv_bytes():
-        timeout, text_errors, chunk = marshal.loads(message)
-        answers, answer_bytes = [], 0
-        for position, (db_path, sql) in enumerate(chunk):
-            heartbeat[0] = position
-            heartbeat[1] = time.monotonic()
-            r = executor.run(db_path, sql, timeout, text_errors)
-            answers.append((r.status, r.rows, r.ncols, r.error, r.truncated))
-            answer_bytes += executor.result_bytes
-            if answer_bytes > max_bytes:  # answer now (memory stays ~2 x max_bytes); the rest goes back to the queue
-                break
-        conn.send_bytes(marshal.dumps(answers))
+    try:
+        conn.send_bytes(READY)
+        while message := conn.recv_bytes():
+            timeout, text_errors, chunk = marshal.loads(message)
+            answers, answer_bytes = [], 0
+            for position, (db_path, sql) in enumerate(chunk):
+                heartbeat[0] = position
+                heartbeat[1] = time.monotonic()
+                r = executor.run(db_path, sql, timeout, text_errors)
+                answers.append((r.status, r.rows, r.ncols, r.error, r.truncated))
+                answer_bytes += executor.result_bytes
+                if answer_bytes > max_bytes:  # answer now (memory stays ~2 x max_bytes); the rest goes back later
+                    break
+            conn.send_bytes(marshal.dumps(answers))
+    except (EOFError, BrokenPipeError, ConnectionResetError):
+        pass
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -276,11 +334,20 @@ class Sandbox:
 
     def __init__(self, num_workers: int | None = None, timeout: float = 30.0, max_rows: int = 100_000,
                  max_bytes: int = 32 << 20, memory_mb: int = 1024, grace: float = 0.5):
+        if getattr(mp.current_process(), "_inheriting", False):
+            # We are a worker re-importing a main script that builds a Sandbox at import time. Exit quietly (a
+            # fork-server child does not print SystemExit); the parent sees a worker die before READY and explains.
+            raise SystemExit(f"error: {MAIN_GUARD_HINT}")
         if num_workers is None:
             num_workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        if num_workers < 1 or timeout <= 0 or max_rows < 1 or max_bytes < 1 or memory_mb < 16 or grace < 0:
-            raise ValueError("Sandbox: need num_workers >= 1, timeout > 0, max_rows >= 1, max_bytes >= 1, "
-                             "memory_mb >= 16, grace >= 0")
+        for name, value, low in (("num_workers", num_workers, 1), ("max_rows", max_rows, 1),
+                                 ("max_bytes", max_bytes, 1), ("memory_mb", memory_mb, 16)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"Sandbox: {name}={value!r}: must be an integer >= {low}")
+        if not 0 < timeout < math.inf:  # NaN fails too (a NaN deadline never comes)
+            raise ValueError(f"Sandbox: timeout={timeout!r}: must be a finite number of seconds > 0")
+        if not 0 <= grace < math.inf:
+            raise ValueError(f"Sandbox: grace={grace!r}: must be a finite number of seconds >= 0")
         self.timeout = timeout
         self.grace = grace
         self._limits = (max_rows, max_bytes, memory_mb)
@@ -290,6 +357,7 @@ class Sandbox:
         self._finalizer = weakref.finalize(self, _stop, self._workers)
         for _ in range(num_workers):
             self._workers.append(self._start_worker())
+        self._await_ready(self._workers)
 
     @property
     def num_workers(self) -> int:
@@ -298,17 +366,44 @@ class Sandbox:
     def _start_worker(self) -> _Worker:
         parent_end, child_end = self._ctx.Pipe()
         heartbeat = self._ctx.RawArray("d", 2)
-        process = self._ctx.Process(target=_worker_main, args=(child_end, heartbeat, *self._limits),
+        multiprocessing.forkserver.ensure_running()
+        fork_server_pid = multiprocessing.forkserver._forkserver._forkserver_pid  # the worker's parent-to-be
+        process = self._ctx.Process(target=_worker_main, args=(child_end, heartbeat, *self._limits, fork_server_pid),
                                     daemon=True, name="sqlr1-sandbox")
         process.start()
         child_end.close()
         return _Worker(process, parent_end, heartbeat)
+
+    def _await_ready(self, workers: list[_Worker]) -> None:
+        """Wait for each worker's READY. One that dies (or hangs) first stops the pool with an error saying what to
+        do, instead of a respawn loop: such a worker fails the same way every time it is started."""
+        pending = {w.conn: w for w in workers}
+        deadline = time.monotonic() + START_TIMEOUT
+        while pending:
+            ready = wait(list(pending), timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                _stop(self._workers)
+                raise RuntimeError(f"Sandbox: a worker did not start within {START_TIMEOUT:g} s. The usual cause: "
+                                   f"{MAIN_GUARD_HINT}")
+            for conn in ready:
+                w = pending.pop(conn)
+                try:
+                    message = conn.recv_bytes()
+                except (EOFError, OSError):
+                    message = None
+                if message != READY:
+                    w.process.join(timeout=1.0)
+                    _stop(self._workers)
+                    raise RuntimeError(f"Sandbox: a worker process died while starting (exit code "
+                                       f"{w.process.exitcode}), before running any query. The usual cause: "
+                                       f"{MAIN_GUARD_HINT}")
 
     def _replace(self, worker: _Worker) -> _Worker:
         """Kill a worker (hung or dead) and put a fresh one in its place."""
         index = self._workers.index(worker)
         _stop([worker])
         self._workers[index] = self._start_worker()
+        self._await_ready([self._workers[index]])
         return self._workers[index]
 
     def execute_many(self, items: list[tuple[str, str]], timeout: float | None = None, progress: bool = False,
@@ -321,8 +416,8 @@ class Sandbox:
         if not self._workers:
             raise RuntimeError("Sandbox is closed; create a new one")
         timeout = self.timeout if timeout is None else timeout
-        if timeout <= 0:
-            raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
+        if not 0 < timeout < math.inf:  # NaN fails too
+            raise ValueError(f"execute_many: timeout={timeout!r}: must be a finite number of seconds > 0")
         if text_errors not in ("strict", "ignore"):
             raise ValueError(f"text_errors must be 'strict' or 'ignore', got {text_errors!r}")
         for w in list(self._workers):

@@ -312,6 +312,32 @@ def test_build_prompt_respects_the_token_budget(shop, tokenizer):
     assert hopeless.dropped_tables == table_names(shop) and len(hopeless.ids) > 10
 
 
+def test_an_over_long_question_is_blamed_not_the_schema(shop, tokenizer):
+    ex = shop_example(shop, question="How many customers live in Oslo? " * 3000)  # ~100 KB
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        prompt = build_prompt(ex, tokenizer, max_prompt_tokens=512)
+    [message] = [str(w.message) for w in caught]
+    over = len(prompt.ids) - 512
+    assert "question" in message and "too long" in message and f"{over} over max_prompt_tokens=512" in message
+    assert "dropped" not in message and "schema" in message  # "even without the schema": it is not to blame
+    assert prompt.dropped_tables == table_names(shop)  # what filter_for_rl then drops
+
+
+def test_a_lone_surrogate_is_named_and_skipped(tmp_path, shop, tokenizer):
+    make_shop(tmp_path / "database" / "shop" / "shop.sqlite")
+    write_json(tmp_path / "dev.json", [{"db_id": "shop", "question": "Count customers.", "query": "SELECT 1"},
+                                       {"db_id": "shop", "question": "Caf\udcff?", "query": "SELECT 2"}])
+    with pytest.warns(UserWarning, match=r"dev\.json: skipped 1 of 2 examples .*not valid Unicode.*record 1 \(question"):
+        [kept] = load_spider(tmp_path, "dev")
+    assert kept.question == "Count customers." and build_prompt(kept, tokenizer).ids
+    write_json(tmp_path / "dev.json", [{"db_id": "shop", "question": "Caf\udcff?", "query": "SELECT 2"}])
+    with pytest.raises(ValueError, match="no usable examples in 1 records: their text is not valid Unicode"):
+        load_spider(tmp_path, "dev")
+    with pytest.raises(ValueError, match=r"example \(shop: 'Caf.*question is not valid Unicode"):
+        build_prompt(shop_example(shop, question="Caf\udcff?"), tokenizer)  # e.g. a --question from sample.py
+
+
 def test_sft_response_parses_as_a_well_formed_completion(shop, tokenizer):
     reward = pytest.importorskip("sqlr1.reward")
     for reasoning in ("Filter customer on city, then count.", None):

@@ -273,6 +273,44 @@ def test_cli_bad_inputs(db_root, tmp_path, capsys):
     assert "refused" in capsys.readouterr().err
 
 
+def test_cli_refuses_numbers_and_output_paths_before_any_query(db_root, tmp_path, capsys):
+    gold = tmp_path / "gold.sql"
+    pred = tmp_path / "pred.sql"
+    gold.write_text("SELECT 1\tshop\n")
+    pred.write_text("SELECT 1\n")
+    common = ["--gold", str(gold), "--pred", str(pred), "--db-root", str(db_root)]
+    for flags, named in [(["--timeout", "nan"], "--timeout nan"), (["--timeout", "0"], "--timeout 0"),
+                         (["--timeout", "inf"], "--timeout inf"), (["--workers", "0"], "--workers 0"),
+                         (["--out", str(tmp_path / "no" / "such" / "v.jsonl")], "does not exist"),
+                         (["--out", str(tmp_path)], "is a directory")]:
+        with pytest.raises(SystemExit) as stop:
+            main(common + flags)
+        assert stop.value.code == 2
+        captured = capsys.readouterr()
+        assert named in captured.err and "Traceback" not in captured.err
+        assert "EX" not in captured.out and "executed" not in captured.err  # refused before running anything
+
+
+def test_cli_names_the_file_and_line_of_invalid_utf8(db_root, tmp_path, capsys):
+    gold = tmp_path / "gold.sql"
+    pred = tmp_path / "pred.sql"
+    gold.write_text("SELECT 1\tshop\nSELECT 2\tshop\n")
+    pred.write_bytes(b"SELECT 1\nSELECT 'caf\xe9'\n")
+    assert main(["--gold", str(gold), "--pred", str(pred), "--db-root", str(db_root)]) == 2
+    err = capsys.readouterr().err
+    assert f"{pred}:2:" in err and "0xe9" in err and "UTF-8" in err
+
+
+def test_cli_with_nothing_to_score_fails(db_root, tmp_path, capsys):
+    gold = tmp_path / "gold.sql"
+    pred = tmp_path / "pred.sql"
+    gold.write_text("")
+    pred.write_text("")
+    assert main(["--gold", str(gold), "--pred", str(pred), "--db-root", str(db_root)]) == 2
+    captured = capsys.readouterr()
+    assert "nothing to score" in captured.err and "EX" not in captured.out
+
+
 # ------------------------------------------------------------------ real Spider dev (skipped when absent)
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from sqlr1.batch import Sequence, collate
-from sqlr1.checkpoint import load_model
+from sqlr1.checkpoint import load_model, save_model
 from sqlr1.config import TrainConfig
 from sqlr1.data import Example, SHORT_PROMPT, build_prompt, sft_response
 from sqlr1.distributed import Dist
@@ -123,6 +123,43 @@ def test_sample_py_bad_input_is_one_line(tiny, tmp_path):
     proc = run_sample("--model", str(no_weights), "--db", str(db), "--question", "How many?")
     assert proc.returncode != 0 and "Traceback" not in proc.stderr and "safetensors" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("case, flags, named", [
+    ("model is a file", [], "is a file"),  # was a NotADirectoryError traceback
+    ("", ["--max-new-tokens", "100000"], "2048 positions"),  # ran on past the model's positions
+    ("", ["--max-prompt-len", "5"], "--max-prompt-len 5"),  # answered with no schema, exit 0
+    ("100 KB question", [], "even without the schema"),  # was "dropped 2 tables" then "truncate the prompt"
+    ("undecodable question", [], "not valid Unicode"),  # a byte that is not UTF-8 in argv: was a TypeError
+])
+def test_sample_py_refuses_limits_that_cannot_work(tiny, case, flags, named):
+    world, model_dir = tiny
+    record = json.loads((world / "dev.json").read_text())[0]
+    db = world / "database" / record["db_id"] / f"{record['db_id']}.sqlite"
+    model = model_dir / "config.json" if case == "model is a file" else model_dir
+    question = {"100 KB question": "How many clubs are there? " * 4000,
+                "undecodable question": "How many caf\udcff clubs?"}.get(case, record["question"])
+    proc = run_sample("--model", str(model), *flags, "--db", str(db), "--question", question, "--n", "1",
+                      "--template", "short")
+    assert proc.returncode != 0 and named in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and "=== SQL" not in proc.stdout
+
+
+def test_sample_py_says_a_nan_checkpoint_is_broken(tiny, tmp_path):
+    world, model_dir = tiny
+    model = load_model(model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(float("nan"))
+    broken = save_model(model, tmp_path / "nan", tokenizer=load_tokenizer(model_dir))
+    record = json.loads((world / "dev.json").read_text())[0]
+    db = world / "database" / record["db_id"] / f"{record['db_id']}.sqlite"
+    for n in ("1", "4"):  # greedy printed "!!!!!!!!" (argmax of NaNs), sampling failed deep inside with an index error
+        proc = run_sample("--model", str(broken), "--db", str(db), "--question", record["question"], "--n", n,
+                          "--max-new-tokens", "8", "--template", "short")
+        assert proc.returncode != 0, proc.stdout[-2000:]
+        assert f"checkpoint {broken} is broken" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_held_out_evaluation_on_a_rank_without_examples(tiny):
