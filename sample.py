@@ -20,8 +20,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from sqlr1.checkpoint import load_model
+from sqlr1.checkpoint import check_vocab, load_model
 from sqlr1.data import SHORT_PROMPT, SQLR1_PROMPT, Example, build_prompt, load_dataset
+from sqlr1.distributed import resolve_device
 from sqlr1.evaluate import score_pairs
 from sqlr1.inference import answer
 from sqlr1.sandbox import Sandbox
@@ -176,8 +177,10 @@ def write_predictions(out: Path, name: str, dataset: str, examples: list[Example
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    device = resolve_device(args.device)
     tokenizer = load_tokenizer(args.model)
-    model = load_model(args.model, dtype=dtype, device=args.device)
+    model = load_model(args.model, dtype=dtype, device=device)
+    check_vocab(tokenizer.vocab_size, model, args.model)
     model_dir = Path(args.model) if Path(args.model).is_dir() else Path(".")
     settings = prompt_settings(model_dir, args)
     with Sandbox(timeout=args.timeout) as sandbox:
