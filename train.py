@@ -299,10 +299,11 @@ def train(cfg: TrainConfig, resume: str | None, d) -> int:
         saved = f"the last checkpoint is {last.name}" if last else "no checkpoint was saved"
         if removed:
             saved += f"; the unfinished {', '.join(removed)} was removed"
-        raise Interrupted(run_dir, f"{where} ({saved})", last is not None) from None
     finally:
         if lock is not None:
             lock.close()
+    # raised out here, once the interrupted frames are freed (their progress bar prints its last line first)
+    raise Interrupted(run_dir, f"{where} ({saved})", last is not None)
 
 
 def run(cfg: TrainConfig, ckpt: Path | None, trainer_state: dict, run_dir: Path, d) -> int:

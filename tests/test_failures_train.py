@@ -170,7 +170,7 @@ def test_ctrl_c_prints_one_line_with_the_command_that_continues(world, tmp_path)
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole foreground group
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
-    line = next(line for line in err.splitlines() if line.startswith("interrupted"))
+    line = err.strip().splitlines()[-1]  # the last word, after the progress bar's
     assert line.startswith("interrupted after step ") and " of 500 (the last checkpoint is step_0000" in line
     assert not list((out / "checkpoints").glob("*.tmp"))
     command = shlex.split(line.split("continue with: ")[1])
@@ -208,3 +208,21 @@ def test_promote_final_replaces_only_model_files(tmp_path):
     assert (final / "config.json").read_text() == "new config.json"
     assert (final / "model.safetensors").stat().st_ino == (model / "model.safetensors").stat().st_ino
     assert (final / "eval_spider_dev" / "pred_dev.txt").read_text() == (final / "notes.txt").read_text() == "mine"
+
+
+def test_ctrl_c_during_a_checkpoint_save_removes_the_unfinished_checkpoint(world, tmp_path, monkeypatch, capsys):
+    real_save = train.save_checkpoint
+
+    def save_then_ctrl_c_in_the_second(run_dir, step, *rest, **kw):
+        if step == 1:
+            return real_save(run_dir, step, *rest, **kw)
+        (run_dir / "checkpoints" / f"step_{step:06d}.tmp" / "state").mkdir(parents=True)  # half written
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "save_checkpoint", save_then_ctrl_c_in_the_second)
+    out = tmp_path / "run"
+    assert train.main(args(world, out)) == 130
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("interrupted after step 2 of 2 (the last checkpoint is step_000001; the unfinished "
+                           "step_000002.tmp was removed); continue with: python ")
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step_000001"]
