@@ -33,6 +33,7 @@ from sqlr1.checkpoint import check_vocab, load_model, read_json
 from sqlr1.config import TrainConfig, config_dict, load_config, resume_changes, save_config
 from sqlr1.data import SHORT_PROMPT, SQLR1_PROMPT, build_prompt, filter_for_rl, load_dataset, sft_response
 from sqlr1.grpo import finalize_metrics, group_advantages, keep_groups, loss_norm
+from sqlr1.hub import resolve_checkpoint
 from sqlr1.inference import completion_text, evaluate_policy
 from sqlr1.reward import score_batch
 from sqlr1.run import (
@@ -194,12 +195,15 @@ def resolve_toy(cfg: TrainConfig) -> TrainConfig:
     """dataset='toy': the config with the toy world's paths, used like Spider (nothing is built here).
 
     Only the default model (model="": <world>/model_seed<seed>, the run's seed drawing the initial weights) may be
-    created; a named model must exist.
+    created; a named model must exist (a local directory, or a Hub repo id).
     """
     root = Path(cfg.data_root or "toyworld")
-    if cfg.model and not Path(cfg.model).is_dir():
-        raise FileNotFoundError(f"--model={cfg.model}: no such model directory; leave model empty to train the toy "
-                                f"world's fresh model ({root / f'model_seed{cfg.seed}'})")
+    if cfg.model:
+        try:
+            resolve_checkpoint(cfg.model)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"--model={cfg.model}: {e}; leave model empty to train the toy world's fresh "
+                                    f"model ({root / f'model_seed{cfg.seed}'})") from None
     model = cfg.model or str(root / f"model_seed{cfg.seed}")
     return replace(cfg, dataset="spider", data_root=str(root), model=model)
 

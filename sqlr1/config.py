@@ -193,7 +193,7 @@ def save_config(cfg: TrainConfig, path: Path) -> None:
 # or logged, never what a training step computes. sft_steps and grpo_steps are checked separately (the steps already
 # done must keep their meaning). Every other key must match the run's config.json.
 RESUMABLE_CHANGES = frozenset({
-    "name", "device", "gradient_checkpointing", "micro_batch_size", "grad_accum_no_sync", "compile",
+    "name", "device", "gradient_checkpointing", "micro_batch_size", "grad_accum_no_sync", "shared_prefix", "compile",
     "eval_split", "eval_every", "eval_limit", "eval_n", "eval_temperature", "eval_batch_size",
     "sandbox_workers", "save_every", "keep_last", "log_samples", "wandb_project", "max_bad_steps",
 })

@@ -98,7 +98,7 @@ def test_failed_resume_names_what_was_given_and_creates_nothing(world, run, tmp_
 
 
 def test_toy_run_with_a_named_model_that_does_not_exist_is_refused(world, tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"--model=.*missing: no such model directory; leave model empty"):
+    with pytest.raises(FileNotFoundError, match=r"--model=.*missing: checkpoint directory .*missing does not exist; leave model empty"):
         train.main(args(world, tmp_path / "out", f"--model={tmp_path / 'missing'}"))
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no model trained from scratch there, no run directory
 
