@@ -25,6 +25,7 @@ import fcntl
 import json
 import os
 import random
+import re
 import shutil
 import time
 from pathlib import Path
@@ -222,8 +223,8 @@ def prune_checkpoints(run_dir: Path, keep_last: int) -> list[Path]:
 
 def _is_model_file(name: str) -> bool:
     """A file a checkpoint export writes (see checkpoint.save_state_dict and train.py's model_files)."""
-    return name.endswith((".safetensors", ".safetensors.index.json")) or name in (
-        "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "sqlr1_prompt.json")
+    return re.fullmatch(r"model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json", name) is not None or (
+        name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "sqlr1_prompt.json"))
 
 
 def promote_final(model_dir: Path, final: Path) -> None:

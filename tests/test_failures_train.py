@@ -200,11 +200,12 @@ def test_promote_final_replaces_only_model_files(tmp_path):
     (final / "eval_spider_dev").mkdir(parents=True)
     (final / "eval_spider_dev" / "pred_dev.txt").write_text("mine")
     (final / "notes.txt").write_text("mine")
+    (final / "adapter.safetensors").write_text("mine")  # not a name the export writes
     for name in ("config.json", "model-00001-of-00002.safetensors", "model.safetensors.index.json"):
         (final / name).write_text(f"old {name}")
     promote_final(model, final)
     assert sorted(p.name for p in final.iterdir()) == [
-        "config.json", "eval_spider_dev", "model.safetensors", "notes.txt", "tokenizer.json"]
+        "adapter.safetensors", "config.json", "eval_spider_dev", "model.safetensors", "notes.txt", "tokenizer.json"]
     assert (final / "config.json").read_text() == "new config.json"
     assert (final / "model.safetensors").stat().st_ino == (model / "model.safetensors").stat().st_ino
     assert (final / "eval_spider_dev" / "pred_dev.txt").read_text() == (final / "notes.txt").read_text() == "mine"
