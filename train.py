@@ -271,8 +271,7 @@ def train(cfg: TrainConfig, resume: str | None, d) -> int:
         trainer_state = read_trainer_state(ckpt)
         saved = ckpt.parent.parent / "config.json"  # the run that wrote the checkpoint
         if saved.is_file():
-            changes = resume_changes(read_json(saved), replace(cfg, out_dir=out_dir), trainer_state["step"],
-                                     trainer_state["stage"], saved)
+            changes = resume_changes(read_json(saved), cfg, trainer_state["step"], trainer_state["stage"], saved)
         elif d.is_main:
             print(f"resume: no config.json next to {ckpt.parent}; the settings were not compared with the run's")
     if toy:  # main rank builds the world, the others wait, then everyone reads it
