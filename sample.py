@@ -19,8 +19,9 @@ from pathlib import Path
 
 import torch
 
-from sqlr1.checkpoint import load_model
+from sqlr1.checkpoint import check_vocab, load_model
 from sqlr1.data import SHORT_PROMPT, SQLR1_PROMPT, Example, Prompt, build_prompt, load_dataset, table_names
+from sqlr1.distributed import resolve_device
 from sqlr1.evaluate import score_pairs
 from sqlr1.inference import answer, answer_in_batches
 from sqlr1.sampling import NonFiniteLogitsError
@@ -210,8 +211,10 @@ def write_predictions(out: Path, name: str, dataset: str, examples: list[Example
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    device = resolve_device(args.device)
     tokenizer = load_tokenizer(args.model)
-    model = load_model(args.model, dtype=dtype, device=args.device)
+    model = load_model(args.model, dtype=dtype, device=device)
+    check_vocab(tokenizer.vocab_size, model, args.model)
     check_generation_length(args, model.config.max_position_embeddings)
     model_dir = Path(args.model) if Path(args.model).is_dir() else Path(".")
     settings = prompt_settings(model_dir, args)

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import math
 import random
+import shlex
 import sys
 import time
 from dataclasses import replace
@@ -29,14 +29,17 @@ from tqdm.auto import tqdm
 
 from sqlr1 import distributed
 from sqlr1.batch import Sequence
-from sqlr1.checkpoint import load_model
-from sqlr1.config import TrainConfig, config_dict, load_config, save_config
+from sqlr1.checkpoint import check_vocab, load_model, read_json
+from sqlr1.config import TrainConfig, config_dict, load_config, resume_changes, save_config
 from sqlr1.data import SHORT_PROMPT, SQLR1_PROMPT, build_prompt, filter_for_rl, load_dataset, sft_response
 from sqlr1.grpo import finalize_metrics, finalize_mismatch, group_advantages, keep_groups, loss_norm
+from sqlr1.hub import resolve_checkpoint
 from sqlr1.inference import completion_text, evaluate_policy
 from sqlr1.reward import score_batch
 from sqlr1.run import (
-    MetricsLog, latest_checkpoint, load_checkpoint, make_run_dir, plot_metrics, promote_final, read_evals, save_checkpoint,
+    MetricsLog, last_logged_step, latest_checkpoint, load_checkpoint, lock_run_dir, make_run_dir, plot_metrics,
+    promote_final, prune_checkpoints, read_evals, read_trainer_state, record_config_changes,
+    remove_partial_checkpoints, resume_checkpoint, save_checkpoint,
 )
 from sqlr1.sampling import generate
 from sqlr1.sandbox import Sandbox
@@ -227,15 +230,49 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return ap.parse_known_args(argv)
 
 
-def prepare_toy(cfg: TrainConfig) -> TrainConfig:
-    """dataset='toy': build the embedded toy world (and its tiny model) if missing, then use it like Spider."""
+def resolve_toy(cfg: TrainConfig) -> TrainConfig:
+    """dataset='toy': the config with the toy world's paths, used like Spider (nothing is built here).
+
+    Only the default model (model="": <world>/model_seed<seed>, the run's seed drawing the initial weights) may be
+    created; a named model must exist (a local directory, or a Hub repo id).
+    """
+    root = Path(cfg.data_root or "toyworld")
+    if cfg.model:
+        try:
+            resolve_checkpoint(cfg.model)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"--model={cfg.model}: {e}; leave model empty to train the toy world's fresh "
+                                    f"model ({root / f'model_seed{cfg.seed}'})") from None
+    model = cfg.model or str(root / f"model_seed{cfg.seed}")
+    return replace(cfg, dataset="spider", data_root=str(root), model=model)
+
+
+def prepare_toy(cfg: TrainConfig) -> None:
+    """Build the toy world at cfg.data_root (and its default tiny model) if missing; cfg from resolve_toy."""
     from sqlr1.toyworld import ensure_toyworld, init_model
 
-    root = ensure_toyworld(cfg.data_root or "toyworld", seed=0)
-    model = cfg.model or str(root / f"model_seed{cfg.seed}")  # the run's seed also draws the initial weights
-    if not (Path(model) / "config.json").exists():
-        init_model(model, root / "tokenizer", seed=cfg.seed)
-    return replace(cfg, dataset="spider", data_root=str(root), model=model)
+    root = ensure_toyworld(cfg.data_root, seed=0)
+    if cfg.model == str(root / f"model_seed{cfg.seed}") and not (Path(cfg.model) / "config.json").exists():
+        init_model(cfg.model, root / "tokenizer", seed=cfg.seed)
+
+
+class Interrupted(Exception):
+    """Ctrl-C during a run: where it stopped, for main to print with the command that continues it."""
+
+    def __init__(self, run_dir: Path, stopped: str, resumable: bool):
+        super().__init__(stopped)
+        self.run_dir, self.stopped, self.resumable = run_dir, stopped, resumable
+
+
+def rerun_command(argv: list[str], run_dir: Path, world_size: int, resume: bool) -> str:
+    """This command line with --out_dir=<run_dir> (and --resume: the command that continues the run)."""
+    keep = []
+    for i, a in enumerate(argv):
+        resume_dir = i > 0 and argv[i - 1] == "--resume" and not a.startswith("-")  # `--resume DIR`
+        if not (a == "--resume" or a.startswith(("--resume=", "--out_dir=")) or resume_dir):
+            keep.append(a)
+    launcher = ["torchrun", f"--nproc_per_node={world_size}"] if world_size > 1 else ["python"]
+    return shlex.join([*launcher, sys.argv[0], *keep, f"--out_dir={run_dir}", *(["--resume"] if resume else [])])
 
 
 def main(argv: list[str]) -> int:
@@ -244,33 +281,77 @@ def main(argv: list[str]) -> int:
     d = distributed.setup(cfg.device)
     try:
         return train(cfg, args.resume, d)
+    except Interrupted as e:  # one line instead of a KeyboardInterrupt traceback
+        if d.is_main:
+            then = "continue with" if e.resumable else "nothing to resume; start over with"
+            print(f"\ninterrupted {e.stopped}; {then}: {rerun_command(argv, e.run_dir, d.world_size, e.resumable)}",
+                  file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("\ninterrupted during start-up, before any training step", file=sys.stderr)
+        return 130
     finally:
         distributed.cleanup()
 
 
 def train(cfg: TrainConfig, resume: str | None, d) -> int:
+    """Validate, claim the run directory, then `run` it. Nothing is created before the settings are checked."""
     if cfg.prompts_per_step % d.world_size:
         raise ValueError(f"prompts_per_step={cfg.prompts_per_step} must be divisible by the number of ranks {d.world_size}")
     if resume == "latest" and not cfg.out_dir:
         raise ValueError("--resume needs --out_dir=<run directory> (or --resume=<checkpoint directory>)")
+    toy = cfg.dataset == "toy"
+    if toy:
+        cfg = resolve_toy(cfg)
+    ckpt, trainer_state, changes, out_dir = None, {"step": 0, "stage": None}, {}, cfg.out_dir
+    if resume:  # the checkpoint and the settings it may continue with are checked before anything is written
+        ckpt, run_path = resume_checkpoint(resume, cfg.out_dir)
+        out_dir = str(run_path)
+        trainer_state = read_trainer_state(ckpt)
+        saved = ckpt.parent.parent / "config.json"  # the run that wrote the checkpoint
+        if saved.is_file():
+            changes = resume_changes(read_json(saved), cfg, trainer_state["step"], trainer_state["stage"], saved)
+        elif d.is_main:
+            print(f"resume: no config.json next to {ckpt.parent}; the settings were not compared with the run's")
+    if toy:  # main rank builds the world, the others wait, then everyone reads it
+        if d.is_main:
+            prepare_toy(cfg)
+        distributed.barrier()
+    run_dir = make_run_dir(out_dir, cfg.name)
+    cfg = replace(cfg, out_dir=str(run_dir))  # config.json names the directory a resume must give
+    lock = lock_run_dir(run_dir) if d.is_main else None  # held until this process ends
+    try:
+        if d.is_main:
+            remove_partial_checkpoints(run_dir)  # a save a kill interrupted: only the lock holder may clean it
+        distributed.barrier()
+        if not resume and latest_checkpoint(run_dir) is not None:
+            raise ValueError(f"{run_dir} already holds a training run: continue it with --resume, or pick a new "
+                             "--out_dir")
+        if d.is_main:
+            if changes:
+                record_config_changes(run_dir, trainer_state["step"], changes)
+                print("resume: changed " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items())
+                      + f" (recorded in {run_dir / 'config_changes.jsonl'})")
+            save_config(cfg, run_dir / "config.json")
+        return run(cfg, ckpt, trainer_state, run_dir, d)
+    except KeyboardInterrupt:
+        removed = [p.name for p in remove_partial_checkpoints(run_dir)] if d.is_main else []
+        last, done = latest_checkpoint(run_dir), last_logged_step(run_dir)
+        where = f"after step {done} of {cfg.sft_steps + cfg.grpo_steps}" if done else "before the first step"
+        saved = f"the last checkpoint is {last.name}" if last else "no checkpoint was saved"
+        if removed:
+            saved += f"; the unfinished {', '.join(removed)} was removed"
+    finally:
+        if lock is not None:
+            lock.close()
+    # raised out here, once the interrupted frames are freed (their progress bar prints its last line first)
+    raise Interrupted(run_dir, f"{where} ({saved})", last is not None)
+
+
+def run(cfg: TrainConfig, ckpt: Path | None, trainer_state: dict, run_dir: Path, d) -> int:
+    """The run itself: data, models, the SFT and GRPO steps, evaluations, checkpoints, final/."""
     torch.manual_seed(cfg.seed + d.rank)
     random.seed(cfg.seed + d.rank)
-    if cfg.dataset == "toy":  # main rank builds the world, the others wait, then everyone reads it
-        if d.is_main:
-            cfg = prepare_toy(cfg)
-        distributed.barrier()
-        if not d.is_main:
-            cfg = prepare_toy(cfg)
-    run_dir = make_run_dir(cfg.out_dir, cfg.name)
-    if not resume and (run_dir / "checkpoints").exists():
-        raise ValueError(f"{run_dir} already holds a training run: continue it with --resume, or pick a new --out_dir")
-    if d.is_main:
-        save_config(cfg, run_dir / "config.json")
-    ckpt = None
-    if resume:
-        ckpt = latest_checkpoint(run_dir) if resume == "latest" else Path(resume)
-        if ckpt is None or not ckpt.is_dir():
-            raise FileNotFoundError(f"--resume: no checkpoint found under {run_dir / 'checkpoints'}")
 
     # ---- data: prompts rendered once (schema from the SQLite file, ChatML, pre-filled <think>)
     compute_dtype = DTYPES[cfg.dtype]
@@ -293,6 +374,7 @@ def train(cfg: TrainConfig, resume: str | None, d) -> int:
     # ---- models: fp32 master policy (FSDP-sharded when distributed), compute-dtype rollout copy, frozen reference
     sharded = d.world_size > 1
     policy = load_model(cfg.model, dtype=torch.float32, device=d.device)
+    check_vocab(tokenizer.vocab_size, policy, cfg.model)
     policy.gradient_checkpointing = cfg.gradient_checkpointing
     ref = None
     if cfg.grpo_steps and cfg.grpo.kl_coef > 0:  # beta = 0: no reference model at all
@@ -308,7 +390,6 @@ def train(cfg: TrainConfig, resume: str | None, d) -> int:
     gc.freeze()  # start-up objects (torch, models, prompts) never need scanning: no 50-80 ms full GCs per step
 
     total = cfg.sft_steps + cfg.grpo_steps
-    trainer_state = json.loads((ckpt / "trainer.json").read_text()) if ckpt else {"step": 0, "stage": None}
     start = trainer_state["step"]
     log = MetricsLog(run_dir, d.is_main, resume_step=start if ckpt else None, wandb_project=cfg.wandb_project,
                      config=config_dict(cfg))
@@ -374,6 +455,8 @@ def train(cfg: TrainConfig, resume: str | None, d) -> int:
                 state = {"step": done, "stage": stage, "scheduler": sched.state_dict()}
                 save_checkpoint(run_dir, done, policy, opt, state, tokenizer, d, compute_dtype, model_files={
                     "sqlr1_prompt.json": {"template": cfg.prompt_template, "sample_values": cfg.sample_values}})
+                if d.is_main:
+                    prune_checkpoints(run_dir, cfg.keep_last)
         bar.close()
     if d.is_main:
         last = latest_checkpoint(run_dir)
@@ -403,5 +486,5 @@ def print_summary(evals: list[dict]) -> None:
 if __name__ == "__main__":
     try:
         sys.exit(main(sys.argv[1:]))
-    except (FileNotFoundError, ValueError) as e:  # bad input: one line, no traceback
+    except (FileNotFoundError, FileExistsError, ValueError) as e:  # bad input: one line, no traceback
         sys.exit(f"error: {e}")

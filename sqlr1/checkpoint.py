@@ -138,6 +138,19 @@ def load_model(path_or_repo_id: str | os.PathLike, dtype: torch.dtype = torch.bf
     return model.eval()
 
 
+def check_vocab(tokenizer_size: int, model: Qwen2, source: str | os.PathLike) -> None:
+    """Every token id needs an embedding row: tokenizer ids 0..n-1 with n <= config.vocab_size.
+
+    Qwen2.5 has fewer ids than rows (151,665 for 152,064: padding rows, never sampled); more ids than rows would
+    index past the embedding at the first such token, deep in training or sampling. train.py and sample.py call
+    this once both are loaded from `source`.
+    """
+    rows = model.config.vocab_size
+    if tokenizer_size > rows:
+        raise ValueError(f"{source}: tokenizer.json has {tokenizer_size} token ids but the model's embedding has only "
+                         f"{rows} rows (config.json vocab_size): use the tokenizer the model was trained with")
+
+
 def parse_size(size: int | str) -> int:
     """Bytes from an int or a string like "5GB" (10^9) / "500MiB" (2^20), as transformers' max_shard_size."""
     if isinstance(size, int):

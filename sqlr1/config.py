@@ -112,7 +112,7 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"config {name}={getattr(self, name)}: must be >= 1")
         for name in ("sft_steps", "grpo_steps", "warmup_steps", "eval_every", "eval_limit", "save_every",
-                     "eval_batch_size"):
+                     "eval_batch_size", "keep_last"):
             if getattr(self, name) < 0:
                 raise ValueError(f"config {name}={getattr(self, name)}: must be >= 0")
         # Written as `not (lo <= x <= hi)` so that NaN fails too.
@@ -201,3 +201,51 @@ def config_dict(cfg: TrainConfig) -> dict:
 def save_config(cfg: TrainConfig, path: Path) -> None:
     """Write the resolved config as JSON (the run's record of what it ran with)."""
     path.write_text(json.dumps(config_dict(cfg), indent=2) + "\n")
+
+
+# Settings a resumed run may change: they decide how fast, with how much memory, where, and what is evaluated, saved
+# or logged, never what a training step computes. sft_steps and grpo_steps are checked separately (the steps already
+# done must keep their meaning). Every other key must match the run's config.json.
+RESUMABLE_CHANGES = frozenset({
+    "name", "device", "gradient_checkpointing", "micro_batch_size", "grad_accum_no_sync", "shared_prefix", "compile",
+    "eval_split", "eval_every", "eval_limit", "eval_n", "eval_temperature", "eval_batch_size",
+    "sandbox_workers", "save_every", "keep_last", "log_samples", "wandb_project", "max_bad_steps",
+})
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def resume_changes(saved: dict, cfg: TrainConfig, step: int, stage: str | None, source: Path) -> dict[str, list]:
+    """{key: [saved value, new value]} for every setting `cfg` changes in a run saved as `saved` (its config.json).
+
+    Resuming at `step` (in `stage`) may change the settings of RESUMABLE_CHANGES and the stage lengths, as long as
+    the steps already done stay what they were: grpo_steps >= the GRPO steps done; sft_steps only while no GRPO step
+    is done, and >= the SFT steps done. Anything else (model, data, seed, group size, learning rates, reward, ...)
+    would make the resumed steps differ from the run's record: a ValueError naming the key and both values.
+    A key the saved config lacks (a setting added since) counts as its default; out_dir is where the run lives now
+    (a moved run directory is the same run), not compared.
+    """
+    new = _flat(json.loads(json.dumps(config_dict(cfg))))  # tuples -> lists, as config.json stores them
+    old = {**_flat(json.loads(json.dumps(config_dict(TrainConfig())))), **_flat(saved)}
+    changes = {k: [old.get(k), v] for k, v in new.items() if old.get(k) != v and k != "out_dir"}  # moved: same run
+    sft_done, grpo_done = (old["sft_steps"], step - old["sft_steps"]) if stage == "grpo" else (step, 0)
+    for key, (before, after) in changes.items():
+        if key in RESUMABLE_CHANGES:
+            continue
+        if key == "grpo_steps" and after >= grpo_done:
+            continue
+        if key == "sft_steps" and grpo_done == 0 and after >= sft_done:
+            continue
+        why = {"sft_steps": f" (the checkpoint at step {step} has done {sft_done} SFT and {grpo_done} GRPO steps)",
+               "grpo_steps": f" (the checkpoint at step {step} has done {grpo_done} GRPO steps)"}.get(key, "")
+        raise ValueError(f"--resume: {key}={after!r} differs from the run's {key}={before!r} in {source}{why}; "
+                         f"resume with the run's value, or start a new run (another --out_dir)")
+    return changes

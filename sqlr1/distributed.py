@@ -33,17 +33,37 @@ class Dist:
         return self.rank == 0
 
 
+def resolve_device(name: str = "auto") -> torch.device:
+    """The torch device `--device=name` asks for (auto: cuda when available, else cpu), checked to exist here.
+
+    train.py and sample.py both call it, so a missing GPU is one sentence, not a traceback from deep in torch.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device={name}: not a device name; use auto, cpu, cuda or cuda:<index>") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device={name}: no CUDA GPU is available on this machine (no GPU or driver, or a "
+                             f"CPU-only torch {torch.__version__}); use --device=cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device={name}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                             f"numbered from 0")
+    elif dev.type != "cpu":
+        raise ValueError(f"--device={name}: only cpu and cuda devices are supported")
+    return dev
+
+
 def setup(device: str = "auto") -> Dist:
     """Read torchrun's RANK / WORLD_SIZE / LOCAL_RANK; init the process group when world_size > 1: gloo on CPU;
     on GPU NCCL for CUDA tensors (FSDP) plus gloo for the CPU tensors train.py reduces (token counts, metrics)."""
     rank, world, local = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        torch.cuda.set_device(local)
-        dev = torch.device("cuda", local)
-    else:
-        dev = torch.device(device)
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        dev = resolve_device(f"cuda:{local}")  # one GPU per local rank
+        torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
         cuda = dev.type == "cuda"
         dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo", device_id=dev if cuda else None)

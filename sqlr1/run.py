@@ -1,6 +1,8 @@
 """The run directory: resumable checkpoints of the whole training state, and metrics logs.
 
     <out_dir>/config.json                      the resolved config
+    <out_dir>/config_changes.jsonl             settings a --resume changed (step, key: [old, new]), one line each
+    <out_dir>/train.lock                       flock held by the training process (records its PID)
     <out_dir>/metrics.jsonl, samples.jsonl     one line per step / per logged completion
     <out_dir>/checkpoints/step_000100/
         model/                                 HF layout (config.json + safetensors + tokenizer): sample.py,
@@ -12,14 +14,18 @@
     <out_dir>/final/                           the final model (HF layout)
 
 Every checkpoint is written under a temporary name and renamed when complete, so a crash at any moment leaves
-either the previous checkpoint or the new one, never half of one.
+either the previous checkpoint or the new one, never half of one. With keep_last = N only the newest N complete
+checkpoints stay (pruned after the new one is complete; the one `latest` names is never deleted). final/ may hold
+the user's files next to the model (sample.py's evaluations): promoting a new final model replaces only model files.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import random
+import re
 import shutil
 import time
 from pathlib import Path
@@ -32,7 +38,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from sqlr1 import distributed
-from sqlr1.checkpoint import save_state_dict
+from sqlr1.checkpoint import read_json, save_state_dict
 from sqlr1.model import Qwen2
 
 
@@ -118,13 +124,126 @@ def load_checkpoint(path: Path, model: Qwen2, optimizer: torch.optim.Optimizer |
     set_rng_state(torch.load(rng_file, weights_only=False))
 
 
+def resume_checkpoint(resume: str, out_dir: str) -> tuple[Path, Path]:
+    """(checkpoint directory, run directory) that `--resume[=resume]` names; nothing is created.
+
+    "latest": the newest checkpoint of out_dir. A path: that checkpoint, in out_dir or else in the run that holds it.
+    """
+    if resume == "latest":
+        run_dir = Path(out_dir)
+        if not run_dir.is_dir():
+            raise FileNotFoundError(f"--resume: --out_dir={out_dir} does not exist, so there is no run to continue; "
+                                    "drop --resume to start one there")
+        ckpt = latest_checkpoint(run_dir)
+        if ckpt is None:
+            raise FileNotFoundError(f"--resume: no checkpoint found under {run_dir / 'checkpoints'} (the run saved "
+                                    "none yet: save_every=0 saves only at the end); rerun without --resume to "
+                                    "start over")
+        return ckpt, run_dir
+    ckpt = Path(resume)
+    if not ckpt.is_dir():
+        raise FileNotFoundError(f"--resume={resume}: no such checkpoint directory")
+    if not (ckpt / "trainer.json").is_file() or not (ckpt / "state").is_dir():
+        if (ckpt / "config.json").is_file():
+            why = "is a model (HF layout, like a run's final/), not a training checkpoint"
+        elif (ckpt / "checkpoints").is_dir():
+            why = f"is a run directory; continue it with --out_dir={resume} --resume"
+        else:
+            why = "is not a training checkpoint (no trainer.json and state/)"
+        raise FileNotFoundError(f"--resume={resume} {why}: pass <run>/checkpoints/step_N, or --out_dir=<run> --resume")
+    if out_dir:
+        return ckpt, Path(out_dir)
+    if ckpt.parent.name != "checkpoints":
+        raise ValueError(f"--resume={resume}: not inside a run's checkpoints/; say where to continue with --out_dir")
+    return ckpt, ckpt.parent.parent
+
+
+def read_trainer_state(ckpt: Path) -> dict:
+    """trainer.json of a checkpoint: step, stage, scheduler state."""
+    state = read_json(ckpt / "trainer.json")
+    if not isinstance(state.get("step"), int) or state.get("stage") not in ("sft", "grpo"):
+        raise ValueError(f"{ckpt / 'trainer.json'}: expected an integer step and stage sft or grpo; the checkpoint "
+                         "is damaged: resume from an earlier one")
+    return state
+
+
+def record_config_changes(run_dir: Path, step: int, changes: dict[str, list]) -> None:
+    """Append the settings a resume changed, with the step it resumed at, to config_changes.jsonl."""
+    with (run_dir / "config_changes.jsonl").open("a") as f:
+        f.write(json.dumps({"step": step, "time": time.strftime("%Y-%m-%d %H:%M:%S"), "changes": changes}) + "\n")
+
+
+def lock_run_dir(run_dir: Path):
+    """Hold an exclusive flock on <run_dir>/train.lock for the life of the process; refuse if another holds it.
+
+    The kernel drops the lock when the process exits however it exits (crash, SIGKILL), so no stale lock remains.
+    Returns the open lock file: keep a reference to it as long as the run goes on.
+    """
+    path = run_dir / "train.lock"
+    f = path.open("a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        raise ValueError(f"{run_dir} is in use by another training process (PID {holder}, holding {path}); wait "
+                         "for it to end or stop it, then rerun") from None
+    f.truncate(0)
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
+
+
+def remove_partial_checkpoints(run_dir: Path) -> list[Path]:
+    """Delete checkpoints/*.tmp (a save that was interrupted); the lock holder's to call. Returns what it removed."""
+    partial = sorted((run_dir / "checkpoints").glob("*.tmp"))
+    for p in partial:
+        if p.is_dir():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+    return partial
+
+
+def prune_checkpoints(run_dir: Path, keep_last: int) -> list[Path]:
+    """Delete all but the newest `keep_last` complete checkpoints (0: keep all) and never the one `latest` names.
+
+    Called after a save completed, so the newest checkpoint is always on disk first. Returns the deleted paths.
+    """
+    if keep_last <= 0:
+        return []
+    steps = sorted(p for p in (run_dir / "checkpoints").glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
+    keep = set(steps[-keep_last:]) | {latest_checkpoint(run_dir)}
+    doomed = [p for p in steps if p not in keep]
+    for p in doomed:
+        shutil.rmtree(p)
+    return doomed
+
+
+def _is_model_file(name: str) -> bool:
+    """A file a checkpoint export writes (see checkpoint.save_state_dict and train.py's model_files)."""
+    return re.fullmatch(r"model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json", name) is not None or (
+        name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "sqlr1_prompt.json"))
+
+
 def promote_final(model_dir: Path, final: Path) -> None:
-    """<out_dir>/final <- the last checkpoint's HF model (hard links: no copy of the weights), atomically."""
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(model_dir, tmp, copy_function=os.link)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    """<out_dir>/final <- the last checkpoint's HF model (hard links: no copy of the weights).
+
+    Only model files are replaced: anything else in final/ (sample.py's eval_*/ folders, the user's notes) stays.
+    Each file is linked under a temporary name and renamed over the old one (atomic per file); model files of the
+    old final/ that the new model lacks (shards of another layout) are removed.
+    """
+    final.mkdir(exist_ok=True)
+    new = sorted(p.name for p in model_dir.iterdir() if p.is_file())
+    for name in new:
+        tmp = final / f".{name}.promoting"
+        tmp.unlink(missing_ok=True)
+        os.link(model_dir / name, tmp)
+        os.replace(tmp, final / name)
+    for p in final.iterdir():
+        if p.is_file() and _is_model_file(p.name) and p.name not in new:
+            p.unlink()
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -186,6 +305,14 @@ def read_evals(run_dir: Path) -> list[dict]:
         return []
     records = [json.loads(line) for line in path.read_text().splitlines() if line]
     return [r for r in records if r.get("stage", "").startswith("eval:")]
+
+
+def last_logged_step(run_dir: Path) -> int:
+    """The number of the last SFT or GRPO step metrics.jsonl records (0: none)."""
+    path = run_dir / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    steps = [r["step"] for r in map(json.loads, filter(None, lines)) if r.get("stage") in ("sft", "grpo")]
+    return steps[-1] if steps else 0
 
 
 def plot_metrics(run_dir: Path) -> None:

@@ -67,6 +67,8 @@ from sqlr1.tokenizer import load_tokenizer
 
 FORMAT_VERSION = 2
 MANIFEST = "toyworld.json"
+# Everything build_toyworld writes at the top of a world: a rebuild may replace these, and only these.
+GENERATED = frozenset({"database", "tables.json", "train.json", "dev.json", "sft.json", "tokenizer", MANIFEST})
 SYSTEM_MESSAGE = "You are a helpful assistant."
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 REASONING_TOKENS = ("<think>", "</think>", "<answer>", "</answer>")
@@ -642,25 +644,56 @@ def build_toyworld(
     return root
 
 
+def read_manifest(root: Path) -> dict | None:
+    """The world's toyworld.json (None when absent), or a ValueError naming the file."""
+    path = root / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        found = json.loads(path.read_text(encoding="utf-8"))
+        problem = "" if isinstance(found, dict) else f"a JSON {type(found).__name__}, not an object"
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        problem = f"not valid JSON: {e}"
+    if problem:
+        raise ValueError(f"{path}: damaged toy world manifest ({problem}); delete the folder {root} to rebuild the "
+                         "world (move out anything of yours first), or pick another data_root")
+    return found
+
+
 def ensure_toyworld(root: str | Path, seed: int = 0) -> Path:
     """Build the default world at `root` unless its manifest already says so (same format version and seed).
 
-    Built in a temporary sibling directory and renamed into place, so an interrupted build leaves nothing half-made;
-    an outdated world (and anything inside it, such as a model trained on its tokenizer) is replaced.
+    Built in a temporary sibling directory and renamed into place, so an interrupted build leaves nothing half-made
+    (the temporary directory is removed, Ctrl-C included). An outdated world is replaced only if it holds nothing
+    but what build_toyworld wrote (GENERATED); anything else in it (a model, the user's files) is named in an error
+    and never deleted.
     """
     root = Path(root)
-    manifest = root / MANIFEST
-    if manifest.exists():
-        found = json.loads(manifest.read_text())
+    if root.exists() and not root.is_dir():
+        raise FileExistsError(f"ensure_toyworld: {root} is a file, not a toy world folder: pick another data_root")
+    found = read_manifest(root)
+    if found is not None:
         if found.get("format_version") == FORMAT_VERSION and found.get("seed") == seed:
             return root
+        extra = sorted(p.name for p in root.iterdir() if p.name not in GENERATED)
+        if extra:
+            built = f"format {found.get('format_version')}, seed {found.get('seed')}"
+            raise FileExistsError(
+                f"ensure_toyworld: {root} is a toy world of another build ({built}; wanted format {FORMAT_VERSION}, "
+                f"seed {seed}) and rebuilding it would delete {', '.join(extra)}: move those out of {root} (a "
+                f"model_seed<N>/ made by train.py matches the old tokenizer and can be deleted), or pick another "
+                "data_root")
     elif root.exists() and any(root.iterdir()):
         raise FileExistsError(f"ensure_toyworld: {root} is not empty and holds no {MANIFEST}; it is not a toy world "
                               "(refusing to replace it): pick another data_root")
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = root.with_name(f".{root.name}.building-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    build_toyworld(tmp, seed=seed)
+    try:
+        build_toyworld(tmp, seed=seed)
+    except BaseException:  # Ctrl-C or an error: no half-built world left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if root.exists():
         old = root.with_name(f".{root.name}.old-{os.getpid()}")
         root.rename(old)

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from sqlr1.config import TrainConfig, load_config, save_config
+from sqlr1.config import TrainConfig, config_dict, load_config, save_config
 
 
 def write(tmp_path, body: str):
@@ -70,3 +70,49 @@ def test_out_of_range_numbers_are_refused_before_training(override):
     key = override.removeprefix("--").split("=")[0]
     with pytest.raises(ValueError, match=key.split(".")[-1]):
         load_config(None, [override])
+
+
+def saved_dict(cfg: TrainConfig) -> dict:
+    return json.loads(json.dumps(config_dict(cfg)))  # what config.json holds
+
+
+def test_resume_allows_more_steps_and_logistics_and_names_what_changed():
+    from sqlr1.config import resume_changes
+
+    run = TrainConfig(sft_steps=4, grpo_steps=10, save_every=5)
+    more = TrainConfig(sft_steps=4, grpo_steps=20, save_every=2, keep_last=3, eval_every=5, wandb_project="p")
+    changes = resume_changes(saved_dict(run), more, step=8, stage="grpo", source="run/config.json")
+    assert changes == {"grpo_steps": [10, 20], "save_every": [5, 2], "keep_last": [0, 3], "eval_every": [0, 5],
+                       "wandb_project": ["", "p"]}
+    assert resume_changes(saved_dict(run), run, step=8, stage="grpo", source="x") == {}
+    # SFT may grow while no GRPO step is done
+    assert resume_changes(saved_dict(run), TrainConfig(sft_steps=6, grpo_steps=10, save_every=5), step=3,
+                          stage="sft", source="x") == {"sft_steps": [4, 6]}
+    # a setting added to TrainConfig after the run was saved counts as its default
+    old = saved_dict(run)
+    del old["keep_last"]
+    assert resume_changes(old, run, step=8, stage="grpo", source="x") == {}
+
+
+@pytest.mark.parametrize("override, step, stage, match", [
+    ("--lr=1e-6", 8, "grpo", r"lr=1e-06 differs from the run's lr=3e-07 in run/config.json"),
+    ("--model=other", 8, "grpo", r"model='other' differs from the run's model=''"),
+    ("--group_size=4", 8, "grpo", r"group_size=4 differs from the run's group_size=8"),
+    ("--grpo.kl_coef=0.5", 8, "grpo", r"grpo.kl_coef=0.5 differs"),
+    ("--seed=3", 1, "sft", r"seed=3 differs"),
+    ("--sft_steps=6", 8, "grpo", r"sft_steps=6 differs .* has done 4 SFT and 4 GRPO steps"),
+    ("--grpo_steps=3", 8, "grpo", r"grpo_steps=3 differs .* has done 4 GRPO steps"),
+    ("--sft_steps=2", 3, "sft", r"sft_steps=2 differs"),
+])
+def test_resume_refuses_settings_that_change_what_the_steps_compute(override, step, stage, match):
+    from sqlr1.config import resume_changes
+
+    run = TrainConfig(sft_steps=4, grpo_steps=10)
+    with pytest.raises(ValueError, match=match):
+        resume_changes(saved_dict(run), load_config(None, ["--sft_steps=4", "--grpo_steps=10", override]),
+                       step=step, stage=stage, source="run/config.json")
+
+
+def test_keep_last_must_not_be_negative():
+    with pytest.raises(ValueError, match="keep_last=-1: must be >= 0"):
+        load_config(None, ["--keep_last=-1"])

@@ -5,7 +5,12 @@ loads like a real one."""
 import json
 import random
 import re
+import shutil
+import signal
 import sqlite3
+import subprocess
+import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -19,6 +24,7 @@ from sqlr1.toyworld import (
     ENTITIES, MANIFEST, TEACHER_SLIP, build_toyworld, ensure_toyworld, init_model, plural, vocabulary_words,
 )
 
+ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(num_train_dbs=6, num_dev_dbs=2)
 JSON_FILES = (
     "train.json", "sft.json", "dev.json", "tables.json", "tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json",
@@ -303,17 +309,60 @@ def test_init_model_saves_a_loadable_tiny_qwen2_with_padded_vocab(world, tmp_pat
 def test_ensure_builds_once_and_rebuilds_when_outdated(tmp_path):
     root = tmp_path / "toyworld"
     assert ensure_toyworld(root, seed=0) == root
-    (root / "model").mkdir()  # what train.py adds next to the world
+    (root / "model_seed0").mkdir()  # what train.py adds next to the world
     first = (root / "train.json").stat().st_mtime_ns
     ensure_toyworld(root, seed=0)
-    assert (root / "model").is_dir() and (root / "train.json").stat().st_mtime_ns == first
+    assert (root / "model_seed0").is_dir() and (root / "train.json").stat().st_mtime_ns == first
     manifest = json.loads((root / MANIFEST).read_text())
     (root / MANIFEST).write_text(json.dumps({**manifest, "format_version": -1}))
-    ensure_toyworld(root, seed=0)
-    assert not (root / "model").exists() and json.loads((root / MANIFEST).read_text()) == manifest
+    (root / "model_seed0" / "model.safetensors").write_text("a trained model")
+    with pytest.raises(FileExistsError, match=r"format -1, seed 0.*would delete model_seed0: move those out"):
+        ensure_toyworld(root, seed=0)  # an outdated world is never rebuilt over files it did not generate
+    assert (root / "model_seed0" / "model.safetensors").read_text() == "a trained model"
+    shutil.move(root / "model_seed0", tmp_path / "kept")
+    ensure_toyworld(root, seed=0)  # only what build_toyworld wrote: rebuilt
+    assert json.loads((root / MANIFEST).read_text()) == manifest
     ensure_toyworld(root, seed=1)
     assert json.loads((root / MANIFEST).read_text())["seed"] == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["toyworld"]  # no temporary directories left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept", "toyworld"]  # no temporary directories left
+
+
+def test_damaged_manifest_or_a_file_is_named(tmp_path):
+    root = build_toyworld(tmp_path / "world", **SMALL)
+    (root / MANIFEST).write_text('{"format_version": 2, "se')
+    with pytest.raises(ValueError, match=rf"{root / MANIFEST}: damaged toy world manifest \(not valid JSON"):
+        ensure_toyworld(root)
+    (root / MANIFEST).write_text("[2]")
+    with pytest.raises(ValueError, match="a JSON list, not an object"):
+        ensure_toyworld(root)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileExistsError, match="is a file, not a toy world folder"):
+        ensure_toyworld(tmp_path / "file")
+
+
+def test_interrupted_build_leaves_no_temporary_folder(tmp_path):
+    code = f"from sqlr1.toyworld import ensure_toyworld; ensure_toyworld({str(tmp_path / 'world')!r})"
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not list(tmp_path.glob(".world.building-*")):  # the build is under way
+        assert proc.poll() is None and time.time() < deadline, "the build never started"
+        time.sleep(0.01)
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and "KeyboardInterrupt" in err  # stopped mid-build (not finished)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_train_on_a_non_toy_data_root_is_one_line(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    out = subprocess.run([sys.executable, "train.py", "--config", "configs/grpo_tiny.py",
+                          f"--data_root={tmp_path / 'mine'}", f"--out_dir={tmp_path / 'run'}"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.startswith("error: ensure_toyworld:") and "not a toy world" in out.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]  # and no run directory was created
 
 
 def test_refuses_to_overwrite_other_directories(tmp_path):
