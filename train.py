@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from sqlr1 import distributed
 from sqlr1.batch import Sequence
-from sqlr1.checkpoint import load_model
+from sqlr1.checkpoint import load_model, source_extras
 from sqlr1.config import TrainConfig, config_dict, load_config, save_config
 from sqlr1.data import SHORT_PROMPT, SQLR1_PROMPT, build_prompt, filter_for_rl, load_dataset, sft_response
 from sqlr1.grpo import finalize_metrics, group_advantages, keep_groups, loss_norm
@@ -236,6 +236,7 @@ def train(cfg: TrainConfig, resume: str | None, d) -> int:
     # ---- data: prompts rendered once (schema from the SQLite file, ChatML, pre-filled <think>)
     compute_dtype = DTYPES[cfg.dtype]
     tokenizer = load_tokenizer(cfg.model)
+    extras = source_extras(cfg.model)  # its generation_config.json and config.json keys: every checkpoint keeps them
     template = {"sqlr1": SQLR1_PROMPT, "short": SHORT_PROMPT}[cfg.prompt_template]
     train_examples = load_dataset(cfg.dataset, cfg.data_root, cfg.train_split)
     sft_examples = train_examples
@@ -334,7 +335,8 @@ def train(cfg: TrainConfig, resume: str | None, d) -> int:
             if done == total or (cfg.save_every and done % cfg.save_every == 0):
                 state = {"step": done, "stage": stage, "scheduler": sched.state_dict()}
                 save_checkpoint(run_dir, done, policy, opt, state, tokenizer, d, compute_dtype, model_files={
-                    "sqlr1_prompt.json": {"template": cfg.prompt_template, "sample_values": cfg.sample_values}})
+                    "sqlr1_prompt.json": {"template": cfg.prompt_template, "sample_values": cfg.sample_values}},
+                    source=extras)
         bar.close()
     if d.is_main:
         last = latest_checkpoint(run_dir)
