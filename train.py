@@ -19,6 +19,7 @@ import gc
 import json
 import math
 import random
+import shlex
 import sys
 import time
 from dataclasses import replace
@@ -31,7 +32,7 @@ from sqlr1 import distributed
 from sqlr1.batch import Sequence
 from sqlr1.checkpoint import load_model, source_extras
 from sqlr1.config import TrainConfig, config_dict, load_config, save_config
-from sqlr1.data import SHORT_PROMPT, SQLR1_PROMPT, build_prompt, filter_for_rl, load_dataset, sft_response
+from sqlr1.data import SHORT_PROMPT, SQLR1_PROMPT, Example, build_prompt, filter_for_rl, load_dataset, sft_response
 from sqlr1.grpo import finalize_metrics, group_advantages, keep_groups, loss_norm
 from sqlr1.inference import completion_text, evaluate_policy
 from sqlr1.reward import score_batch
@@ -345,12 +346,28 @@ def train(cfg: TrainConfig, resume: str | None, d) -> int:
         print_summary(read_evals(run_dir))
         plot_metrics(run_dir)
         print(f"run directory: {run_dir}  final model: {run_dir / 'final'}")
+        if eval_examples and (run_dir / "final").is_dir():
+            print("ask the final model a held-out question:\n  "
+                  + sample_command(run_dir / "final", eval_examples[0], cfg.max_response_len))
     return 0
 
 
 def _postfix(record: dict) -> str:
     keys = ("loss", "reward", "accuracy", "grad_norm") if record["stage"] == "grpo" else ("loss", "grad_norm")
     return " ".join(f"{k}={record[k]:.3g}" for k in keys if k in record)
+
+
+def sample_command(model_dir: Path, example: Example, max_new_tokens: int) -> str:
+    """A ready-to-run `sample.py` command line (quoted for a POSIX shell) asking `model_dir` one question."""
+    def path(p) -> str:  # relative to the working directory when inside it, like the rest of the run's paths
+        p = Path(p).absolute()
+        return str(p.relative_to(Path.cwd())) if p.is_relative_to(Path.cwd()) else str(p)
+
+    words = [path(sys.executable), path(Path(__file__).with_name("sample.py")), "--model", str(model_dir),
+             "--db", str(example.db_path), "--question", example.question]
+    if example.evidence:
+        words += ["--evidence", example.evidence]
+    return shlex.join(words + ["--max-new-tokens", str(max_new_tokens)])
 
 
 def print_summary(evals: list[dict]) -> None:
