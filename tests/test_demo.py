@@ -135,3 +135,15 @@ def test_final_model_keeps_source_config_and_stops_in_transformers_where_our_sam
         assert theirs[0, len(ids):].tolist() == ours.tokens[0]
         stopped += ours.finish_reason[0] == "stop"
     assert stopped > 0  # the comparison covers the stop token, not only two runs to max_new_tokens
+
+
+def test_sample_command_quotes_any_question_for_the_shell():
+    from sqlr1.data import Example
+    from train import sample_command
+
+    question = "Which club's name is \"$(echo hi)\" or `x`; rm -rf ~?"
+    ex = Example(question=question, db_id="a b", db_path=Path("data dir/a b/a b.sqlite"), sql="", evidence="it's 'x'")
+    words = shlex.split(sample_command(Path("runs/my run/final"), ex, 64))
+    assert Path(words[1]).resolve() == ROOT / "sample.py"
+    assert words[2:] == ["--model", "runs/my run/final", "--db", "data dir/a b/a b.sqlite", "--question", question,
+                         "--evidence", "it's 'x'", "--max-new-tokens", "64"]
