@@ -29,9 +29,9 @@ from tqdm.auto import tqdm
 
 from sqlr1 import distributed
 from sqlr1.batch import Sequence
-from sqlr1.checkpoint import check_vocab, load_model, read_json
+from sqlr1.checkpoint import check_vocab, load_model, read_json, source_extras
 from sqlr1.config import TrainConfig, config_dict, load_config, resume_changes, save_config
-from sqlr1.data import SHORT_PROMPT, SQLR1_PROMPT, build_prompt, filter_for_rl, load_dataset, sft_response
+from sqlr1.data import SHORT_PROMPT, SQLR1_PROMPT, Example, build_prompt, filter_for_rl, load_dataset, sft_response
 from sqlr1.grpo import finalize_metrics, finalize_mismatch, group_advantages, keep_groups, loss_norm
 from sqlr1.hub import resolve_checkpoint
 from sqlr1.inference import completion_text, evaluate_policy
@@ -356,6 +356,7 @@ def run(cfg: TrainConfig, ckpt: Path | None, trainer_state: dict, run_dir: Path,
     # ---- data: prompts rendered once (schema from the SQLite file, ChatML, pre-filled <think>)
     compute_dtype = DTYPES[cfg.dtype]
     tokenizer = load_tokenizer(cfg.model)
+    extras = source_extras(cfg.model)  # its generation_config.json and config.json keys: every checkpoint keeps them
     template = {"sqlr1": SQLR1_PROMPT, "short": SHORT_PROMPT}[cfg.prompt_template]
     train_examples = load_dataset(cfg.dataset, cfg.data_root, cfg.train_split)
     sft_examples = train_examples
@@ -454,7 +455,8 @@ def run(cfg: TrainConfig, ckpt: Path | None, trainer_state: dict, run_dir: Path,
             if done == total or (cfg.save_every and done % cfg.save_every == 0):
                 state = {"step": done, "stage": stage, "scheduler": sched.state_dict()}
                 save_checkpoint(run_dir, done, policy, opt, state, tokenizer, d, compute_dtype, model_files={
-                    "sqlr1_prompt.json": {"template": cfg.prompt_template, "sample_values": cfg.sample_values}})
+                    "sqlr1_prompt.json": {"template": cfg.prompt_template, "sample_values": cfg.sample_values}},
+                    source=extras)
                 if d.is_main:
                     prune_checkpoints(run_dir, cfg.keep_last)
         bar.close()
@@ -465,12 +467,28 @@ def run(cfg: TrainConfig, ckpt: Path | None, trainer_state: dict, run_dir: Path,
         print_summary(read_evals(run_dir))
         plot_metrics(run_dir)
         print(f"run directory: {run_dir}  final model: {run_dir / 'final'}")
+        if eval_examples and (run_dir / "final").is_dir():
+            print("ask the final model a held-out question:\n  "
+                  + sample_command(run_dir / "final", eval_examples[0], cfg.max_response_len))
     return 0
 
 
 def _postfix(record: dict) -> str:
     keys = ("loss", "reward", "accuracy", "grad_norm") if record["stage"] == "grpo" else ("loss", "grad_norm")
     return " ".join(f"{k}={record[k]:.3g}" for k in keys if k in record)
+
+
+def sample_command(model_dir: Path, example: Example, max_new_tokens: int) -> str:
+    """A ready-to-run `sample.py` command line (quoted for a POSIX shell) asking `model_dir` one question."""
+    def path(p) -> str:  # relative to the working directory when inside it, like the rest of the run's paths
+        p = Path(p).absolute()
+        return str(p.relative_to(Path.cwd())) if p.is_relative_to(Path.cwd()) else str(p)
+
+    words = [path(sys.executable), path(Path(__file__).with_name("sample.py")), "--model", str(model_dir),
+             "--db", str(example.db_path), "--question", example.question]
+    if example.evidence:
+        words += ["--evidence", example.evidence]
+    return shlex.join(words + ["--max-new-tokens", str(max_new_tokens)])
 
 
 def print_summary(evals: list[dict]) -> None:

@@ -7,6 +7,9 @@ HF names are ours with a "model." prefix ("model.layers.0.mlp.up_proj.weight" <-
 
 Saving writes the same layout transformers and vLLM read, into a temporary directory next to the target that is
 renamed into place only when complete: a crash leaves the previous checkpoint or the new one, never half of one.
+What a checkpoint holds beyond the network (`SourceExtras`: the source's generation_config.json and its config.json
+keys ModelConfig does not model, such as the bos/eos ids) is read from the source once and written into every
+checkpoint saved from it, so transformers and vLLM stop and sample as they would with the source model.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import os
 import re
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -151,6 +155,39 @@ def check_vocab(tokenizer_size: int, model: Qwen2, source: str | os.PathLike) ->
                          f"{rows} rows (config.json vocab_size): use the tokenizer the model was trained with")
 
 
+# config.json keys that describe the network: written from the ModelConfig and the dtype being saved, never carried
+# over from a source (rope_parameters / layer_types are transformers 5's spellings of rope_theta / full attention).
+NETWORK_KEYS = frozenset(ModelConfig().to_hf()) | {"torch_dtype", "dtype", "rope_parameters", "layer_types"}
+
+
+@dataclass
+class SourceExtras:
+    """What a checkpoint keeps of the checkpoint its weights came from, beyond the weights and the ModelConfig.
+
+    `config`: the source config.json's keys outside NETWORK_KEYS (bos/eos/pad ids, transformers_version, ...),
+    verbatim; `generation_config`: its generation_config.json (Qwen2.5-Instruct: eos [<|im_end|>, <|endoftext|>] and
+    its sampling defaults), None when it has none.
+    """
+
+    config: dict
+    generation_config: dict | None
+
+
+def source_extras(path_or_repo_id: str | os.PathLike) -> SourceExtras:
+    """The `SourceExtras` of a local HF checkpoint directory or Hub repo id (read once, when training starts)."""
+    d = resolve_checkpoint(path_or_repo_id)
+    config_file, generation_file = d / "config.json", d / "generation_config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file} not found: a checkpoint directory needs config.json")
+    extra = {k: v for k, v in read_json(config_file).items() if k not in NETWORK_KEYS}
+    return SourceExtras(extra, read_json(generation_file) if generation_file.is_file() else None)
+
+
+def default_generation_config(tokenizer) -> dict:
+    """generation_config.json for a model whose source has none: stop at the tokenizer's stop ids, pad with its pad."""
+    return {"eos_token_id": list(tokenizer.eos_ids), "pad_token_id": tokenizer.pad_id}
+
+
 def parse_size(size: int | str) -> int:
     """Bytes from an int or a string like "5GB" (10^9) / "500MiB" (2^20), as transformers' max_shard_size."""
     if isinstance(size, int):
@@ -212,12 +249,15 @@ def save_state_dict(
     max_shard_size: int | str = "5GB",
     generation_config: dict | None = None,
     tokenizer=None,
+    source: SourceExtras | None = None,
 ) -> Path:
     """Write a full state dict (our names, as `Qwen2.state_dict()` gives) as an HF checkpoint directory, atomically.
 
-    Writes config.json, model.safetensors or model-0000i-of-0000N.safetensors + model.safetensors.index.json,
-    generation_config.json when given, and the tokenizer's files when a tokenizer is given (`tokenizer.save(dir)`).
-    All tensors must share one dtype, recorded as config.json's "torch_dtype".
+    Writes config.json (`source.config` verbatim, the ModelConfig's keys over it), model.safetensors or
+    model-0000i-of-0000N.safetensors + model.safetensors.index.json, the tokenizer's files when a tokenizer is given
+    (`tokenizer.save(dir)`), and generation_config.json: `generation_config`, else the source's, else one built from
+    the tokenizer's stop and pad ids (none without a tokenizer). All tensors must share one dtype, recorded as
+    config.json's "torch_dtype".
     """
     out = Path(out_dir)
     max_bytes = parse_size(max_shard_size)
@@ -259,7 +299,12 @@ def save_state_dict(
         if n > 1:
             weight_map = {_hf_name(name): file for file, shard in zip(files, shards) for name in shard}
             _write_json(tmp / INDEX_FILE, {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map})
-        _write_json(tmp / "config.json", {**config.to_hf(), "torch_dtype": dtype_name, "dtype": dtype_name})
+        carried = source.config if source is not None else {}  # the ModelConfig's keys win over stale copies
+        _write_json(tmp / "config.json", {**carried, **config.to_hf(), "torch_dtype": dtype_name, "dtype": dtype_name})
+        if generation_config is None and source is not None:
+            generation_config = source.generation_config
+        if generation_config is None and tokenizer is not None:
+            generation_config = default_generation_config(tokenizer)
         if generation_config is not None:
             _write_json(tmp / "generation_config.json", generation_config)
         if tokenizer is not None:
@@ -301,6 +346,8 @@ def save_model(
     max_shard_size: int | str = "5GB",
     generation_config: dict | None = None,
     tokenizer=None,
+    source: SourceExtras | None = None,
 ) -> Path:
     """Save a model whose parameters are plain tensors as an HF checkpoint directory (see `save_state_dict`)."""
-    return save_state_dict(model.state_dict(), model.config, out_dir, max_shard_size, generation_config, tokenizer)
+    return save_state_dict(model.state_dict(), model.config, out_dir, max_shard_size, generation_config, tokenizer,
+                           source)

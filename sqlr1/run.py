@@ -38,7 +38,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from sqlr1 import distributed
-from sqlr1.checkpoint import read_json, save_state_dict
+from sqlr1.checkpoint import SourceExtras, read_json, save_state_dict
 from sqlr1.model import Qwen2
 
 
@@ -69,7 +69,7 @@ def set_rng_state(state: dict) -> None:
 
 def save_checkpoint(
     run_dir: Path, step: int, model: Qwen2, optimizer: torch.optim.Optimizer, trainer: dict, tokenizer, dist_info,
-    hf_dtype: torch.dtype, model_files: dict[str, dict] | None = None,
+    hf_dtype: torch.dtype, model_files: dict[str, dict] | None = None, source: SourceExtras | None = None,
 ) -> Path:
     """Collective: every rank calls it. Writes checkpoints/step_<step>/ atomically and updates `latest`."""
     root = run_dir / "checkpoints"
@@ -84,7 +84,7 @@ def save_checkpoint(
     torch.save(rng_state(), tmp / f"rng_rank{dist_info.rank}.pt")
     if dist_info.is_main:
         weights = {k: v.to(hf_dtype) for k, v in full.items()}
-        save_state_dict(weights, model.config, tmp / "model", tokenizer=tokenizer)
+        save_state_dict(weights, model.config, tmp / "model", tokenizer=tokenizer, source=source)
         for name, content in (model_files or {}).items():  # e.g. the prompt settings sample.py should reuse
             (tmp / "model" / name).write_text(json.dumps(content, indent=2) + "\n")
         (tmp / "trainer.json").write_text(json.dumps(trainer, indent=2) + "\n")

@@ -721,7 +721,8 @@ def tiny_config(tokenizer_size: int) -> ModelConfig:
 
 
 def init_model(out_dir: str | Path, tokenizer_dir: str | Path, config: ModelConfig | None = None, seed: int = 0) -> Path:
-    """A freshly initialised tiny Qwen2 saved in Hugging Face layout (config, safetensors, tokenizer files)."""
+    """A freshly initialised tiny Qwen2 saved in Hugging Face layout (config, safetensors, tokenizer files,
+    generation_config.json)."""
     if not (Path(tokenizer_dir) / "tokenizer.json").is_file():
         raise FileNotFoundError(f"init_model: no tokenizer.json in {tokenizer_dir}; build the world first (ensure_toyworld)")
     tokenizer = load_tokenizer(tokenizer_dir)
@@ -733,6 +734,4 @@ def init_model(out_dir: str | Path, tokenizer_dir: str | Path, config: ModelConf
         )
     model = Qwen2(config)
     model.init_weights(generator=torch.Generator().manual_seed(seed))
-    pad = tokenizer.pad_id
-    generation = {"bos_token_id": pad, "eos_token_id": tokenizer.eos_ids, "pad_token_id": pad}
-    return save_model(model, out_dir, generation_config=generation, tokenizer=tokenizer)
+    return save_model(model, out_dir, tokenizer=tokenizer)  # generation_config.json: the tokenizer's stop and pad ids
