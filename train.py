@@ -185,7 +185,24 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     ap.add_argument("--config", help="Python file defining `config = TrainConfig(...)`")
     ap.add_argument("--resume", nargs="?", const="latest", default=None,
                     help="continue from the newest checkpoint of --out_dir (or from the checkpoint directory given)")
+    ap.add_argument("--dry_run", action="store_true",
+                    help="simulate one step at full scale on this CPU (fake tensors): memory per phase per GPU")
+    ap.add_argument("--gpus", type=int, default=8, help="--dry_run: number of GPUs (ranks) to simulate")
+    ap.add_argument("--gpu_mem_gb", type=float, default=80.0, help="--dry_run: memory of one GPU, GiB")
+    ap.add_argument("--dry_run_out", default="", help="--dry_run: also write the table to this markdown file")
     return ap.parse_known_args(argv)
+
+
+def dry_run(cfg: TrainConfig, args: argparse.Namespace) -> int:
+    """Print (and optionally write) the dry run's table; exit code 1 when the peak does not fit."""
+    from sqlr1.dryrun import dry_run as simulate
+
+    report = simulate(cfg, args.gpus, args.gpu_mem_gb)
+    text = report.markdown(f"dry run: {cfg.name} ({cfg.model}) on {args.gpus} x {args.gpu_mem_gb:g} GiB")
+    print(text)
+    if args.dry_run_out:
+        Path(args.dry_run_out).write_text(text)
+    return 0
 
 
 def prepare_toy(cfg: TrainConfig) -> TrainConfig:
@@ -202,6 +219,8 @@ def prepare_toy(cfg: TrainConfig) -> TrainConfig:
 def main(argv: list[str]) -> int:
     args, overrides = parse_args(argv)
     cfg = load_config(args.config, overrides)
+    if args.dry_run:
+        return dry_run(cfg, args)
     d = distributed.setup(cfg.device)
     try:
         return train(cfg, args.resume, d)

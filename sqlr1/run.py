@@ -74,10 +74,11 @@ def save_checkpoint(
     distributed.barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "state"))
-    full = distributed.full_state_dict(model)
+    # HF export: one parameter gathered at a time, cast, and kept (on the CPU) by rank 0 only, so no rank holds the
+    # full fp32 model on its device (the dry run prices this gather)
+    weights = {name: t for name, t in distributed.gather_full_params(model, hf_dtype) if t is not None}
     torch.save(rng_state(), tmp / f"rng_rank{dist_info.rank}.pt")
     if dist_info.is_main:
-        weights = {k: v.to(hf_dtype) for k, v in full.items()}
         save_state_dict(weights, model.config, tmp / "model", tokenizer=tokenizer)
         for name, content in (model_files or {}).items():  # e.g. the prompt settings sample.py should reuse
             (tmp / "model" / name).write_text(json.dumps(content, indent=2) + "\n")

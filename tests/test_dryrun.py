@@ -1,0 +1,35 @@
+"""The dry run (sqlr1/dryrun.py): its fake-tensor peaks against the same tracker on a real gloo run; bad requests."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sqlr1.dryrun import GiB, fake_world, simulate
+from tests.dryrun_case import CONFIG, MODEL, VOCAB, WORLD, plan
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_fake_run_matches_real_gloo_run(tmp_path):
+    """Every phase's peak per rank under fake tensors + a fake group of 2 is within 15 % of the real 2-rank run."""
+    out = tmp_path / "real.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}",
+         str(ROOT / "tests" / "dryrun_worker.py"), str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    real = json.loads(out.read_text())
+    with fake_world(WORLD) as mesh:
+        fake = simulate(CONFIG, MODEL, VOCAB, WORLD, plan(), mesh, fake=True)
+    assert set(fake) == set(real) == {"build", "eval greedy", "eval voted", "rollout", "reference", "old logp",
+                                      "update", "optimizer", "checkpoint"}
+    for phase in fake:
+        f, r = fake[phase]["total"], real[phase]["total"]
+        assert r > 2**20, (phase, r)  # big enough to be above allocator noise
+        assert abs(f - r) <= 0.15 * r, f"{phase}: fake {f / GiB:.4f} GiB vs real {r / GiB:.4f} GiB"
