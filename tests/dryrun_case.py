@@ -18,3 +18,15 @@ CONFIG = TrainConfig(model="unused", dtype="bfloat16", max_prompt_len=96, max_re
 def plan() -> Plan:
     n_seqs, _ = rank_counts(CONFIG, WORLD)
     return Plan(micro_batch_size=CONFIG.micro_batch_size, eval_batch=eval_batch_of(CONFIG, WORLD))
+
+
+def checkpoint_model():
+    """A small model whose largest parameter is a small part of it (the streamed save holds one at a time)."""
+    import torch
+
+    from sqlr1.model import Qwen2
+
+    model = Qwen2(ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
+                              num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False))
+    model.init_weights(std=0.05, generator=torch.Generator().manual_seed(0))
+    return model
