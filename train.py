@@ -108,6 +108,8 @@ def grpo_step(step, policy, rollout_model, ref, opt, sched, examples, prompts, t
         vocab_size=tokenizer.vocab_size, seed=(cfg.seed * 1_000_003 + step) * 1009 + d.rank, compile=cfg.compile,
         progress=False,
     )
+    if rollout_model is not policy:
+        distributed.free_weights(rollout_model)  # the rollout copy holds memory only while it samples
     t_rollout = time.time()
 
     texts = [completion_text(tokenizer, t) for t in samples.tokens]
@@ -197,12 +199,12 @@ def dry_run(cfg: TrainConfig, args: argparse.Namespace) -> int:
     """Print (and optionally write) the dry run's table; exit code 1 when the peak does not fit."""
     from sqlr1.dryrun import dry_run as simulate
 
-    report = simulate(cfg, args.gpus, args.gpu_mem_gb)
+    report = simulate(cfg, args.gpus, args.gpu_mem_gb, log=lambda msg: print(f"dry run: {msg}", file=sys.stderr))
     text = report.markdown(f"dry run: {cfg.name} ({cfg.model}) on {args.gpus} x {args.gpu_mem_gb:g} GiB")
     print(text)
     if args.dry_run_out:
         Path(args.dry_run_out).write_text(text)
-    return 0
+    return 0 if report.fits else 1
 
 
 def prepare_toy(cfg: TrainConfig) -> TrainConfig:
@@ -284,6 +286,7 @@ def train(cfg: TrainConfig, resume: str | None, d) -> int:
     rollout_model = policy
     if sharded or compute_dtype != torch.float32:
         rollout_model = load_model(cfg.model, dtype=compute_dtype, device=d.device)
+        distributed.free_weights(rollout_model)  # allocated by copy_full_weights before each use
     ctx = compute_context(d.device, compute_dtype, sharded)
     gc.freeze()  # start-up objects (torch, models, prompts) never need scanning: no 50-80 ms full GCs per step
 
@@ -307,7 +310,11 @@ def train(cfg: TrainConfig, resume: str | None, d) -> int:
             """Held-out EX, greedy and voted; logged with the number of completed steps."""
             if not eval_examples:
                 return
+            if rollout_model is not policy:
+                distributed.copy_full_weights(policy, rollout_model)
             res = evaluate_policy(rollout_model, tokenizer, eval_examples, eval_prompts, sandbox, cfg, d)
+            if rollout_model is not policy:
+                distributed.free_weights(rollout_model)
             log.log({"stage": f"eval:{stage}", "step": step, **res})
             if d.is_main:
                 tqdm.write(f"eval after {stage} (step {step}): " + " ".join(f"{k}={v:.3f}" for k, v in res.items()))
@@ -326,8 +333,6 @@ def train(cfg: TrainConfig, resume: str | None, d) -> int:
                     load_checkpoint(ckpt, policy, opt if same else None, d)
                     if same:
                         sched.load_state_dict(trainer_state["scheduler"])
-                if rollout_model is not policy:
-                    distributed.copy_full_weights(policy, rollout_model)
             if stage == "sft":
                 record = sft_step(step, policy, opt, sched, sft_examples, sft_prompts, tokenizer, cfg, d, ctx)
                 logged = []
@@ -347,8 +352,6 @@ def train(cfg: TrainConfig, resume: str | None, d) -> int:
             if done == total or (done == cfg.sft_steps and cfg.grpo_steps) or (
                 stage == "grpo" and cfg.eval_every and grpo_done % cfg.eval_every == 0
             ):
-                if rollout_model is not policy:
-                    distributed.copy_full_weights(policy, rollout_model)
                 run_eval(done, stage if done in (total, cfg.sft_steps) else f"grpo@{grpo_done}")
             if done == total or (cfg.save_every and done % cfg.save_every == 0):
                 state = {"step": done, "stage": stage, "scheduler": sched.state_dict()}

@@ -41,6 +41,8 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import sys
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -108,9 +110,10 @@ class PlaceholderScalars(TorchDispatchMode):
 
 
 def _tracker():
-    """torch's MemTracker, except that a module called again at top level (the decode step after prefill, the next
-    micro-batch after a backward) starts fresh per-module statistics instead of raising: the dry run reads only the
-    per-device peak, and token_logprobs / hidden_states are not module calls that would give the loop one root."""
+    """torch's MemTracker reduced to what the dry run reads, the per-device peak: a module called again at top level
+    (the decode step after prefill, the next micro-batch after a backward; token_logprobs / hidden_states are not
+    module calls that would give the loop one root) starts fresh per-module statistics instead of raising, and the
+    per-module peaks are not kept (updating them on every op of a 7B step is most of the simulation's time)."""
     from torch.distributed._tools.mem_tracker import MemTracker
 
     class Tracker(MemTracker):
@@ -119,6 +122,12 @@ def _tracker():
             if not self._mod_tracker.is_bw and set(self._mod_tracker.parents) <= {"Global", name}:
                 self.memory_tracking.pop(module, None)
             super()._pre_fw_hook(module, inputs)
+
+        def _update_peak_stats(self, peak_state) -> None:
+            for dev, snap in self._curr_mem_snap.items():
+                if self._peak_mem.get(dev, 0) < snap["Total"]:
+                    self._peak_mem[dev] = snap["Total"]
+                    self._peak_mem_snap[dev] = dict(snap)
 
     return Tracker()
 
@@ -193,7 +202,7 @@ def _kv_bytes(mc: ModelConfig, rows: int, T_max: int, dtype: torch.dtype) -> int
 
 
 def simulate(cfg: TrainConfig, mc: ModelConfig, vocab: int, world: int, plan: Plan, mesh, fake: bool = True,
-             phases: tuple[str, ...] = PHASES) -> dict[str, dict[str, int]]:
+             phases: tuple[str, ...] = PHASES, log=None) -> dict[str, dict[str, int]]:
     """Run the phases on rank `dist.get_rank()` of an initialised process group (fake, or real gloo in the test)
     and return {phase: row}, bytes per column. With fake=False the same code runs on real tensors."""
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -220,11 +229,14 @@ def simulate(cfg: TrainConfig, mc: ModelConfig, vocab: int, world: int, plan: Pl
 
     def run(fn) -> None:
         """One phase under a fresh tracker that starts from what is alive: the models and the optimizer state."""
+        t0 = time.time()
         mt = _tracker()
         mt.track_external(*[x for k, x in m.items() if k in ("policy", "ref", "rollout", "opt") and x is not None])
         with mt:
             fn()
         last[:] = [mt]
+        if log is not None:
+            log(f"{fn.__name__}: {time.time() - t0:.0f} s")
 
     def peak() -> dict:
         return next(iter(last[0].get_tracker_snapshot("peak").values()))
@@ -324,14 +336,20 @@ def simulate(cfg: TrainConfig, mc: ModelConfig, vocab: int, world: int, plan: Pl
         if m["ref"] is not None and "reference" in phases:
             rows["reference"] = _row(peak(), act_extra=gaps["train"])
         if cfg.recompute_old_logp and "old logp" in phases:
-            run(lambda: logprobs(m["policy"], "old_logp"))
+            def old_logp() -> None:
+                logprobs(m["policy"], "old_logp")
+
+            run(old_logp)
             rows["old logp"] = _row(peak(), act_extra=gaps["train"])
         if "update" in phases or "optimizer" in phases:
             run(update)
             rows["update"] = _row(peak(), act_extra=gaps["train"], temp_extra=gaps["train"])
         del m["mbs"]
         if "optimizer" in phases:
-            run(lambda: optimizer_step(m["policy"], m["opt"], m["sched"], cfg, m["loss_sum"]))
+            def step() -> None:
+                optimizer_step(m["policy"], m["opt"], m["sched"], cfg, m["loss_sum"])
+
+            run(step)
             shard_numel = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel()
                               for p in m["policy"].parameters())
             rows["optimizer"] = _row(peak(), temp_extra=4 * shard_numel, no_activations=True)  # + AdamW foreach
@@ -355,6 +373,10 @@ class Report:
     gpu_mem_gb: float
     seconds: float
 
+    @property
+    def fits(self) -> bool:
+        return fits(self.rows, self.gpu_mem_gb)
+
     def markdown(self, title: str) -> str:
         limit = (1 - HEADROOM) * self.gpu_mem_gb
         peak_phase = max(self.rows, key=lambda p: self.rows[p]["total"])
@@ -375,9 +397,13 @@ class Report:
         return "\n".join(lines) + "\n"
 
 
-def _largest(candidates: list[int], ok) -> int:
-    """The largest candidate c with ok(c), assuming ok is monotone (fits at c => fits below); 0 if none."""
-    lo, hi, best = 0, len(candidates) - 1, 0
+def _largest(candidates: list[int], ok, start: int) -> int:
+    """The largest candidate c with ok(c), ok monotone (fits at c => fits below); 0 if none. Bisects the side of
+    `start` (the configured value, already simulated) that can hold the answer: one or two simulations, not all."""
+    if ok(start):
+        best, lo, hi = start, candidates.index(start) + 1, len(candidates) - 1
+    else:
+        best, lo, hi = 0, 0, candidates.index(start) - 1
     while lo <= hi:
         mid = (lo + hi) // 2
         if ok(candidates[mid]):
@@ -387,16 +413,14 @@ def _largest(candidates: list[int], ok) -> int:
     return best
 
 
-def _sizes(n: int) -> list[int]:
-    """1, 2, 4, ... below n, and n."""
-    out = [1 << i for i in range(n.bit_length()) if 1 << i < n]
-    return out + [n]
+def _sizes(n: int, also: int) -> list[int]:
+    """1, 2, 4, ... below n, n, and `also` (the configured value), sorted."""
+    return sorted({1 << i for i in range(n.bit_length()) if 1 << i < n} | {n, also})
 
 
-def dry_run(cfg: TrainConfig, gpus: int, gpu_mem_gb: float) -> Report:
-    """Simulate cfg on `gpus` ranks of `gpu_mem_gb` each: the table, and the largest micro-batch and eval batch."""
-    import time
-
+def dry_run(cfg: TrainConfig, gpus: int, gpu_mem_gb: float, log=None) -> Report:
+    """Simulate cfg on `gpus` ranks of `gpu_mem_gb` each: the table, and the largest micro-batch and eval batch.
+    `log(str)` hears each simulated phase and its time."""
     if not isinstance(gpus, int) or gpus < 1:
         raise ValueError(f"--gpus={gpus}: the number of GPUs (ranks) must be an integer >= 1")
     if not (isinstance(gpu_mem_gb, (int, float)) and 0 < gpu_mem_gb < math.inf):
@@ -413,7 +437,7 @@ def dry_run(cfg: TrainConfig, gpus: int, gpu_mem_gb: float) -> Report:
         n_seqs, n_eval = rank_counts(cfg, gpus)
         plan = Plan(micro_batch_size=min(cfg.micro_batch_size, n_seqs), eval_batch=eval_batch_of(cfg, gpus))
         limit = (1 - HEADROOM) * gpu_mem_gb * GiB
-        rows = simulate(cfg, mc, vocab, gpus, plan, mesh)
+        rows = simulate(cfg, mc, vocab, gpus, plan, mesh, log=log)
         train_phases = ("reference", "old logp", "update")
 
         def micro_ok(mb: int) -> bool:
@@ -421,7 +445,7 @@ def dry_run(cfg: TrainConfig, gpus: int, gpu_mem_gb: float) -> Report:
                 r = rows
             else:
                 r = simulate(cfg, mc, vocab, gpus, replace(plan, micro_batch_size=mb, eval_batch=0), mesh,
-                             phases=train_phases)
+                             phases=train_phases, log=log)
             return all(r[p]["total"] <= limit for p in train_phases if p in r)
 
         def eval_ok(eb: int) -> bool:
@@ -429,7 +453,7 @@ def dry_run(cfg: TrainConfig, gpus: int, gpu_mem_gb: float) -> Report:
                 r = rows
             else:
                 r = simulate(cfg, mc, vocab, gpus, replace(plan, eval_batch=eb), mesh,
-                             phases=("eval greedy", "eval voted"))
+                             phases=("eval greedy", "eval voted"), log=log)
             return all(r[p]["total"] <= limit for p in ("eval greedy", "eval voted") if p in r)
 
         other = [p for p in rows if p not in train_phases + ("eval greedy", "eval voted")]
@@ -438,12 +462,12 @@ def dry_run(cfg: TrainConfig, gpus: int, gpu_mem_gb: float) -> Report:
             raise ValueError(f"dry run: phase {worst!r} needs {rows[worst]['total'] / GiB:.1f} GiB per GPU, over "
                              f"{limit / GiB:.1f} GiB ({gpu_mem_gb:g} GiB less {HEADROOM:.0%}) whatever the batch "
                              f"sizes; use more GPUs (--gpus) or a smaller model / max_prompt_len + max_response_len")
-        best_micro = _largest(_sizes(n_seqs), micro_ok)
+        best_micro = _largest(_sizes(n_seqs, plan.micro_batch_size), micro_ok, plan.micro_batch_size)
         if best_micro == 0:
             raise ValueError(f"dry run: the policy update does not fit in {limit / GiB:.1f} GiB per GPU even at "
                              f"micro_batch_size=1; use more GPUs (--gpus), or shorten max_prompt_len / "
                              f"max_response_len")
-        best_eval = _largest(_sizes(n_eval), eval_ok) if n_eval else 0
+        best_eval = _largest(_sizes(n_eval, plan.eval_batch), eval_ok, plan.eval_batch) if n_eval else 0
         if n_eval and best_eval == 0:
             raise ValueError(f"dry run: evaluation does not fit in {limit / GiB:.1f} GiB per GPU even with one prompt "
                              f"per generate call; lower eval_n or max_prompt_len / max_response_len, or more GPUs")

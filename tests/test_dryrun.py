@@ -60,3 +60,35 @@ def test_checkpoint_save_gathers_one_parameter_at_a_time(tmp_path):
     assert names == sorted(p.name for p in saved.iterdir())
     for name in names:
         assert (expected / name).read_bytes() == (saved / name).read_bytes(), name
+
+
+def test_rollout_copy_is_freed_between_uses_and_refilled():
+    """free_weights releases the copy's storage (it lived through the policy update before); copy_full_weights
+    allocates it again with the policy's weights."""
+    from sqlr1 import distributed
+
+    policy, copy = checkpoint_model(), checkpoint_model().to(torch.bfloat16)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.mul_(2.0)
+    distributed.free_weights(copy)
+    assert all(p.untyped_storage().nbytes() == 0 for p in copy.parameters())
+    distributed.copy_full_weights(policy, copy)
+    for (name, p), q in zip(policy.named_parameters(), copy.parameters()):
+        assert torch.equal(p.to(torch.bfloat16), q), name
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--gpus=0"], "--gpus=0"),
+    (["--gpus=3"], "not divisible"),
+    (["--gpu_mem_gb=-5"], "--gpu_mem_gb=-5"),
+    (["--gpu_mem_gb=nan"], "--gpu_mem_gb=nan"),
+    (["--model=Someone/Unknown-7B"], "Qwen/Qwen2.5-Coder-7B-Instruct"),
+])
+def test_bad_dry_run_request_is_one_line(args, message):
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs" / "grpo_7b.py"),
+                           "--dry_run", *args], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], proc.stderr[-2000:]
