@@ -204,6 +204,8 @@ def dry_run(cfg: TrainConfig, args: argparse.Namespace) -> int:
     print(text)
     if args.dry_run_out:
         Path(args.dry_run_out).write_text(text)
+    if report.problem:
+        raise ValueError(report.problem)
     return 0 if report.fits else 1
 
 
@@ -276,12 +278,12 @@ def train(cfg: TrainConfig, resume: str | None, d) -> int:
     sharded = d.world_size > 1
     policy = load_model(cfg.model, dtype=torch.float32, device=d.device)
     policy.gradient_checkpointing = cfg.gradient_checkpointing
+    if sharded:  # before the next model loads: one full model on the device at a time (dry run: 43 -> 28 GiB at 7B)
+        distributed.shard(policy, compute_dtype)
     ref = None
     if cfg.grpo_steps and cfg.grpo.kl_coef > 0:  # beta = 0: no reference model at all
         ref = load_model(cfg.model, dtype=compute_dtype, device=d.device).requires_grad_(False)
-    if sharded:
-        distributed.shard(policy, compute_dtype)
-        if ref is not None:
+        if sharded:
             distributed.shard(ref, compute_dtype, trainable=False)
     rollout_model = policy
     if sharded or compute_dtype != torch.float32:

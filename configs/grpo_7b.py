@@ -40,6 +40,7 @@ config = TrainConfig(
     prompts_per_step=8,  # B
     group_size=8,  # G
     micro_batch_size=4,
+    grad_accum_no_sync=False,  # no-sync holds the unsharded fp32 gradient (28 GiB per GPU) through the loop
     ppo_epochs=1,
     lr=3e-7,
     temperature=1.1,
@@ -48,5 +49,6 @@ config = TrainConfig(
     grad_clip=1.0,
     gradient_checkpointing=True,
     eval_every=50,
+    eval_batch_size=8,  # prompts per generate call: the dry run's largest that fits 8 x 80 GB (all 63 at once: 206 GiB)
     save_every=50,
 )

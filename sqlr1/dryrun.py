@@ -256,16 +256,16 @@ def simulate(cfg: TrainConfig, mc: ModelConfig, vocab: int, world: int, plan: Pl
     scalars = PlaceholderScalars() if fake else contextlib.nullcontext()
     m: dict = {}  # what the phases leave for the next ones (models, optimizer, micro-batches)
 
-    def build_models() -> None:  # as train.py: each model loaded full, then sharded
+    def build_models() -> None:  # as train.py: each model loaded full, then sharded before the next one loads
         m["policy"] = policy = build(torch.float32)
         policy.gradient_checkpointing = cfg.gradient_checkpointing
+        if sharded:
+            distributed.shard(policy, dtype, mesh=mesh)
         # MemTracker hooks every parameter's gradient, so the frozen models keep requires_grad and run under
         # no_grad (the same memory: they never get a gradient)
         m["ref"] = ref = build(dtype) if cfg.grpo.kl_coef > 0 else None
-        if sharded:
-            distributed.shard(policy, dtype, mesh=mesh)
-            if ref is not None:
-                distributed.shard(ref, dtype, mesh=mesh)
+        if sharded and ref is not None:
+            distributed.shard(ref, dtype, mesh=mesh)
         m["rollout"] = rollout = policy
         if sharded or dtype != torch.float32:
             m["rollout"] = rollout = build(dtype)
@@ -373,6 +373,8 @@ class Report:
     gpu_mem_gb: float
     seconds: float
 
+    problem: str = ""  # why no batch size fits ("" when the search found sizes that do)
+
     @property
     def fits(self) -> bool:
         return fits(self.rows, self.gpu_mem_gb)
@@ -390,6 +392,7 @@ class Report:
                   f"micro_batch_size={self.plan.micro_batch_size}, eval batch={self.plan.eval_batch}.",
                   f"Largest that fit: micro_batch_size={self.best_micro}, eval_batch_size={self.best_eval} "
                   f"(voted pass: x eval_n rows). Simulated in {self.seconds:.0f} s.",
+                  *([self.problem.replace("dry run: ", "Problem: ", 1)] if self.problem else []),
                   "Fake tensors + fake process group, real code (see sqlr1/dryrun.py); assumed, not simulated: CUDA "
                   "SDPA kernel choice (masked GQA: K/V repeated + memory-efficient kernel), AdamW foreach "
                   "temporary, no CUDA context / fragmentation. Every prompt max_prompt_len, every row decodes to "
@@ -457,21 +460,27 @@ def dry_run(cfg: TrainConfig, gpus: int, gpu_mem_gb: float, log=None) -> Report:
             return all(r[p]["total"] <= limit for p in ("eval greedy", "eval voted") if p in r)
 
         other = [p for p in rows if p not in train_phases + ("eval greedy", "eval voted")]
-        if any(rows[p]["total"] > limit for p in other):
-            worst = max(other, key=lambda p: rows[p]["total"])
-            raise ValueError(f"dry run: phase {worst!r} needs {rows[worst]['total'] / GiB:.1f} GiB per GPU, over "
-                             f"{limit / GiB:.1f} GiB ({gpu_mem_gb:g} GiB less {HEADROOM:.0%}) whatever the batch "
-                             f"sizes; use more GPUs (--gpus) or a smaller model / max_prompt_len + max_response_len")
-        best_micro = _largest(_sizes(n_seqs, plan.micro_batch_size), micro_ok, plan.micro_batch_size)
-        if best_micro == 0:
-            raise ValueError(f"dry run: the policy update does not fit in {limit / GiB:.1f} GiB per GPU even at "
-                             f"micro_batch_size=1; use more GPUs (--gpus), or shorten max_prompt_len / "
-                             f"max_response_len")
-        best_eval = _largest(_sizes(n_eval, plan.eval_batch), eval_ok, plan.eval_batch) if n_eval else 0
-        if n_eval and best_eval == 0:
-            raise ValueError(f"dry run: evaluation does not fit in {limit / GiB:.1f} GiB per GPU even with one prompt "
-                             f"per generate call; lower eval_n or max_prompt_len / max_response_len, or more GPUs")
-        return Report(rows, plan, best_micro, best_eval, gpus, gpu_mem_gb, time.time() - t0)
+        over = [p for p in other if rows[p]["total"] > limit]
+        best_micro = best_eval = 0
+        problem = ""
+        if over:
+            worst = max(over, key=lambda p: rows[p]["total"])
+            problem = (f"dry run: phase {worst!r} needs {rows[worst]['total'] / GiB:.1f} GiB per GPU, over "
+                       f"{limit / GiB:.1f} GiB ({gpu_mem_gb:g} GiB less {HEADROOM:.0%}) whatever the batch sizes; "
+                       f"use more GPUs (--gpus) or a smaller model / max_prompt_len + max_response_len")
+        else:
+            best_micro = _largest(_sizes(n_seqs, plan.micro_batch_size), micro_ok, plan.micro_batch_size)
+            if best_micro == 0:
+                no_sync = (" (grad_accum_no_sync=true holds an unsharded fp32 gradient through the micro-batch "
+                           "loop: try --grad_accum_no_sync=false)" if cfg.grad_accum_no_sync else "")
+                problem = (f"dry run: the policy update does not fit in {limit / GiB:.1f} GiB per GPU even at "
+                           f"micro_batch_size=1{no_sync}; use more GPUs (--gpus), or shorten max_prompt_len / "
+                           f"max_response_len")
+            best_eval = _largest(_sizes(n_eval, plan.eval_batch), eval_ok, plan.eval_batch) if n_eval else 0
+            if n_eval and best_eval == 0 and not problem:
+                problem = (f"dry run: evaluation does not fit in {limit / GiB:.1f} GiB per GPU even with one prompt "
+                           f"per generate call; lower eval_n or max_prompt_len / max_response_len, or more GPUs")
+        return Report(rows, plan, best_micro, best_eval, gpus, gpu_mem_gb, time.time() - t0, problem)
 
 
 @contextlib.contextmanager
