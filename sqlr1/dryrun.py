@@ -329,7 +329,7 @@ def simulate(cfg: TrainConfig, mc: ModelConfig, vocab: int, world: int, plan: Pl
 
         def reference() -> None:
             m["mbs"] = [collate(chunk, 0, device) for chunk in chunks]
-            if m["ref"] is not None and "reference" in phases:
+            if m["ref"] is not None and ("reference" in phases or "update" in phases):
                 logprobs(m["ref"], "ref_logp")
 
         run(reference)
