@@ -41,7 +41,6 @@ from __future__ import annotations
 import contextlib
 import math
 import random
-import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -206,7 +205,6 @@ def simulate(cfg: TrainConfig, mc: ModelConfig, vocab: int, world: int, plan: Pl
     """Run the phases on rank `dist.get_rank()` of an initialised process group (fake, or real gloo in the test)
     and return {phase: row}, bytes per column. With fake=False the same code runs on real tensors."""
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.distributed._tools.mem_tracker import MemTracker
 
     dtype = DTYPES[cfg.dtype]
     device = torch.device("cpu")

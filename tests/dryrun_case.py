@@ -2,7 +2,7 @@
 that weights and activations dominate the few allocations the two runs may place differently."""
 
 from sqlr1.config import TrainConfig
-from sqlr1.dryrun import Plan, eval_batch_of, rank_counts
+from sqlr1.dryrun import Plan, eval_batch_of
 from sqlr1.grpo import GRPOConfig
 from sqlr1.model import ModelConfig
 
@@ -16,7 +16,6 @@ CONFIG = TrainConfig(model="unused", dtype="bfloat16", max_prompt_len=96, max_re
 
 
 def plan() -> Plan:
-    n_seqs, _ = rank_counts(CONFIG, WORLD)
     return Plan(micro_batch_size=CONFIG.micro_batch_size, eval_batch=eval_batch_of(CONFIG, WORLD))
 
 
