@@ -92,3 +92,35 @@ def test_bad_dry_run_request_is_one_line(args, message):
     assert proc.returncode != 0
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], proc.stderr[-2000:]
+
+
+def test_config_that_fits_at_no_micro_batch_is_one_error_line(tmp_path):
+    """A GPU that holds the weights, the rollout and the optimizer step but not the update at micro-batch 1: the
+    table, then one `error:` line naming micro_batch_size=1 (the memory is chosen from the dry run's own rows)."""
+    from sqlr1.config import TrainConfig
+    from sqlr1.dryrun import Plan
+
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps({
+        "model_type": "qwen2", "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": False}))
+    settings = dict(model=str(model_dir), dtype="bfloat16", eval_split="", max_prompt_len=16, max_response_len=3000,
+                    prompts_per_step=2, group_size=2, micro_batch_size=2, grpo_steps=1)
+    from sqlr1.dryrun import model_shape
+
+    mc, vocab = model_shape(str(model_dir))
+    with fake_world(2) as mesh:
+        rows = simulate(TrainConfig(**settings), mc, vocab, 2, Plan(micro_batch_size=1, eval_batch=0), mesh)
+    others = max(r["total"] for p, r in rows.items() if p not in ("reference", "update"))
+    assert rows["update"]["total"] > 1.2 * others  # the update is what does not fit
+    gpu_mem = (others + rows["update"]["total"]) / 2 / 0.9 / GiB
+    config = tmp_path / "cfg.py"
+    config.write_text("from sqlr1.config import TrainConfig\nconfig = TrainConfig(**%r)\n" % settings)
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", str(config), "--dry_run", "--gpus=2",
+                           f"--gpu_mem_gb={gpu_mem}"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    assert proc.returncode != 0
+    assert "| update |" in proc.stdout
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "micro_batch_size=1" in errors[0], proc.stderr[-2000:]
