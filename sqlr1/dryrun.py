@@ -11,9 +11,10 @@ phase, the peak of
     M_peak = parameters + gradients + optimizer state + activations + KV cache + temporaries    (bytes, one rank)
 
 Phases, in a step's order, in the steady state (AdamW's m and v exist from the step before):
-    build        policy fp32 and reference in compute dtype, each loaded full then FSDP-sharded (as train.py does),
-                 the rollout copy's (storage-less) shell
-    eval greedy  rollout copy refreshed (all-gather) + generate(eval batch x 1 row) at prompt length max_prompt_len
+    build        policy fp32 and reference in compute dtype, each loaded full and FSDP-sharded before the next
+                 loads (as train.py does), the rollout copy's shell (no storage between its uses)
+    eval greedy  rollout copy filled (all-gather) + generate(eval batch x 1 row) at prompt length max_prompt_len,
+                 the copy freed after
     eval voted   the same with eval_n rows per prompt at eval_temperature
     rollout      the same with group_size rows per prompt for the step's prompts of this rank
     reference    no-grad log-probs of the reference over the step's micro-batches
@@ -34,6 +35,12 @@ logsumexp; the difference from the rule, measured per call shape by probing `att
 already repeats K/V gets no double count), is added (x2 in the update: the repeats' gradients). AdamW on CUDA runs
 foreach: one parameter-sized fp32 temporary in the optimizer phase. Not modelled: the CUDA context and allocator
 fragmentation (the 10 % headroom), FSDP's communication buffers beyond the gathered parameters it allocates.
+The KV cache column is the cache's size from its shape (the tracker counts it as an activation); at prefix sharing
+the P-row prefill cache and the P*G-row decode cache are alive together.
+
+Config switches are priced by running the code that reads them: grad_accum_no_sync and shared_prefix inside
+train_on_micro_batches / micro_batch_logprobs (each group's sequences share one prompt list), recompute_old_logp as
+the "old logp" phase, eval_batch_size as the prompts of one evaluation generate call (0: all of a rank's).
 """
 
 from __future__ import annotations
