@@ -74,12 +74,15 @@ def save_checkpoint(
     distributed.barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "state"))
-    # HF export: one parameter gathered at a time, cast, and kept (on the CPU) by rank 0 only, so no rank holds the
-    # full fp32 model on its device (the dry run prices this gather)
-    weights = {name: t for name, t in distributed.gather_full_params(model, hf_dtype) if t is not None}
     torch.save(rng_state(), tmp / f"rng_rank{dist_info.rank}.pt")
+    # HF export: one parameter gathered at a time (a collective: every rank walks the stream), cast, and kept on
+    # rank 0's host only until its shard file is written; no rank holds the full model (the dry run prices this)
+    gathered = distributed.gather_full_params(model, hf_dtype)
     if dist_info.is_main:
-        save_state_dict(weights, model.config, tmp / "model", tokenizer=tokenizer)
+        shapes = {name: torch.empty(p.shape, dtype=hf_dtype, device="meta") for name, p in model.named_parameters()}
+        save_state_dict(shapes, model.config, tmp / "model", tokenizer=tokenizer, stream=gathered)
+    for _ in gathered:  # the other ranks (rank 0 has consumed it)
+        pass
         for name, content in (model_files or {}).items():  # e.g. the prompt settings sample.py should reuse
             (tmp / "model" / name).write_text(json.dumps(content, indent=2) + "\n")
         (tmp / "trainer.json").write_text(json.dumps(trainer, indent=2) + "\n")

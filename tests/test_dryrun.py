@@ -124,3 +124,17 @@ def test_config_that_fits_at_no_micro_batch_is_one_error_line(tmp_path):
     assert "| update |" in proc.stdout
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "micro_batch_size=1" in errors[0], proc.stderr[-2000:]
+
+
+def test_streamed_save_writes_the_same_shards(tmp_path):
+    """save_state_dict(stream=...) (tensors arriving one at a time, state_dict only shapes) == the plain save."""
+    model = checkpoint_model()
+    full = {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}
+    plain = save_state_dict(full, model.config, tmp_path / "plain", max_shard_size=40_000)
+    shapes = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in full.items()}
+    streamed = save_state_dict(shapes, model.config, tmp_path / "streamed", max_shard_size=40_000,
+                               stream=iter(full.items()))
+    names = sorted(p.name for p in plain.iterdir())
+    assert len(names) > 4 and names == sorted(p.name for p in streamed.iterdir())  # several shards + index
+    for name in names:
+        assert (plain / name).read_bytes() == (streamed / name).read_bytes(), name
