@@ -131,6 +131,8 @@ def grpo_step(step, policy, rollout_model, ref, opt, sched, examples, prompts, t
         vocab_size=tokenizer.vocab_size, seed=(cfg.seed * 1_000_003 + step) * 1009 + d.rank, compile=cfg.compile,
         progress=False,
     )
+    if rollout_model is not policy:
+        distributed.free_weights(rollout_model)  # the rollout copy holds memory only while it samples
     t_rollout = time.time()
 
     texts = [completion_text(tokenizer, t) for t in samples.tokens]
@@ -227,7 +229,26 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     ap.add_argument("--config", help="Python file defining `config = TrainConfig(...)`")
     ap.add_argument("--resume", nargs="?", const="latest", default=None,
                     help="continue from the newest checkpoint of --out_dir (or from the checkpoint directory given)")
+    ap.add_argument("--dry_run", action="store_true",
+                    help="simulate one step at full scale on this CPU (fake tensors): memory per phase per GPU")
+    ap.add_argument("--gpus", type=int, default=8, help="--dry_run: number of GPUs (ranks) to simulate")
+    ap.add_argument("--gpu_mem_gb", type=float, default=80.0, help="--dry_run: memory of one GPU, GiB")
+    ap.add_argument("--dry_run_out", default="", help="--dry_run: also write the table to this markdown file")
     return ap.parse_known_args(argv)
+
+
+def dry_run(cfg: TrainConfig, args: argparse.Namespace) -> int:
+    """Print (and optionally write) the dry run's table; exit code 1 when the peak does not fit."""
+    from sqlr1.dryrun import dry_run as simulate
+
+    report = simulate(cfg, args.gpus, args.gpu_mem_gb, log=lambda msg: print(f"dry run: {msg}", file=sys.stderr))
+    text = report.markdown(f"dry run: {cfg.name} ({cfg.model}) on {args.gpus} x {args.gpu_mem_gb:g} GiB")
+    print(text)
+    if args.dry_run_out:
+        Path(args.dry_run_out).write_text(text)
+    if report.problem:
+        raise ValueError(report.problem)
+    return 0 if report.fits else 1
 
 
 def resolve_toy(cfg: TrainConfig) -> TrainConfig:
@@ -278,6 +299,8 @@ def rerun_command(argv: list[str], run_dir: Path, world_size: int, resume: bool)
 def main(argv: list[str]) -> int:
     args, overrides = parse_args(argv)
     cfg = load_config(args.config, overrides)
+    if args.dry_run:
+        return dry_run(cfg, args)
     d = distributed.setup(cfg.device)
     try:
         return train(cfg, args.resume, d)
@@ -377,16 +400,17 @@ def run(cfg: TrainConfig, ckpt: Path | None, trainer_state: dict, run_dir: Path,
     policy = load_model(cfg.model, dtype=torch.float32, device=d.device)
     check_vocab(tokenizer.vocab_size, policy, cfg.model)
     policy.gradient_checkpointing = cfg.gradient_checkpointing
+    if sharded:  # before the next model loads: one full model on the device at a time (dry run: 43 -> 28 GiB at 7B)
+        distributed.shard(policy, compute_dtype)
     ref = None
     if cfg.grpo_steps and cfg.grpo.kl_coef > 0:  # beta = 0: no reference model at all
         ref = load_model(cfg.model, dtype=compute_dtype, device=d.device).requires_grad_(False)
-    if sharded:
-        distributed.shard(policy, compute_dtype)
-        if ref is not None:
+        if sharded:
             distributed.shard(ref, compute_dtype, trainable=False)
     rollout_model = policy
     if sharded or compute_dtype != torch.float32:
         rollout_model = load_model(cfg.model, dtype=compute_dtype, device=d.device)
+        distributed.free_weights(rollout_model)  # allocated by copy_full_weights before each use
     ctx = compute_context(d.device, compute_dtype, sharded)
     gc.freeze()  # start-up objects (torch, models, prompts) never need scanning: no 50-80 ms full GCs per step
 
@@ -409,7 +433,11 @@ def run(cfg: TrainConfig, ckpt: Path | None, trainer_state: dict, run_dir: Path,
             """Held-out EX, greedy and voted; logged with the number of completed steps."""
             if not eval_examples:
                 return
+            if rollout_model is not policy:
+                distributed.copy_full_weights(policy, rollout_model)
             res = evaluate_policy(rollout_model, tokenizer, eval_examples, eval_prompts, sandbox, cfg, d)
+            if rollout_model is not policy:
+                distributed.free_weights(rollout_model)
             log.log({"stage": f"eval:{stage}", "step": step, **res})
             if d.is_main:
                 tqdm.write(f"eval after {stage} (step {step}): " + " ".join(f"{k}={v:.3f}" for k, v in res.items()))
@@ -428,8 +456,6 @@ def run(cfg: TrainConfig, ckpt: Path | None, trainer_state: dict, run_dir: Path,
                     load_checkpoint(ckpt, policy, opt if same else None, d)
                     if same:
                         sched.load_state_dict(trainer_state["scheduler"])
-                if rollout_model is not policy:
-                    distributed.copy_full_weights(policy, rollout_model)
             if stage == "sft":
                 record = sft_step(step, policy, opt, sched, sft_examples, sft_prompts, tokenizer, cfg, d, ctx)
                 logged = []
@@ -449,8 +475,6 @@ def run(cfg: TrainConfig, ckpt: Path | None, trainer_state: dict, run_dir: Path,
             if done == total or (done == cfg.sft_steps and cfg.grpo_steps) or (
                 stage == "grpo" and cfg.eval_every and grpo_done % cfg.eval_every == 0
             ):
-                if rollout_model is not policy:
-                    distributed.copy_full_weights(policy, rollout_model)
                 run_eval(done, stage if done in (total, cfg.sft_steps) else f"grpo@{grpo_done}")
             if done == total or (cfg.save_every and done % cfg.save_every == 0):
                 state = {"step": done, "stage": stage, "scheduler": sched.state_dict()}

@@ -3,20 +3,24 @@
     torchrun --nproc_per_node=8 train.py --config configs/grpo_7b.py --data_root=/data/spider
     # multi-node: torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train.py ...
 
-Memory budget per GPU (8 ranks, FSDP2 full sharding, P = 7.6e9 parameters):
-    policy master weights, fp32, sharded      4 B * P / 8  =  3.8 GB
-    gradients, fp32, sharded                  4 B * P / 8  =  3.8 GB
-    AdamW m and v, fp32, sharded              8 B * P / 8  =  7.6 GB
-    reference model, bf16, sharded            2 B * P / 8  =  1.9 GB
-    rollout copy, bf16, full (per rank)       2 B * P      = 15.2 GB
-    KV cache: 1 prompt x G=8 rows x (4096 + 2048) tokens x 28 layers x 2 (K, V) x 4 KV heads x 128 x 2 B
-                                                           =  2.8 GB   (freed before the policy update)
-    activations, micro-batch 4 x 6144 tokens, checkpointed per block:
-        block inputs 4 * 6144 * 3584 * 2 B * 28 layers     =  4.9 GB
-        one block recomputed (MLP 18944 wide, attention) ~  3   GB
-        log-probs: chunks of 1024 positions x 152k vocab fp32, recomputed in backward  <  1 GB
-    all-gathered bf16 block weights in flight (FSDP prefetch) ~ 1 GB
-    total                                                  ~ 43 GB  of 80 GB
+Memory per GPU, from the dry run (`python train.py --config configs/grpo_7b.py --dry_run --gpus=8 --gpu_mem_gb=80`:
+the real code of one step under fake tensors and a fake process group of 8, torch's MemTracker, rank 0; GiB;
+sqlr1/dryrun.py says what is simulated and what is assumed; benchmarks/RESULTS.md has 8 x 40 GB and 4 x 80 GB):
+
+    phase        params  grads  AdamW  activ.  KV cache  temps  total
+    build          28.7    0.0    0.0     0.0       0.0    0.0   28.7   fp32 policy loaded full, then sharded
+    eval greedy    19.5    0.0    7.1     2.3       5.2    0.0   34.2   8 prompts per call (eval_batch_size)
+    eval voted     19.5    0.0    7.1     0.4      22.3    0.0   49.3   8 x eval_n=8 rows; all 63 at once: 206
+    rollout        19.5    0.0    7.1     0.1       2.8    0.0   29.4   1 prompt x G=8 rows per rank
+    reference       6.8    0.0    7.1     5.3       0.0    0.0   19.2   rollout copy freed: params = shards
+    update          8.5    0.1    7.1    10.6       0.0   42.2   68.5   micro-batch 4 x 6,144 tokens, no-sync
+    optimizer       7.1    3.5    7.1     0.0       0.0    3.5   21.3
+    checkpoint      7.1    0.0    7.1     3.0       0.0    0.0   17.2   HF export gathered one tensor at a time
+
+Peak: the update, 68.5 of 72 GiB (80 less 10 % headroom). 28 GiB of its temporaries are FSDP's unsharded fp32
+gradient held across micro-batches by no-sync (grad_accum_no_sync, off here once its branch lands); micro_batch_size
+8 (one micro-batch, no accumulation) fits too. Parameters include the bf16 rollout copy (14.2 GiB) only while it
+samples (rollouts, evaluation).
 """
 
 from sqlr1.config import TrainConfig
@@ -41,6 +45,7 @@ config = TrainConfig(
     prompts_per_step=8,  # B
     group_size=8,  # G
     micro_batch_size=4,
+    grad_accum_no_sync=False,  # no-sync holds the unsharded fp32 gradient (28 GiB per GPU) through the loop
     ppo_epochs=1,
     lr=3e-7,
     temperature=1.1,
@@ -51,5 +56,6 @@ config = TrainConfig(
     grad_accum_no_sync=False,  # reduce-scatter per micro-batch: no unsharded fp32 gradient (~28 GiB) held
     recompute_old_logp=True,  # log pi_old from the trainer's forward, not the bf16 sampler's
     eval_every=50,
+    eval_batch_size=8,  # prompts per generate call: the dry run's largest that fits 8 x 80 GB (all 63 at once: 206 GiB)
     save_every=50,
 )

@@ -14,11 +14,13 @@ checkpoint saved from it, so transformers and vLLM stop and sample as they would
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -250,6 +252,7 @@ def save_state_dict(
     generation_config: dict | None = None,
     tokenizer=None,
     source: SourceExtras | None = None,
+    stream: Iterator[tuple[str, torch.Tensor]] | None = None,
 ) -> Path:
     """Write a full state dict (our names, as `Qwen2.state_dict()` gives) as an HF checkpoint directory, atomically.
 
@@ -258,6 +261,10 @@ def save_state_dict(
     (`tokenizer.save(dir)`), and generation_config.json: `generation_config`, else the source's, else one built from
     the tokenizer's stop and pad ids (none without a tokenizer). All tensors must share one dtype, recorded as
     config.json's "torch_dtype".
+
+    `stream` (optional): the tensors arrive one at a time, in state_dict order (e.g. gathered from FSDP shards);
+    state_dict then only describes them (meta tensors: shapes and dtype) and each shard file is written as soon as
+    its tensors have arrived, so the caller holds one shard, not the model. The files are the same, byte for byte.
     """
     out = Path(out_dir)
     max_bytes = parse_size(max_shard_size)
@@ -272,7 +279,7 @@ def save_state_dict(
             raise ValueError(
                 f"save {out}: {name!r} has shape {tuple(t.shape)}, the config implies {tuple(expected[name])}"
             )
-        if t.is_meta:
+        if t.is_meta and stream is None:
             raise ValueError(f"save {out}: {name!r} is on the meta device (gather the full weights first)")
     missing = [n for n in expected if n not in state_dict]
     if missing:
@@ -295,7 +302,9 @@ def save_state_dict(
     old = None
     try:
         for file, shard in zip(files, shards):
-            _write_shard({_hf_name(name): _plain_tensor(state_dict[name]) for name in shard}, tmp / file)
+            tensors = state_dict if stream is None else _next_tensors(stream, shard, out)
+            _write_shard({_hf_name(name): _plain_tensor(tensors[name]) for name in shard}, tmp / file)
+            del tensors
         if n > 1:
             weight_map = {_hf_name(name): file for file, shard in zip(files, shards) for name in shard}
             _write_json(tmp / INDEX_FILE, {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map})
@@ -325,6 +334,14 @@ def save_state_dict(
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     return out
+
+
+def _next_tensors(stream: Iterator[tuple[str, torch.Tensor]], names: list[str], out: Path) -> dict[str, torch.Tensor]:
+    """The next len(names) tensors of a stream, which must come in this order."""
+    tensors = dict(itertools.islice(stream, len(names)))
+    if list(tensors) != names:
+        raise ValueError(f"save {out}: the stream gave {list(tensors)[:3]}..., expected {names[:3]}... in state_dict order")
+    return tensors
 
 
 def _check_replaceable(out: Path) -> None:

@@ -5,7 +5,9 @@ rendezvous) run the same code. With WORLD_SIZE > 1 the policy is sharded with FS
 block plus the root (embeddings, final norm, head); master weights stay fp32 and compute runs in `compute_dtype`
 through FSDP's MixedPrecisionPolicy. Rollouts use a separate full (unsharded) copy of the weights in
 `compute_dtype` on every rank, refreshed from the policy before each step's rollouts (`copy_full_weights`): one
-all-gather of the model per step, and one extra model copy of memory per GPU (15 GB for 7B in bf16).
+all-gather of the model per step. The copy holds memory only while it is used: `free_weights` releases its storage
+after the rollouts / evaluation and `copy_full_weights` re-allocates it. The dry run (sqlr1/dryrun.py) chose this:
+at 7B on 8 ranks a copy kept through the policy update (15 GB per GPU in bf16) would make the update the peak.
 """
 
 from __future__ import annotations
@@ -77,12 +79,13 @@ def cleanup() -> None:
         dist.destroy_process_group()
 
 
-def shard(model: Qwen2, compute_dtype: torch.dtype, trainable: bool = True) -> Qwen2:
-    """FSDP2: shard each decoder block, then the root; register token_logprobs as a forward method."""
+def shard(model: Qwen2, compute_dtype: torch.dtype, trainable: bool = True, mesh=None) -> Qwen2:
+    """FSDP2: shard each decoder block, then the root; register token_logprobs as a forward method. `mesh`: the
+    DeviceMesh to shard over (None: all ranks of the default process group; the dry run passes a fake one)."""
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     for block in model.layers:
-        fully_shard(block, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
     register_fsdp_forward_method(model, "token_logprobs")
     if not trainable:
         model.requires_grad_(False)
@@ -97,12 +100,34 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def gather_full_params(model: torch.nn.Module, dtype: torch.dtype, dst: int = 0):
+    """Yield (name, full parameter in `dtype` on the CPU) on rank `dst` and (name, None) elsewhere, one parameter at
+    a time (a collective: every rank iterates). A rank holds at most one unsharded fp32 parameter and its cast copy
+    on the device at once, not the whole model. Tied weights appear once."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    for name, p in model.named_parameters():
+        full = p.full_tensor() if isinstance(p, DTensor) else p.detach()
+        yield name, full.to(dtype).cpu() if rank == dst else None
+        del full
+
+
+def free_weights(model: torch.nn.Module) -> None:
+    """Release the storage of every parameter (shapes stay): the rollout copy between uses. `copy_full_weights`
+    allocates it again."""
+    for p in model.parameters():
+        p.untyped_storage().resize_(0)
+
+
 @torch.no_grad()
 def copy_full_weights(src: torch.nn.Module, dst: torch.nn.Module) -> None:
-    """dst <- src, gathering shards first when src is FSDP-sharded (the rollout copy is refreshed every step)."""
+    """dst <- src, gathering shards first when src is FSDP-sharded (the rollout copy is refreshed every step);
+    re-allocates dst's parameters if `free_weights` released them."""
     dst_params = dict(dst.named_parameters())
     for name, p in src.named_parameters():
-        dst_params[name].copy_(p.full_tensor() if isinstance(p, DTensor) else p)
+        d = dst_params[name]
+        if d.untyped_storage().nbytes() == 0:
+            d.untyped_storage().resize_(d.numel() * d.element_size())
+        d.copy_(p.full_tensor() if isinstance(p, DTensor) else p)
 
 
 def cores_per_local_rank() -> int:

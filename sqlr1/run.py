@@ -80,11 +80,17 @@ def save_checkpoint(
     distributed.barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "state"))
-    full = distributed.full_state_dict(model)
     torch.save(rng_state(), tmp / f"rng_rank{dist_info.rank}.pt")
-    if dist_info.is_main:
-        weights = {k: v.to(hf_dtype) for k, v in full.items()}
-        save_state_dict(weights, model.config, tmp / "model", tokenizer=tokenizer, source=source)
+    # HF export: one parameter gathered at a time (a collective: every rank walks the stream), cast, and kept on
+    # rank 0's host only until its shard file is written; no rank holds the full model (the dry run prices this)
+    gathered = distributed.gather_full_params(model, hf_dtype)
+    if not dist_info.is_main:
+        for _ in gathered:
+            pass
+    else:
+        shapes = {name: torch.empty(p.shape, dtype=hf_dtype, device="meta") for name, p in model.named_parameters()}
+        save_state_dict(shapes, model.config, tmp / "model", tokenizer=tokenizer, source=source,
+                        stream=gathered)
         for name, content in (model_files or {}).items():  # e.g. the prompt settings sample.py should reuse
             (tmp / "model" / name).write_text(json.dumps(content, indent=2) + "\n")
         (tmp / "trainer.json").write_text(json.dumps(trainer, indent=2) + "\n")

@@ -213,12 +213,38 @@ def _generate(
     model, prompts, num_samples, max_new_tokens, temperature, top_p, top_k, stop_ids, vocab_size,
     seed, compile, progress, check_every, share_prefix,
 ) -> Samples:
+    group, out_ids, out_logp = sample_tensors(
+        model, prompts, num_samples, max_new_tokens, temperature, top_p, top_k, stop_ids, vocab_size,
+        seed, compile, progress, check_every, share_prefix,
+    )
+    stops = torch.tensor(list(stop_ids), dtype=torch.long, device=out_ids.device)
+    # Cut each row after its first stop id (tokens emitted after it, between checks, are discarded).
+    is_stop = torch.isin(out_ids, stops)
+    stopped = is_stop.any(-1)
+    lengths_out = torch.where(stopped, is_stop.int().argmax(-1) + 1, max_new_tokens).tolist()
+    tokens, logprobs = out_ids.tolist(), out_logp.tolist()
+    return Samples(
+        prompt_index=group.tolist(),
+        tokens=[t[:n] for t, n in zip(tokens, lengths_out)],
+        logprobs=[lp[:n] for lp, n in zip(logprobs, lengths_out)],
+        finish_reason=["stop" if x else "length" for x in stopped.tolist()],
+    )
+
+
+def sample_tensors(
+    model, prompts, num_samples, max_new_tokens, temperature, top_p, top_k, stop_ids, vocab_size,
+    seed, compile, progress, check_every, share_prefix, first_step: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The tensor loop of `_generate` (prefill, prefix sharing, decode): (row's prompt [N], ids [N, max_new_tokens]
+    (-1 where a row stopped early), log-probs [N, max_new_tokens]). No host sync but the stop checks, none at all
+    without stop ids. `first_step` > 0 starts decoding at step `first_step` (the cache is as long as for step 0):
+    the dry run (sqlr1/dryrun.py) prices only the last, widest decode step."""
     weight = model.lm_head.weight
     device, dtype = weight.device, weight.dtype
     P, G = len(prompts), num_samples
     N = P * G  # rows at the start; row r = sample r % G of prompt r // G
     lengths = torch.tensor([len(p) for p in prompts], device=device)
-    L = int(lengths.max())
+    L = max(len(p) for p in prompts)
     T_max = L + max_new_tokens - 1
 
     # Left padding: prompt i occupies columns L - len_i .. L-1. Mask columns from L on are set once, up front: the
@@ -267,7 +293,7 @@ def _generate(
 
     next_ids, next_logp = sample_tokens(logits, temperature, top_k, top_p, uniforms())
     bar = tqdm(total=N * max_new_tokens, unit="tok", desc="sampling", disable=not progress)
-    for s in range(max_new_tokens):
+    for s in range(first_step, max_new_tokens):
         out_ids[rows, s] = next_ids
         out_logp[rows, s] = next_logp
         bar.update(rows.shape[0])
@@ -298,15 +324,4 @@ def _generate(
         positions += 1
     bar.close()
     del kv_cache
-
-    # Cut each row after its first stop id (tokens emitted after it, between checks, are discarded).
-    is_stop = torch.isin(out_ids, stops)
-    stopped = is_stop.any(-1)
-    lengths_out = torch.where(stopped, is_stop.int().argmax(-1) + 1, max_new_tokens).tolist()
-    tokens, logprobs = out_ids.tolist(), out_logp.tolist()
-    return Samples(
-        prompt_index=group.tolist(),
-        tokens=[t[:n] for t, n in zip(tokens, lengths_out)],
-        logprobs=[lp[:n] for lp, n in zip(logprobs, lengths_out)],
-        finish_reason=["stop" if x else "length" for x in stopped.tolist()],
-    )
+    return group, out_ids, out_logp

@@ -1,0 +1,502 @@
+"""The dry run: one training step's phases at full scale under fake tensors and a fake process group; memory per phase.
+
+    python train.py --config configs/grpo_7b.py --dry_run --gpus=8 --gpu_mem_gb=80 [--dry_run_out=FILE.md]
+
+Runs the code train.py runs (sqlr1.distributed.shard, sqlr1.sampling.sample_tensors, sqlr1.batch.collate,
+sqlr1.update.train_on_micro_batches / optimizer_step, distributed.gather_full_params) on tensors that have shapes,
+dtypes and devices but no data (`FakeTensorMode`), over a process group of `gpus` ranks that moves nothing
+(`FakeStore`, backend "fake"); `MemTracker` follows every allocation of rank 0 (all ranks are alike) and reports, per
+phase, the peak of
+
+    M_peak = parameters + gradients + optimizer state + activations + KV cache + temporaries    (bytes, one rank)
+
+Phases, in a step's order, in the steady state (AdamW's m and v exist from the step before):
+    build        policy fp32 and reference in compute dtype, each loaded full and FSDP-sharded before the next
+                 loads (as train.py does), the rollout copy's shell (no storage between its uses)
+    eval greedy  rollout copy filled (all-gather) + generate(eval batch x 1 row) at prompt length max_prompt_len,
+                 the copy freed after
+    eval voted   the same with eval_n rows per prompt at eval_temperature
+    rollout      the same with group_size rows per prompt for the step's prompts of this rank
+    reference    no-grad log-probs of the reference over the step's micro-batches
+    old logp     (recompute_old_logp) no-grad log-probs of the policy
+    update       the real micro-batch loop: forward + backward per micro-batch (FSDP no-sync until the last)
+    optimizer    clip + AdamW step (its state materialised)
+    checkpoint   the HF export's gather, one parameter at a time (the DCP state write reads local shards only)
+
+Worst case, no data-dependent host syncs: every prompt is max_prompt_len tokens, every row decodes to
+max_response_len (no stop ids; placeholder random tokens), the last (widest) decode step is run; `.item()` /
+`float(t)` on fake tensors answer 1 (`PlaceholderScalars`); the micro-batch loop runs two micro-batches (the first
+without gradient sync, the last with it: the pattern of any longer loop).
+
+What a CPU cannot show is accounted by rule (`sqlr1.model.attention`'s kernel choice on CUDA): a masked GQA call
+repeats K/V to H heads and runs the memory-efficient kernel (output + fp32 logsumexp [B, H, T], no [B, H, T, S]
+score tensor); an unmasked one runs flash with GQA. The CPU flash kernel the fake run reaches allocates output +
+logsumexp; the difference from the rule, measured per call shape by probing `attention` itself (so a model that
+already repeats K/V gets no double count), is added (x2 in the update: the repeats' gradients). AdamW on CUDA runs
+foreach: one parameter-sized fp32 temporary in the optimizer phase. Not modelled: the CUDA context and allocator
+fragmentation (the 10 % headroom), FSDP's communication buffers beyond the gathered parameters it allocates.
+The KV cache column is the cache's size from its shape (the tracker counts it as an activation); at prefix sharing
+the P-row prefill cache and the P*G-row decode cache are alive together.
+
+Config switches are priced by running the code that reads them: grad_accum_no_sync and shared_prefix inside
+train_on_micro_batches / micro_batch_logprobs (each group's sequences share one prompt list), recompute_old_logp as
+the "old logp" phase, eval_batch_size as the prompts of one evaluation generate call (0: all of a rank's).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from sqlr1 import distributed
+from sqlr1.batch import Sequence, collate, split_micro_batches
+from sqlr1.config import TrainConfig
+from sqlr1.grpo import loss_norm
+from sqlr1.model import ModelConfig, Qwen2, attention
+from sqlr1.sampling import sample_tensors
+from sqlr1.update import compute_context, make_optimizer, micro_batch_logprobs, optimizer_step, train_on_micro_batches
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+GiB = 2**30
+HEADROOM = 0.10
+COLUMNS = ("parameters", "gradients", "optimizer", "activations", "kv_cache", "temporaries", "total")
+PHASES = ("build", "eval greedy", "eval voted", "rollout", "reference", "old logp", "update", "optimizer",
+          "checkpoint")
+
+_QWEN25_7B = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                  num_attention_heads=28, num_key_value_heads=4, head_dim=128, max_position_embeddings=32768,
+                  rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=False)
+_QWEN25_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                   num_attention_heads=14, num_key_value_heads=2, head_dim=64, max_position_embeddings=32768,
+                   rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True)
+# Hub ids the dry run knows without a download: (config.json fields, the tokenizer's real vocabulary)
+KNOWN_MODELS = {
+    "Qwen/Qwen2.5-Coder-7B-Instruct": (_QWEN25_7B, 151665),
+    "Qwen/Qwen2.5-Coder-7B": (_QWEN25_7B, 151665),
+    "Qwen/Qwen2.5-7B-Instruct": (_QWEN25_7B, 151665),
+    "Qwen/Qwen2.5-0.5B": (_QWEN25_05B, 151665),
+    "Qwen/Qwen2.5-0.5B-Instruct": (_QWEN25_05B, 151665),
+}
+
+
+def model_shape(model: str) -> tuple[ModelConfig, int]:
+    """(ModelConfig, tokenizer vocabulary) of a local checkpoint directory, or of a known hub id (no download)."""
+    d = Path(model).expanduser()
+    if (d / "config.json").is_file():
+        from sqlr1.checkpoint import read_json
+        from sqlr1.tokenizer import load_tokenizer
+
+        config = ModelConfig.from_hf(read_json(d / "config.json"), source=str(d / "config.json"))
+        vocab = load_tokenizer(d).vocab_size if (d / "tokenizer.json").is_file() else config.vocab_size
+        return config, vocab
+    if model in KNOWN_MODELS:
+        fields, vocab = KNOWN_MODELS[model]
+        return ModelConfig(**fields), vocab
+    raise ValueError(f"dry run: model {model!r} is neither a local checkpoint directory (with config.json) nor a "
+                     f"known hub id ({', '.join(KNOWN_MODELS)}); pass --model=<local dir>")
+
+
+class PlaceholderScalars(TorchDispatchMode):
+    """Host reads of a fake tensor's value (.item(), float(t), .tolist()) answer 1: a dry run has no values, and
+    every value it reads only feeds a check or a log line (grad norm, loss, token counts)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            t = args[0]
+            return True if t.dtype == torch.bool else 1.0 if t.dtype.is_floating_point else 1
+        return func(*args, **(kwargs or {}))
+
+
+def _tracker():
+    """torch's MemTracker reduced to what the dry run reads, the per-device peak: a module called again at top level
+    (the decode step after prefill, the next micro-batch after a backward; token_logprobs / hidden_states are not
+    module calls that would give the loop one root) starts fresh per-module statistics instead of raising, and the
+    per-module peaks are not kept (updating them on every op of a 7B step is most of the simulation's time)."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    class Tracker(MemTracker):
+        def _pre_fw_hook(self, module, inputs) -> None:
+            name = self._mod_tracker.get_known_fqn(module)
+            if not self._mod_tracker.is_bw and set(self._mod_tracker.parents) <= {"Global", name}:
+                self.memory_tracking.pop(module, None)
+            super()._pre_fw_hook(module, inputs)
+
+        def _update_peak_stats(self, peak_state) -> None:
+            for dev, snap in self._curr_mem_snap.items():
+                if self._peak_mem.get(dev, 0) < snap["Total"]:
+                    self._peak_mem[dev] = snap["Total"]
+                    self._peak_mem_snap[dev] = dict(snap)
+
+    return Tracker()
+
+
+@dataclass
+class Plan:
+    """What one simulation runs (per rank)."""
+
+    micro_batch_size: int
+    eval_batch: int  # prompts per generate call in evaluation (0: no evaluation)
+    keep_rollout_copy: bool = False  # price the rollout copy alive through the update (train.py frees it)
+    max_micro: int = 2  # micro-batches simulated (first no-sync, last sync)
+
+
+def rank_counts(cfg: TrainConfig, world: int) -> tuple[int, int]:
+    """(rollout sequences, held-out prompts) of one rank."""
+    prompts = cfg.prompts_per_step // world
+    evals = math.ceil(cfg.eval_limit / world) if cfg.eval_split and cfg.eval_limit else 0
+    return prompts * cfg.group_size, evals
+
+
+def eval_batch_of(cfg: TrainConfig, world: int) -> int:
+    """Prompts per evaluation generate call: TrainConfig.eval_batch_size (0: all of a rank's prompts)."""
+    evals = rank_counts(cfg, world)[1]
+    return min(cfg.eval_batch_size, evals) if cfg.eval_batch_size else evals
+
+
+def _row(snap: dict, kv: int = 0, act_extra: int = 0, temp_extra: int = 0, weights: bool = False,
+         no_activations: bool = False) -> dict[str, int]:
+    """A phase's table row from a MemTracker peak snapshot (one device). The tracker counts the KV cache as an
+    activation: `kv` (from the cache's shape) moves there. `weights`: everything allocated is parameters (build).
+    `no_activations` (optimizer step): what the tracker lists as activations there is, under fake tensors, DTensor's
+    sharding propagation of clip_grad_norm_'s foreach ops (fake copies of the gradient list), no device memory;
+    the real run has none."""
+    by = {str(k.value) if hasattr(k, "value") else k: v for k, v in snap.items()}
+    row = {"parameters": by["Parameter"] + by["Buffer"], "gradients": by["Gradient"], "optimizer": by["Optstate"],
+           "activations": by["Activation"] + by["Other"], "kv_cache": 0, "temporaries": by["Temp"]}
+    if weights:
+        row["parameters"] += row["activations"]
+        row["activations"] = 0
+    if no_activations:
+        row["activations"] = 0
+    kv = min(kv, row["activations"])
+    row["activations"] += act_extra - kv
+    row["kv_cache"] = kv
+    row["temporaries"] += temp_extra
+    row["total"] = sum(row[c] for c in COLUMNS[:-1])
+    return row
+
+
+def _cuda_attention_gap(mc: ModelConfig, B: int, T: int, S: int, dtype: torch.dtype) -> int:
+    """Bytes CUDA allocates for one masked `attention` call [B, H, T, D] x [B, H_kv, S, D] under the documented rule
+    (K/V repeated to H heads for GQA + memory-efficient kernel: output + fp32 logsumexp) beyond what the call
+    allocates here (probed on fake tensors with the tracker)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    H, Hkv, D, s = mc.num_attention_heads, mc.num_key_value_heads, mc.head_dim, dtype.itemsize
+    rule = B * H * T * D * s + B * H * T * 4 + (2 * B * H * S * D * s if H != Hkv else 0)
+    with FakeTensorMode(), torch.no_grad():
+        q, k, v = (torch.empty(B, h, n, D, dtype=dtype) for h, n in ((H, T), (Hkv, S), (Hkv, S)))
+        mask = torch.zeros(B, 1, T, S, dtype=dtype)
+        mt = MemTracker()
+        with mt:
+            attention(q, k, v, mask)
+        here = next(iter(mt.get_tracker_snapshot("peak").values()), {}).get("Total", 0)
+    return max(0, rule - here)
+
+
+def _kv_bytes(mc: ModelConfig, rows: int, T_max: int, dtype: torch.dtype) -> int:
+    return 2 * mc.num_hidden_layers * rows * mc.num_key_value_heads * T_max * mc.head_dim * dtype.itemsize
+
+
+def simulate(cfg: TrainConfig, mc: ModelConfig, vocab: int, world: int, plan: Plan, mesh, fake: bool = True,
+             phases: tuple[str, ...] = PHASES, log=None) -> dict[str, dict[str, int]]:
+    """Run the phases on rank `dist.get_rank()` of an initialised process group (fake, or real gloo in the test)
+    and return {phase: row}, bytes per column. With fake=False the same code runs on real tensors."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    dtype = DTYPES[cfg.dtype]
+    device = torch.device("cpu")
+    d = distributed.Dist(rank=dist.get_rank(), world_size=world, device=device)
+    sharded = world > 1
+    n_seqs, _ = rank_counts(cfg, world)
+    n_prompts = n_seqs // cfg.group_size
+    L, C = cfg.max_prompt_len, cfg.max_response_len
+    rng = random.Random(0)
+    B = min(plan.micro_batch_size, n_seqs)
+    gaps = {"eval": _cuda_attention_gap(mc, plan.eval_batch, L, L, dtype) if plan.eval_batch else 0,
+            "rollout": _cuda_attention_gap(mc, n_prompts, L, L, dtype),
+            "train": _cuda_attention_gap(mc, B, L + C, L + C, dtype)}  # probed before the fake mode below
+
+    def tokens(n: int) -> list[int]:
+        return [rng.randrange(vocab) for _ in range(n)]
+
+    rows: dict[str, dict[str, int]] = {}
+    last: list = []
+
+    def run(fn) -> None:
+        """One phase under a fresh tracker that starts from what is alive: the models and the optimizer state."""
+        t0 = time.time()
+        mt = _tracker()
+        mt.track_external(*[x for k, x in m.items() if k in ("policy", "ref", "rollout", "opt") and x is not None])
+        with mt:
+            fn()
+        last[:] = [mt]
+        if log is not None:
+            log(f"{fn.__name__}: {time.time() - t0:.0f} s")
+
+    def peak() -> dict:
+        return next(iter(last[0].get_tracker_snapshot("peak").values()))
+
+    def build(dt: torch.dtype) -> Qwen2:
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(dt)  # allocate in dt directly, as load_model does (no fp32 detour)
+        try:
+            with torch.device(device):
+                model = Qwen2(mc)
+        finally:
+            torch.set_default_dtype(default)
+        model.init_weights(std=0.02)
+        return model
+
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
+    scalars = PlaceholderScalars() if fake else contextlib.nullcontext()
+    m: dict = {}  # what the phases leave for the next ones (models, optimizer, micro-batches)
+
+    def build_models() -> None:  # as train.py: each model loaded full, then sharded before the next one loads
+        m["policy"] = policy = build(torch.float32)
+        policy.gradient_checkpointing = cfg.gradient_checkpointing
+        if sharded:
+            distributed.shard(policy, dtype, mesh=mesh)
+        # MemTracker hooks every parameter's gradient, so the frozen models keep requires_grad and run under
+        # no_grad (the same memory: they never get a gradient)
+        m["ref"] = ref = build(dtype) if cfg.grpo.kl_coef > 0 else None
+        if sharded and ref is not None:
+            distributed.shard(ref, dtype, mesh=mesh)
+        m["rollout"] = rollout = policy
+        if sharded or dtype != torch.float32:
+            m["rollout"] = rollout = build(dtype)
+            if not plan.keep_rollout_copy:
+                distributed.free_weights(rollout)  # train.py: allocated only while rollouts / evaluation run
+
+    def steady_state() -> None:  # AdamW's m and v exist from the step before (not a table row)
+        for p in m["policy"].parameters():
+            p.grad = torch.zeros_like(p)
+        m["opt"].step()
+        m["opt"].zero_grad(set_to_none=True)
+
+    def generate_phase(name: str, n_prompts_: int, G: int, temperature: float, gap: int) -> None:
+        policy, rollout = m["policy"], m["rollout"]
+
+        def body() -> None:
+            if rollout is not policy:
+                distributed.copy_full_weights(policy, rollout)
+            rollout.eval()
+            with torch.inference_mode():
+                sample_tensors(rollout, [tokens(L) for _ in range(n_prompts_)], G, C, temperature, cfg.top_p,
+                               cfg.top_k, (), vocab, 0, False, False, 8, True, first_step=C - 2)
+            if rollout is not policy and not plan.keep_rollout_copy:
+                distributed.free_weights(rollout)
+
+        run(body)
+        # the KV cache: P*G rows decoding; at prefix sharing the P-row prefill cache is alive with it
+        kv = _kv_bytes(mc, n_prompts_ * G + n_prompts_, L + C - 1, dtype)
+        rows[name] = _row(peak(), kv=kv, act_extra=gap)
+
+    def logprobs(model, key: str) -> None:
+        with torch.no_grad(), m["ctx"]:
+            for mb in m["mbs"]:
+                setattr(mb, key, micro_batch_logprobs(model, mb, cfg.temperature, vocab)[0])
+
+    def update() -> None:
+        norm = loss_norm([mb.mask for mb in m["mbs"]], C, world_reduce=distributed.all_reduce)
+        m["loss_sum"], _ = train_on_micro_batches(m["policy"], m["mbs"], norm, cfg, d, m["ctx"], vocab, sft=False)
+
+    def save() -> None:
+        for _, t in distributed.gather_full_params(m["policy"], dtype):
+            del t  # rank 0 keeps it on the host (written shard by shard), not on the device
+
+    with fake_mode, scalars:
+        run(build_models)
+        rows["build"] = _row(peak(), weights=True)
+        m["opt"], m["sched"] = make_optimizer(m["policy"], cfg, cfg.lr, total_steps=10)
+        m["ctx"] = compute_context(device, dtype, sharded)
+        run(steady_state)
+        if plan.eval_batch and "eval greedy" in phases:
+            generate_phase("eval greedy", plan.eval_batch, 1, 0.0, gaps["eval"])
+        if plan.eval_batch and cfg.eval_n > 1 and "eval voted" in phases:
+            generate_phase("eval voted", plan.eval_batch, cfg.eval_n, cfg.eval_temperature, gaps["eval"])
+        if "rollout" in phases:
+            generate_phase("rollout", n_prompts, cfg.group_size, cfg.temperature, gaps["rollout"])
+        seqs = []
+        for _ in range(n_prompts):
+            prompt = tokens(L)  # a group shares its prompt (what a shared-prefix forward exploits)
+            seqs += [Sequence(prompt, tokens(C), [-1.0] * C, 1.0) for _ in range(cfg.group_size)]
+        chunks = split_micro_batches(seqs, plan.micro_batch_size)[: plan.max_micro]
+
+        def reference() -> None:
+            m["mbs"] = [collate(chunk, 0, device) for chunk in chunks]
+            if m["ref"] is not None and ("reference" in phases or "update" in phases):
+                logprobs(m["ref"], "ref_logp")
+
+        run(reference)
+        if m["ref"] is not None and "reference" in phases:
+            rows["reference"] = _row(peak(), act_extra=gaps["train"])
+        if cfg.recompute_old_logp and "old logp" in phases:
+            def old_logp() -> None:
+                logprobs(m["policy"], "old_logp")
+
+            run(old_logp)
+            rows["old logp"] = _row(peak(), act_extra=gaps["train"])
+        if "update" in phases or "optimizer" in phases:
+            run(update)
+            rows["update"] = _row(peak(), act_extra=gaps["train"], temp_extra=gaps["train"])
+        del m["mbs"]
+        if "optimizer" in phases:
+            def step() -> None:
+                optimizer_step(m["policy"], m["opt"], m["sched"], cfg, m["loss_sum"])
+
+            run(step)
+            shard_numel = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel()
+                              for p in m["policy"].parameters())
+            rows["optimizer"] = _row(peak(), temp_extra=4 * shard_numel, no_activations=True)  # + AdamW foreach
+        if "checkpoint" in phases:
+            run(save)
+            rows["checkpoint"] = _row(peak())
+    return rows
+
+
+def fits(rows: dict[str, dict[str, int]], gpu_mem_gb: float) -> bool:
+    return max(r["total"] for r in rows.values()) <= (1 - HEADROOM) * gpu_mem_gb * GiB
+
+
+@dataclass
+class Report:
+    rows: dict[str, dict[str, int]]
+    plan: Plan
+    best_micro: int  # the largest micro_batch_size that fits (0: none)
+    best_eval: int  # the largest eval batch that fits (0: none / no evaluation)
+    gpus: int
+    gpu_mem_gb: float
+    seconds: float
+
+    problem: str = ""  # why no batch size fits ("" when the search found sizes that do)
+
+    @property
+    def fits(self) -> bool:
+        return fits(self.rows, self.gpu_mem_gb)
+
+    def markdown(self, title: str) -> str:
+        limit = (1 - HEADROOM) * self.gpu_mem_gb
+        peak_phase = max(self.rows, key=lambda p: self.rows[p]["total"])
+        lines = [f"{title}", "", "| phase | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+        for name, r in self.rows.items():
+            lines.append(f"| {name} | " + " | ".join(f"{r[c] / GiB:.1f}" for c in COLUMNS) + " |")
+        peak = self.rows[peak_phase]["total"] / GiB
+        verdict = "fits" if peak <= limit else "does NOT fit"
+        lines += ["", f"GiB per rank, {self.gpus} ranks. Peak: {peak_phase} {peak:.1f} GiB; {verdict} in "
+                  f"{self.gpu_mem_gb:g} GiB with {HEADROOM:.0%} headroom (limit {limit:.1f} GiB). Simulated with "
+                  f"micro_batch_size={self.plan.micro_batch_size}, eval batch={self.plan.eval_batch}.",
+                  f"Largest that fit: micro_batch_size={self.best_micro}, eval_batch_size={self.best_eval} "
+                  f"(voted pass: x eval_n rows). Simulated in {self.seconds:.0f} s.",
+                  *([self.problem.replace("dry run: ", "Problem: ", 1)] if self.problem else []),
+                  "Fake tensors + fake process group, real code (see sqlr1/dryrun.py); assumed, not simulated: CUDA "
+                  "SDPA kernel choice (masked GQA: K/V repeated + memory-efficient kernel), AdamW foreach "
+                  "temporary, no CUDA context / fragmentation. Every prompt max_prompt_len, every row decodes to "
+                  "max_response_len; 2 micro-batches (no-sync then sync)."]
+        return "\n".join(lines) + "\n"
+
+
+def _largest(candidates: list[int], ok, start: int) -> int:
+    """The largest candidate c with ok(c), ok monotone (fits at c => fits below); 0 if none. Bisects the side of
+    `start` (the configured value, already simulated) that can hold the answer: one or two simulations, not all."""
+    if ok(start):
+        best, lo, hi = start, candidates.index(start) + 1, len(candidates) - 1
+    else:
+        best, lo, hi = 0, 0, candidates.index(start) - 1
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        if ok(candidates[mid]):
+            best, lo = candidates[mid], mid + 1
+        else:
+            hi = mid - 1
+    return best
+
+
+def _sizes(n: int, also: int) -> list[int]:
+    """1, 2, 4, ... below n, n, and `also` (the configured value), sorted."""
+    return sorted({1 << i for i in range(n.bit_length()) if 1 << i < n} | {n, also})
+
+
+def dry_run(cfg: TrainConfig, gpus: int, gpu_mem_gb: float, log=None) -> Report:
+    """Simulate cfg on `gpus` ranks of `gpu_mem_gb` each: the table, and the largest micro-batch and eval batch.
+    `log(str)` hears each simulated phase and its time."""
+    if not isinstance(gpus, int) or gpus < 1:
+        raise ValueError(f"--gpus={gpus}: the number of GPUs (ranks) must be an integer >= 1")
+    if not (isinstance(gpu_mem_gb, (int, float)) and 0 < gpu_mem_gb < math.inf):
+        raise ValueError(f"--gpu_mem_gb={gpu_mem_gb}: must be a positive number of GiB per GPU, e.g. 80")
+    if cfg.prompts_per_step % gpus:
+        raise ValueError(f"--gpus={gpus}: prompts_per_step={cfg.prompts_per_step} is not divisible by it; pick a "
+                         f"divisor of {cfg.prompts_per_step} or set --prompts_per_step")
+    if cfg.eval_split and cfg.eval_limit == 0 and cfg.eval_batch_size == 0:
+        raise ValueError("dry run: eval_limit=0 and eval_batch_size=0: the evaluation's size is unknown without the "
+                         "data; set --eval_limit or --eval_batch_size")
+    mc, vocab = model_shape(cfg.model)
+    t0 = time.time()
+    with fake_world(gpus) as mesh:
+        n_seqs, n_eval = rank_counts(cfg, gpus)
+        plan = Plan(micro_batch_size=min(cfg.micro_batch_size, n_seqs), eval_batch=eval_batch_of(cfg, gpus))
+        limit = (1 - HEADROOM) * gpu_mem_gb * GiB
+        rows = simulate(cfg, mc, vocab, gpus, plan, mesh, log=log)
+        train_phases = ("reference", "old logp", "update")
+
+        def micro_ok(mb: int) -> bool:
+            if mb == plan.micro_batch_size:
+                r = rows
+            else:
+                r = simulate(cfg, mc, vocab, gpus, replace(plan, micro_batch_size=mb, eval_batch=0), mesh,
+                             phases=train_phases, log=log)
+            return all(r[p]["total"] <= limit for p in train_phases if p in r)
+
+        def eval_ok(eb: int) -> bool:
+            if eb == plan.eval_batch:
+                r = rows
+            else:
+                r = simulate(cfg, mc, vocab, gpus, replace(plan, eval_batch=eb), mesh,
+                             phases=("eval greedy", "eval voted"), log=log)
+            return all(r[p]["total"] <= limit for p in ("eval greedy", "eval voted") if p in r)
+
+        other = [p for p in rows if p not in train_phases + ("eval greedy", "eval voted")]
+        over = [p for p in other if rows[p]["total"] > limit]
+        best_micro = best_eval = 0
+        problem = ""
+        if over:
+            worst = max(over, key=lambda p: rows[p]["total"])
+            problem = (f"dry run: phase {worst!r} needs {rows[worst]['total'] / GiB:.1f} GiB per GPU, over "
+                       f"{limit / GiB:.1f} GiB ({gpu_mem_gb:g} GiB less {HEADROOM:.0%}) whatever the batch sizes; "
+                       f"use more GPUs (--gpus) or a smaller model / max_prompt_len + max_response_len")
+        else:
+            best_micro = _largest(_sizes(n_seqs, plan.micro_batch_size), micro_ok, plan.micro_batch_size)
+            if best_micro == 0:
+                no_sync = (" (grad_accum_no_sync=true holds an unsharded fp32 gradient through the micro-batch "
+                           "loop: try --grad_accum_no_sync=false)" if cfg.grad_accum_no_sync else "")
+                problem = (f"dry run: the policy update does not fit in {limit / GiB:.1f} GiB per GPU even at "
+                           f"micro_batch_size=1{no_sync}; use more GPUs (--gpus), or shorten max_prompt_len / "
+                           f"max_response_len")
+            best_eval = _largest(_sizes(n_eval, plan.eval_batch), eval_ok, plan.eval_batch) if n_eval else 0
+            if n_eval and best_eval == 0 and not problem:
+                problem = (f"dry run: evaluation does not fit in {limit / GiB:.1f} GiB per GPU even with one prompt "
+                           f"per generate call; lower eval_n or max_prompt_len / max_response_len, or more GPUs")
+        return Report(rows, plan, best_micro, best_eval, gpus, gpu_mem_gb, time.time() - t0, problem)
+
+
+@contextlib.contextmanager
+def fake_world(gpus: int):
+    """A fake process group of `gpus` ranks (this process is rank 0; collectives move nothing) and its DeviceMesh,
+    made outside any fake tensor mode."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=gpus)
+    try:
+        yield init_device_mesh("cpu", (gpus,))
+    finally:
+        dist.destroy_process_group()
