@@ -36,7 +36,6 @@ config = TrainConfig(
     train_split="train",
     eval_split="dev",
     eval_limit=500,
-    eval_batch_size=4,  # 4 prompts x eval_n 8 = 32 rows per generate call (KV cache ~11 GB; see TrainConfig)
     prompt_template="sqlr1",
     sample_values=2,
     max_prompt_len=4096,
@@ -45,7 +44,6 @@ config = TrainConfig(
     prompts_per_step=8,  # B
     group_size=8,  # G
     micro_batch_size=4,
-    grad_accum_no_sync=False,  # no-sync holds the unsharded fp32 gradient (28 GiB per GPU) through the loop
     ppo_epochs=1,
     lr=3e-7,
     temperature=1.1,

@@ -292,7 +292,8 @@ def simulate(cfg: TrainConfig, mc: ModelConfig, vocab: int, world: int, plan: Pl
             rollout.eval()
             with torch.inference_mode():
                 sample_tensors(rollout, [tokens(L) for _ in range(n_prompts_)], G, C, temperature, cfg.top_p,
-                               cfg.top_k, (), vocab, 0, False, False, 8, True, first_step=C - 2)
+                               cfg.top_k, (), vocab, 0, False, False, 8, True, first_step=C - 2,
+                               check_finite=False)
             if rollout is not policy and not plan.keep_rollout_copy:
                 distributed.free_weights(rollout)
 
