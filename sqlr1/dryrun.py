@@ -18,15 +18,17 @@ Phases, in a step's order, in the steady state (AdamW's m and v exist from the s
     eval voted   the same with eval_n rows per prompt at eval_temperature
     rollout      the same with group_size rows per prompt for the step's prompts of this rank
     reference    no-grad log-probs of the reference over the step's micro-batches
-    old logp     (recompute_old_logp) no-grad log-probs of the policy
-    update       the real micro-batch loop: forward + backward per micro-batch (FSDP no-sync until the last)
+    old logp     (recompute_old_logp with ppo_epochs > 1) no-grad log-probs of the policy; at ppo_epochs == 1 the
+                 update's own forward gives them (no phase)
+    update       the real micro-batch loop: forward + backward per micro-batch (FSDP no-sync until the last
+                 when grad_accum_no_sync, else a reduce-scatter after each)
     optimizer    clip + AdamW step (its state materialised)
     checkpoint   the HF export's gather, one parameter at a time (the DCP state write reads local shards only)
 
 Worst case, no data-dependent host syncs: every prompt is max_prompt_len tokens, every row decodes to
 max_response_len (no stop ids; placeholder random tokens), the last (widest) decode step is run; `.item()` /
-`float(t)` on fake tensors answer 1 (`PlaceholderScalars`); the micro-batch loop runs two micro-batches (the first
-without gradient sync, the last with it: the pattern of any longer loop).
+`float(t)` on fake tensors answer 1 (`PlaceholderScalars`); the micro-batch loop runs two micro-batches (with
+grad_accum_no_sync the first without gradient sync, the last with it: the pattern of any longer loop).
 
 What a CPU cannot show is accounted by rule (`sqlr1.model.attention`'s kernel choice on CUDA): a masked GQA call
 repeats K/V to H heads and runs the memory-efficient kernel (output + fp32 logsumexp [B, H, T], no [B, H, T, S]
@@ -145,7 +147,7 @@ class Plan:
     micro_batch_size: int
     eval_batch: int  # prompts per generate call in evaluation (0: no evaluation)
     keep_rollout_copy: bool = False  # price the rollout copy alive through the update (train.py frees it)
-    max_micro: int = 2  # micro-batches simulated (first no-sync, last sync)
+    max_micro: int = 2  # micro-batches simulated: the second shows what accumulating gradients across them holds
 
 
 def rank_counts(cfg: TrainConfig, world: int) -> tuple[int, int]:
@@ -307,9 +309,12 @@ def simulate(cfg: TrainConfig, mc: ModelConfig, vocab: int, world: int, plan: Pl
             for mb in m["mbs"]:
                 setattr(mb, key, micro_batch_logprobs(model, mb, cfg.temperature, vocab)[0])
 
+    fused_old_logp = cfg.recompute_old_logp and cfg.ppo_epochs == 1  # as train.py: log pi_old = the update's forward
+
     def update() -> None:
         norm = loss_norm([mb.mask for mb in m["mbs"]], C, world_reduce=distributed.all_reduce)
-        m["loss_sum"], _ = train_on_micro_batches(m["policy"], m["mbs"], norm, cfg, d, m["ctx"], vocab, sft=False)
+        m["loss_sum"], _ = train_on_micro_batches(m["policy"], m["mbs"], norm, cfg, d, m["ctx"], vocab, sft=False,
+                                                  old_from_policy=fused_old_logp)
 
     def save() -> None:
         for _, t in distributed.gather_full_params(m["policy"], dtype):
@@ -341,7 +346,7 @@ def simulate(cfg: TrainConfig, mc: ModelConfig, vocab: int, world: int, plan: Pl
         run(reference)
         if m["ref"] is not None and "reference" in phases:
             rows["reference"] = _row(peak(), act_extra=gaps["train"])
-        if cfg.recompute_old_logp and "old logp" in phases:
+        if cfg.recompute_old_logp and not fused_old_logp and "old logp" in phases:
             def old_logp() -> None:
                 logprobs(m["policy"], "old_logp")
 
@@ -402,7 +407,7 @@ class Report:
                   "Fake tensors + fake process group, real code (see sqlr1/dryrun.py); assumed, not simulated: CUDA "
                   "SDPA kernel choice (masked GQA: K/V repeated + memory-efficient kernel), AdamW foreach "
                   "temporary, no CUDA context / fragmentation. Every prompt max_prompt_len, every row decodes to "
-                  "max_response_len; 2 micro-batches (no-sync then sync)."]
+                  "max_response_len; the update runs 2 micro-batches (what accumulating gradients across them holds)."]
         return "\n".join(lines) + "\n"
 
 
