@@ -119,12 +119,13 @@ def grpo_step(step, policy, rollout_model, ref, opt, sched, examples, prompts, t
     adv, adv_stats = group_advantages(r, G, cfg.grpo, world_reduce=distributed.all_reduce)
     keep = keep_groups(r, G, cfg.grpo)
     seqs = [
-        Sequence(prompts[idx[samples.prompt_index[j]]].ids, samples.tokens[j], samples.logprobs[j], float(adv[j]))
+        Sequence(prompts[idx[samples.prompt_index[j]]].ids, samples.tokens[j], samples.logprobs[j], float(adv[j]),
+                 group=samples.prompt_index[j])
         for j in range(len(texts)) if keep[j]
     ]
     if not seqs:  # every group had zero variance (DAPO filter): keep one zero-weight sequence to stay in step
-        seqs = [Sequence(prompts[idx[0]].ids, samples.tokens[0], samples.logprobs[0], 0.0, weight=0.0)]
-    mbs = microbatches(seqs, cfg.micro_batch_size, tokenizer.pad_id, d.device)
+        seqs = [Sequence(prompts[idx[0]].ids, samples.tokens[0], samples.logprobs[0], 0.0, weight=0.0, group=0)]
+    mbs = microbatches(seqs, cfg.micro_batch_size, tokenizer.pad_id, d.device, shared=cfg.shared_prefix)
     norm = loss_norm([mb.mask for mb in mbs], cfg.max_response_len, world_reduce=distributed.all_reduce)
     if ref is not None:
         with torch.no_grad(), ctx:

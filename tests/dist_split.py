@@ -1,4 +1,5 @@
-"""Run under torchrun (see test_train.py): one GRPO optimisation step on 2 ranks x 2 micro-batches with FSDP2/gloo.
+"""Run under torchrun (see test_train.py): one GRPO optimisation step on 2 ranks x 2 micro-batches with FSDP2/gloo,
+unshared and with shared-prefix micro-batches (one group of G = 4 per micro-batch).
 
 Writes the full gradients and updated parameters to the file given as argv[1] (rank 0).
 """
@@ -16,11 +17,12 @@ def main(out: str) -> None:
     d = distributed.setup("cpu")
     results = {}
     for mode in LOSS_MODES:
-        model, seqs, cfg = make_case(mode)
-        distributed.shard(model, torch.float32)
-        per_rank = len(seqs) // d.world_size  # whole groups per rank
-        mine = seqs[d.rank * per_rank : (d.rank + 1) * per_rank]
-        results[mode] = one_step(model, mine, cfg, d, micro_batch_size=4)  # 8 rollouts per rank: 2 micro-batches
+        for shared in (False, True):
+            model, seqs, cfg = make_case(mode, shared)
+            distributed.shard(model, torch.float32)
+            per_rank = len(seqs) // d.world_size  # whole groups per rank
+            mine = seqs[d.rank * per_rank : (d.rank + 1) * per_rank]
+            results[mode, shared] = one_step(model, mine, cfg, d, micro_batch_size=4)  # 8 per rank: 2 micro-batches
     if d.is_main:
         torch.save(results, out)
     distributed.cleanup()

@@ -39,8 +39,22 @@ def test_gradient_does_not_depend_on_micro_batching(mode):
     assert max(g.abs().max() for g in g1.values()) > 1e-3  # the step did something
 
 
+@pytest.mark.parametrize("mode", LOSS_MODES)
+def test_shared_prefix_step_equals_unshared(mode):
+    """Group-shaped micro-batches: 4 whole groups in one, one group each, and G = 4 cut into 3 + 1 rows (the
+    prompt recomputed per part) all give the unshared single-micro-batch step."""
+    model, seqs, cfg = make_case(mode)
+    g1, p1 = one_step(model, seqs, cfg, Dist(), micro_batch_size=len(seqs))
+    for micro_batch_size in (len(seqs), 4, 3):
+        model, seqs, cfg = make_case(mode, shared_prefix=True)
+        gs, ps = one_step(model, seqs, cfg, Dist(), micro_batch_size=micro_batch_size)
+        assert_same(g1, gs, atol=1e-6)
+        assert_same(p1, ps, atol=1e-6)
+
+
 def test_fsdp_two_ranks_match_one_process(tmp_path):
-    """torchrun, gloo, FSDP2 fully_shard: 2 ranks x 2 micro-batches == 1 process x 1 micro-batch."""
+    """torchrun, gloo, FSDP2 fully_shard: 2 ranks x 2 micro-batches == 1 process x 1 micro-batch, unshared and with
+    shared-prefix micro-batches (the shared forward methods registered with FSDP)."""
     out = tmp_path / "dist.pt"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
@@ -53,9 +67,10 @@ def test_fsdp_two_ranks_match_one_process(tmp_path):
     for mode in LOSS_MODES:
         model, seqs, cfg = make_case(mode)
         g1, p1 = one_step(model, seqs, cfg, Dist(), micro_batch_size=len(seqs))
-        g2, p2 = dist_results[mode]
-        assert_same(g1, g2, atol=1e-6)
-        assert_same(p1, p2, atol=1e-6)
+        for shared in (False, True):
+            g2, p2 = dist_results[mode, shared]
+            assert_same(g1, g2, atol=1e-6)
+            assert_same(p1, p2, atol=1e-6)
 
 
 def test_every_parameter_changes_and_reference_does_not():
