@@ -56,7 +56,7 @@ class TrainConfig:
     group_size: int = 8  # G rollouts per prompt
     micro_batch_size: int = 8  # sequences per forward/backward
     grad_accum_no_sync: bool = True  # FSDP: reduce-scatter once per step (holds an unsharded fp32 grad per rank)
-    shared_prefix: bool = False  # policy/reference forward computes each group's prompt once, not G times
+    shared_prefix: bool = True  # GRPO policy/reference forward computes each group's prompt once, not G times
     recompute_old_logp: bool = False  # log pi_old from the trainer's own no-grad forward, not the sampler's
     ppo_epochs: int = 1  # mu: optimisation passes over each rollout batch
     lr: float = 3e-7

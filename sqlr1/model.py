@@ -13,6 +13,8 @@ Two things the rest of the code needs from the model:
   the model writes new keys/values at cache columns `cache_position`;
 - `token_logprobs`, log pi(y_t | y_<t) of given tokens, computed in chunks so that the [B, T, V] fp32
   log-softmax is never materialised (V = 152k for Qwen2.5).
+- `shared_prefix_logprobs`, the same for GRPO's G completions per prompt with each prompt computed once
+  (TrainConfig.shared_prefix; the policy update and the reference model use it through update.micro_batch_logprobs).
 """
 
 from __future__ import annotations
@@ -226,7 +228,6 @@ class Attention(nn.Module):
             y = attention(q, k, v, mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
-
     def forward_shared(self, xp, xc, rope_p, rope_c, mask_p, mask_c, group):
         """Shared-prefix attention (see `Qwen2.shared_prefix_logprobs`): prefixes xp [M, P, hidden] attend causally
         to themselves; completions xc [N, C, hidden] attend to their group's prefix keys, gathered per row by `group`
@@ -237,7 +238,7 @@ class Attention(nn.Module):
         k = torch.cat((kp.index_select(0, group), kc), dim=2)  # [N, H_kv, P + C, D]
         v = torch.cat((vp.index_select(0, group), vc), dim=2)
         yc = attention(qc, k, v, mask_c)
-        return (self.o_proj(yp.transpose(1, 2).flatten(2)), self.o_proj(yc.transpose(1, 2).flatten(2)))
+        return self.o_proj(yp.transpose(1, 2).flatten(2)), self.o_proj(yc.transpose(1, 2).flatten(2))
 
 
 class MLP(nn.Module):
