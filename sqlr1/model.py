@@ -434,8 +434,11 @@ class Qwen2(nn.Module):
         xp, xc = self.embed_tokens(prefix_ids), self.embed_tokens(comp_ids)
         real = prefix_mask.bool()
         causal = torch.ones(P, P, dtype=torch.bool, device=device).tril()
-        # Prefix rows as in hidden_states: causal over real keys, a padding query sees itself (finite, ignored).
-        mask_p = _additive((causal & real[:, None, :]) | torch.eye(P, dtype=torch.bool, device=device), xp.dtype)
+        # Prefix rows as in hidden_states: causal over real keys, a padding query sees itself (finite, ignored);
+        # without padding (one group per micro-batch, or equal prompt lengths) plain causal: SDPA's fused kernel.
+        mask_p = None
+        if not bool(real.all()):
+            mask_p = _additive((causal & real[:, None, :]) | torch.eye(P, dtype=torch.bool, device=device), xp.dtype)
         # Completion query t: every real key of its prompt, and its own completion columns <= t (right padding
         # comes after every real token, so causality hides it).
         causal = torch.ones(C, C, dtype=torch.bool, device=device).tril()
