@@ -1,5 +1,5 @@
 """Run under torchrun (see test_train.py): one GRPO optimisation step on 2 ranks x 2 micro-batches with FSDP2/gloo,
-unshared and with shared-prefix micro-batches (one group of G = 4 per micro-batch).
+unshared and with shared-prefix micro-batches (one group of G = 4 per micro-batch, activation checkpointing on).
 
 Writes the full gradients and updated parameters to the file given as argv[1] (rank 0).
 """
@@ -19,6 +19,7 @@ def main(out: str) -> None:
     for mode in LOSS_MODES:
         for shared in (False, True):
             model, seqs, cfg = make_case(mode, shared)
+            model.gradient_checkpointing = shared  # as the 7B config: FSDP re-gathers inside the recomputed blocks
             distributed.shard(model, torch.float32)
             per_rank = len(seqs) // d.world_size  # whole groups per rank
             mine = seqs[d.rank * per_rank : (d.rank + 1) * per_rank]
