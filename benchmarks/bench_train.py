@@ -13,7 +13,7 @@ Qwen2ForCausalLM with a full [B, T, V] log-softmax and the same loss. Prints tok
 `sqlr1.update.microbatches`, forward + backward + AdamW) with and without shared prefixes, at the toy demo's shape
 (8 prompts x G = 8, ~206 prompt + ~35 completion tokens, 16 rows per micro-batch) and at a SQL-R1-like shape scaled
 to a CPU (4 layers, P = 1,024, C = 128, G = 8); and the toy GRPO step end to end without the reward (rollout with
-`sqlr1.sampling.generate` + update; the reward, the same in both modes, is ~3 % of the toy step).
+`sqlr1.sampling.generate` + update; the reward, the same in both modes, is ~1 % of the toy step).
 """
 
 import argparse
