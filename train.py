@@ -145,7 +145,7 @@ def grpo_step(step, policy, rollout_model, ref, opt, sched, examples, prompts, t
     keep = keep_groups(r, G, cfg.grpo)
     seqs = [
         Sequence(prompts[idx[samples.prompt_index[j]]].ids, samples.tokens[j], samples.logprobs[j], float(adv[j]),
-                 sampler_logp=samples.logprobs[j])
+                 sampler_logp=samples.logprobs[j], group=samples.prompt_index[j])
         for j in range(len(texts)) if keep[j]
     ]
     skip_zero_var = int(distributed.all_reduce(torch.tensor(len(seqs)))) == 0  # same answer on every rank
@@ -153,8 +153,8 @@ def grpo_step(step, policy, rollout_model, ref, opt, sched, examples, prompts, t
     if not skip_zero_var:
         if not seqs:  # this rank's groups were all dropped, another rank's were not: a zero-weight filler
             seqs = [Sequence(prompts[idx[0]].ids, samples.tokens[0], samples.logprobs[0], 0.0, weight=0.0,
-                             sampler_logp=samples.logprobs[0])]
-        mbs = microbatches(seqs, cfg.micro_batch_size, tokenizer.pad_id, d.device)
+                             sampler_logp=samples.logprobs[0], group=0)]
+        mbs = microbatches(seqs, cfg.micro_batch_size, tokenizer.pad_id, d.device, shared=cfg.shared_prefix)
         norm = loss_norm([mb.mask for mb in mbs], cfg.max_response_len, world_reduce=distributed.all_reduce)
         if ref is not None:
             with torch.no_grad(), ctx:

@@ -6,6 +6,14 @@
 Both sides train the same random weights on the same padded micro-batch: ours is `sqlr1.update.train_on_micro_batches`
 (chunked log-probs, explicit masks, GRPO loss) + `sqlr1.update.optimizer_step`; the baseline is transformers'
 Qwen2ForCausalLM with a full [B, T, V] log-softmax and the same loss. Prints tokens/s and the ratio.
+
+    python benchmarks/bench_train.py --shared           # shared-prefix vs unshared update (TrainConfig.shared_prefix)
+
+`--shared` times, side by side in one run (interleaved, best of --repeats), one GRPO update step (micro-batches from
+`sqlr1.update.microbatches`, forward + backward + AdamW) with and without shared prefixes, at the toy demo's shape
+(8 prompts x G = 8, ~206 prompt + ~35 completion tokens, 16 rows per micro-batch) and at a SQL-R1-like shape scaled
+to a CPU (4 layers, P = 1,024, C = 128, G = 8); and the toy GRPO step end to end without the reward (rollout with
+`sqlr1.sampling.generate` + update; the reward, the same in both modes, is ~1 % of the toy step).
 """
 
 import argparse
@@ -23,7 +31,8 @@ from sqlr1.config import TrainConfig  # noqa: E402
 from sqlr1.distributed import Dist  # noqa: E402
 from sqlr1.grpo import GRPOConfig, loss_norm, policy_loss  # noqa: E402
 from sqlr1.model import ModelConfig, Qwen2, flops_per_token  # noqa: E402
-from sqlr1.update import make_optimizer, optimizer_step, train_on_micro_batches  # noqa: E402
+from sqlr1.sampling import generate  # noqa: E402
+from sqlr1.update import make_optimizer, microbatches, optimizer_step, train_on_micro_batches  # noqa: E402
 
 SHAPES = {
     "tiny": dict(vocab_size=2048, hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
@@ -91,11 +100,96 @@ def timed(step, steps, device) -> float:
     return (time.perf_counter() - t0) / steps
 
 
+def grouped(cfg: ModelConfig, prompts: int, G: int, prompt_len: tuple[int, int], completion_len: tuple[int, int],
+            seed: int = 0) -> list[Sequence]:
+    """prompts x G rollouts (prompt-major, Sequence.group set) with lengths drawn uniformly from the given ranges."""
+    g = torch.Generator().manual_seed(seed)
+
+    def draw(lo_hi):
+        return int(torch.randint(lo_hi[0], lo_hi[1] + 1, (1,), generator=g))
+
+    seqs = []
+    for p in range(prompts):
+        prompt = torch.randint(1, cfg.vocab_size, (draw(prompt_len),), generator=g).tolist()
+        for i in range(G):
+            n = draw(completion_len)
+            seqs.append(Sequence(prompt, torch.randint(1, cfg.vocab_size, (n,), generator=g).tolist(), [-3.0] * n,
+                                 advantage=float(i % 2) - 0.5, group=p))
+    return seqs
+
+
+def update_step(model, opt, sched, tcfg: TrainConfig, seqs: list[Sequence], shared: bool) -> None:
+    """One GRPO optimisation step over `seqs` as train.py's grpo_step runs it (no reference model)."""
+    mbs = microbatches(seqs, tcfg.micro_batch_size, 0, "cpu", shared=shared)
+    norm = loss_norm([mb.mask for mb in mbs], tcfg.max_response_len)
+    loss, _ = train_on_micro_batches(model, mbs, norm, tcfg, Dist(), contextlib.nullcontext(), model.config.vocab_size,
+                                     sft=False)
+    optimizer_step(model, opt, sched, tcfg, loss)
+
+
+def bench_shared(steps: int, repeats: int) -> None:
+    """Shared-prefix vs unshared update time per step, and the toy GRPO step end to end (module docstring)."""
+    sqlr1_like = dict(SHAPES["tiny"], hidden_size=256, intermediate_size=768, num_attention_heads=8)
+    cases = [  # name, model shape, prompts, G, prompt lengths, completion lengths, micro_batch_size
+        ("toy", SHAPES["tiny"], 8, 8, (180, 230), (20, 50), 16),
+        ("sql-r1-like", sqlr1_like, 2, 8, (1024, 1024), (128, 128), 8),
+    ]
+    print(f"{'shape':<14}{'rows x (P + C)':>18}{'tokens':>9}{'shared tok':>11}{'unshared s':>12}{'shared s':>10}"
+          f"{'speed-up':>10}")
+    for name, shape, prompts, G, plen, clen, mbs_size in cases:
+        mcfg = ModelConfig(**shape)
+        torch.manual_seed(0)
+        model = Qwen2(mcfg)
+        model.init_weights(generator=torch.Generator().manual_seed(0))
+        tcfg = TrainConfig(lr=1e-5, grpo=GRPOConfig(kl_coef=0.0), micro_batch_size=mbs_size, max_response_len=clen[1])
+        opt, sched = make_optimizer(model, tcfg, 1e-5, 1000)
+        seqs = grouped(mcfg, prompts, G, plen, clen)
+        tokens = sum(len(s.prompt) + len(s.completion) for s in seqs)
+        shared_tokens = sum(len(s.completion) for s in seqs) + sum(len(seqs[p * G].prompt) for p in range(prompts))
+        best = {False: float("inf"), True: float("inf")}
+        for _ in range(repeats):
+            for shared in (False, True):
+                best[shared] = min(best[shared], timed(lambda: update_step(model, opt, sched, tcfg, seqs, shared),
+                                                       steps, torch.device("cpu")))
+        mean_p = sum(len(s.prompt) for s in seqs) / len(seqs)
+        mean_c = sum(len(s.completion) for s in seqs) / len(seqs)
+        print(f"{name:<14}{f'{len(seqs)} x ({mean_p:.0f} + {mean_c:.0f})':>18}{tokens:>9}{shared_tokens:>11}"
+              f"{best[False]:>12.3f}{best[True]:>10.3f}{best[False] / best[True]:>9.2f}x")
+
+    # The toy GRPO step end to end (rollout + update; reward left out): the toy demo's sizes, fixed-length rollouts.
+    mcfg = ModelConfig(**SHAPES["tiny"])
+    model = Qwen2(mcfg)
+    model.init_weights(generator=torch.Generator().manual_seed(0))
+    tcfg = TrainConfig(lr=1e-5, grpo=GRPOConfig(kl_coef=0.0), micro_batch_size=16, max_response_len=35)
+    opt, sched = make_optimizer(model, tcfg, 1e-5, 1000)
+    prompts = [s.prompt for s in grouped(mcfg, 8, 1, (180, 230), (1, 1))]
+
+    def grpo_step(shared: bool) -> None:
+        with torch.no_grad():
+            out = generate(model, prompts, num_samples=8, max_new_tokens=35, temperature=1.0, seed=0, progress=False)
+        seqs = [Sequence(prompts[p], out.tokens[j], out.logprobs[j], float(j % 2) - 0.5, group=p)
+                for j, p in enumerate(out.prompt_index)]
+        update_step(model, opt, sched, tcfg, seqs, shared)
+
+    best = {False: float("inf"), True: float("inf")}
+    for _ in range(repeats):
+        for shared in (False, True):
+            best[shared] = min(best[shared], timed(lambda: grpo_step(shared), steps, torch.device("cpu")))
+    print(f"toy GRPO step, rollout (64 x 35 tokens) + update: unshared {best[False]:.3f} s, shared {best[True]:.3f} s, "
+          f"speed-up {best[False] / best[True]:.2f}x")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--shared", action="store_true", help="shared-prefix vs unshared update (CPU)")
+    ap.add_argument("--repeats", type=int, default=3, help="--shared: interleaved repeats, best kept")
     args = ap.parse_args()
+    if args.shared:
+        print(f"torch {torch.__version__}, cpu, {torch.get_num_threads()} threads, fp32, steps {args.steps}, best of "
+              f"{args.repeats} interleaved repeats")
+        return bench_shared(args.steps, args.repeats)
     device = torch.device(args.device)
     shape, rows, prompt, completion = ("tiny", 16, 160, 48) if device.type == "cpu" else ("1.5b", 8, 1024, 512)
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16

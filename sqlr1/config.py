@@ -59,7 +59,7 @@ class TrainConfig:
     # bytes), K reduce-scatters per step. True: one reduce-scatter per step, but each rank holds the full unsharded
     # fp32 gradient (4P bytes, ~28 GiB at 7B) from the first micro-batch on. No effect in one process.
     grad_accum_no_sync: bool = False
-    shared_prefix: bool = False  # policy/reference forward computes each group's prompt once, not G times
+    shared_prefix: bool = True  # GRPO policy/reference forward computes each group's prompt once, not G times
     # log pi_old from the trainer's own forward (rho = 1 exactly before the update) instead of the rollout engine's
     # bf16 KV-cached log-probs (which differ numerically: rho != 1 from the start). ppo_epochs == 1: the update's
     # forward, detached (free); > 1: one extra no-grad forward per step

@@ -80,13 +80,16 @@ def cleanup() -> None:
 
 
 def shard(model: Qwen2, compute_dtype: torch.dtype, trainable: bool = True, mesh=None) -> Qwen2:
-    """FSDP2: shard each decoder block, then the root; register token_logprobs as a forward method. `mesh`: the
-    DeviceMesh to shard over (None: all ranks of the default process group; the dry run passes a fake one)."""
+    """FSDP2: shard each decoder block, then the root; register the log-prob methods (and the blocks' shared-prefix
+    forward) as forward methods, so FSDP gathers the weights around them as around forward. `mesh`: the DeviceMesh
+    to shard over (None: all ranks of the default process group; the dry run passes a fake one)."""
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     for block in model.layers:
         fully_shard(block, mesh=mesh, mp_policy=mp)
+        register_fsdp_forward_method(block, "forward_shared")
     fully_shard(model, mesh=mesh, mp_policy=mp)
     register_fsdp_forward_method(model, "token_logprobs")
+    register_fsdp_forward_method(model, "shared_prefix_logprobs")
     if not trainable:
         model.requires_grad_(False)
     return model

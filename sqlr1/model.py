@@ -13,6 +13,8 @@ Two things the rest of the code needs from the model:
   the model writes new keys/values at cache columns `cache_position`;
 - `token_logprobs`, log pi(y_t | y_<t) of given tokens, computed in chunks so that the [B, T, V] fp32
   log-softmax is never materialised (V = 152k for Qwen2.5).
+- `shared_prefix_logprobs`, the same for GRPO's G completions per prompt with each prompt computed once
+  (TrainConfig.shared_prefix; the policy update and the reference model use it through update.micro_batch_logprobs).
 """
 
 from __future__ import annotations
@@ -224,12 +226,17 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=True)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, mask, kv_cache: KVCache | None, cache_position):
+    def qkv(self, x, cos, sin):
+        """q [B, H, T, D], k / v [B, H_kv, T, D] of x [B, T, hidden], RoPE applied to q and k."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def forward(self, x, cos, sin, mask, kv_cache: KVCache | None, cache_position):
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer, cache_position, k, v)
             if mask is not None:  # attend over the first S columns only: the caller's mask may be narrower
@@ -239,6 +246,18 @@ class Attention(nn.Module):
         else:
             y = attention(q, k, v, mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+
+    def forward_shared(self, xp, xc, rope_p, rope_c, mask_p, mask_c, group):
+        """Shared-prefix attention (see `Qwen2.shared_prefix_logprobs`): prefixes xp [M, P, hidden] attend causally
+        to themselves; completions xc [N, C, hidden] attend to their group's prefix keys, gathered per row by `group`
+        [N] (backward sums the G rows' key/value gradients into the prefix), and to their own causal past."""
+        qp, kp, vp = self.qkv(xp, *rope_p)
+        qc, kc, vc = self.qkv(xc, *rope_c)
+        yp = attention(qp, kp, vp, mask_p)
+        k = torch.cat((kp.index_select(0, group), kc), dim=2)  # [N, H_kv, P + C, D]
+        v = torch.cat((vp.index_select(0, group), vc), dim=2)
+        yc = attention(qc, k, v, mask_c)
+        return self.o_proj(yp.transpose(1, 2).flatten(2)), self.o_proj(yc.transpose(1, 2).flatten(2))
 
 
 class MLP(nn.Module):
@@ -263,6 +282,14 @@ class Block(nn.Module):
     def forward(self, x, cos, sin, mask, kv_cache=None, cache_position=None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, cache_position)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def forward_shared(self, xp, xc, rope_p, rope_c, mask_p, mask_c, group):
+        """One block over prefixes xp [M, P, hidden] and completions xc [N, C, hidden] (Attention.forward_shared)."""
+        ap, ac = self.self_attn.forward_shared(
+            self.input_layernorm(xp), self.input_layernorm(xc), rope_p, rope_c, mask_p, mask_c, group
+        )
+        xp, xc = xp + ap, xc + ac
+        return xp + self.mlp(self.post_attention_layernorm(xp)), xc + self.mlp(self.post_attention_layernorm(xc))
 
 
 class Qwen2(nn.Module):
@@ -381,6 +408,97 @@ class Qwen2(nn.Module):
         logp = torch.cat(logps).view(B, T)
         entropy = torch.cat(ents).view(B, T) if with_entropy else None
         return logp, entropy
+
+    def shared_prefix_logprobs(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        start: int,
+        group: torch.Tensor,
+        temperature: float = 1.0,
+        with_entropy: bool = False,
+        vocab_size: int | None = None,
+        chunk_size: int = 1024,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`token_logprobs(input_ids, attention_mask, start)` for rows that share prompts, each prompt computed once.
+
+        Layout as in batch.py: prompts left-padded to P = start + 1 columns, completions right-padded from column P.
+        group [B] names each row's prompt (rows with equal `group` must hold equal prompts; the first row of a group
+        provides it). With M groups of prompts q_g (length L_g) and completions o_i of group g(i), every block runs
+
+            prefix:      x_g     <- Block(x_g)                    attention over q_g's causal past   [M, P]
+            completion:  x_i,t   <- Block(x_i,t)                  keys/values [K_g(i) ; K_i,<=t]     [N, C]
+
+        with RoPE positions L_g(i) + t for o_i,t (left padding invisible), and the head reads
+        h_i,0 = x_g(i),P-1 (the prompt's last token predicts o_i,0) and h_i,t = x_i,t-1 otherwise:
+        log pi(o_i,t | q, o_i,<t) exactly as the unshared forward computes it. The prefix K_g, V_g of each layer are
+        gathered to the G rows of the group (index_select, then concatenated with the completion's own K/V), so
+        backward sums the G completions' gradients into one prefix computation: dL/dx_g = sum_{i in g} dL_i/dx_g.
+
+        Cost, N = M G rows: M P + N C tokens through the weights instead of N (P + C), attention
+        M P^2 / 2 + N C (P + C) instead of N (P + C)^2 / 2 — at P = 1024, C = 128, G = 8 about 4.4x fewer tokens.
+        Why this layout and not one row per group holding prefix + all G completions under a block mask: that row's
+        attention is (P + G C)^2 / 2 wide with G C x G C mostly masked, and a masked query block cannot use a fused
+        causal kernel, while here only [C, P + C] per completion is scored. Rows of one group may be spread over
+        several micro-batches (batch.py), each then recomputes the prefix once. Activation checkpointing and the
+        chunked head (`_chunk_logprobs`: no [B, T, V] fp32 tensor, ids >= vocab_size excluded) work as unshared.
+        """
+        P = start + 1
+        device = input_ids.device
+        rows = torch.arange(len(group), device=device)
+        first = torch.full((int(group.max()) + 1,), len(group), device=device).scatter_reduce(0, group, rows, "amin")
+        prefix_ids, prefix_mask = input_ids[first, :P], attention_mask[first, :P]
+        comp_ids = input_ids[:, P:]
+        C = comp_ids.shape[1]
+        xp, xc = self.embed_tokens(prefix_ids), self.embed_tokens(comp_ids)
+        real = prefix_mask.bool()
+        causal = torch.ones(P, P, dtype=torch.bool, device=device).tril()
+        # Prefix rows as in hidden_states: causal over real keys, a padding query sees itself (finite, ignored);
+        # without padding (one group per micro-batch, or equal prompt lengths) plain causal: SDPA's fused kernel.
+        mask_p = None
+        if not bool(real.all()):
+            mask_p = _additive((causal & real[:, None, :]) | torch.eye(P, dtype=torch.bool, device=device), xp.dtype)
+        # Completion query t: every real key of its prompt, and its own completion columns <= t (right padding
+        # comes after every real token, so causality hides it).
+        causal = torch.ones(C, C, dtype=torch.bool, device=device).tril()
+        visible = torch.cat((real[group][:, None, :].expand(-1, C, -1), causal.expand(len(group), -1, -1)), -1)
+        mask_c = _additive(visible, xc.dtype)
+        pos_p = (prefix_mask.long().cumsum(-1) - 1).clamp(min=0)
+        pos_c = prefix_mask.long().sum(-1)[group, None] + torch.arange(C, device=device)
+        rope_p = rope_cos_sin(pos_p, self.config.head_dim, self.config.rope_theta, xp.dtype)
+        rope_c = rope_cos_sin(pos_c, self.config.head_dim, self.config.rope_theta, xc.dtype)
+        for layer in self.layers:
+            args = (xp, xc, rope_p, rope_c, mask_p, mask_c, group)
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                xp, xc = checkpoint(layer.forward_shared, *args, use_reentrant=False)
+            else:
+                xp, xc = layer.forward_shared(*args)
+        h = torch.cat((self.norm(xp[:, -1:]).index_select(0, group), self.norm(xc[:, :-1])), dim=1)  # [N, C, hidden]
+        return head_logprobs(h, self.lm_head.weight[:vocab_size], comp_ids, temperature, with_entropy, chunk_size)
+
+
+def _additive(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[B, T, S] bool visibility -> [B, 1, T, S] additive mask (0 visible, -inf hidden)."""
+    mask = torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible, float("-inf"))
+    return mask[:, None]
+
+
+def head_logprobs(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float,
+                  with_entropy: bool, chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log softmax(h W^T / tau)[target] [B, T] (and entropy) for hidden states h [B, T, hidden], in chunks of
+    `chunk_size` positions, each recomputed in backward: one [chunk, V] fp32 block of logits alive at a time."""
+    B, T, D = h.shape
+    h, targets = h.reshape(B * T, D), targets.reshape(B * T)
+    logps, ents = [], []
+    for i in range(0, B * T, chunk_size):
+        args = (h[i : i + chunk_size], weight, targets[i : i + chunk_size], temperature, with_entropy)
+        if torch.is_grad_enabled():
+            lp, ent = checkpoint(_chunk_logprobs, *args, use_reentrant=False)
+        else:
+            lp, ent = _chunk_logprobs(*args)
+        logps.append(lp)
+        ents.append(ent)
+    return torch.cat(logps).view(B, T), torch.cat(ents).view(B, T) if with_entropy else None
 
 
 def _chunk_logprobs(h, weight, targets, temperature: float, with_entropy: bool):

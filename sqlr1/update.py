@@ -60,7 +60,11 @@ def compute_context(device: torch.device, compute_dtype: torch.dtype, sharded: b
 def micro_batch_logprobs(model, mb: MicroBatch, temperature: float, vocab_size: int,
                          with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log pi(y_t | q, y_<t) [B, C] of a micro-batch's completion tokens (aligned with mb.mask), and optionally the
-    entropy there: the one forward every consumer uses (policy update, reference, old log-probs)."""
+    entropy there: the one forward every consumer uses (policy update, reference, old log-probs). A group-shaped
+    micro-batch (mb.group set: TrainConfig.shared_prefix) runs each prompt once (Qwen2.shared_prefix_logprobs)."""
+    if mb.group is not None:
+        return model.shared_prefix_logprobs(mb.input_ids, mb.attention_mask, mb.start, mb.group,
+                                            temperature=temperature, with_entropy=with_entropy, vocab_size=vocab_size)
     return model.token_logprobs(mb.input_ids, mb.attention_mask, start=mb.start, temperature=temperature,
                                 with_entropy=with_entropy, vocab_size=vocab_size)
 
@@ -128,8 +132,11 @@ def recompute_old_logprobs(policy, micro_batches: list[MicroBatch], cfg: TrainCo
     return sums
 
 
-def microbatches(seqs: list[Sequence], micro_batch_size: int, pad_id: int, device) -> list[MicroBatch]:
-    """Split into the same number of micro-batches on every rank (FSDP needs matching collectives)."""
-    n_local = math.ceil(len(seqs) / micro_batch_size)
+def microbatches(seqs: list[Sequence], micro_batch_size: int, pad_id: int, device,
+                 shared: bool = False) -> list[MicroBatch]:
+    """Split into the same number of micro-batches on every rank (FSDP needs matching collectives); `shared`:
+    group-shaped micro-batches for the shared-prefix forward (batch.py)."""
+    n_local = len(split_micro_batches(seqs, micro_batch_size, shared=shared))
     n = int(distributed.all_reduce(torch.tensor(n_local), op="max"))
-    return [collate(chunk, pad_id, device) for chunk in split_micro_batches(seqs, micro_batch_size, n)]
+    chunks = split_micro_batches(seqs, micro_batch_size, n, shared=shared)
+    return [collate(chunk, pad_id, device, shared=shared) for chunk in chunks]

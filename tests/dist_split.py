@@ -1,4 +1,5 @@
-"""Run under torchrun (see test_train.py): one GRPO optimisation step on 2 ranks x 2 micro-batches with FSDP2/gloo.
+"""Run under torchrun (see test_train.py): one GRPO optimisation step on 2 ranks x 2 micro-batches with FSDP2/gloo,
+unshared and with shared-prefix micro-batches (one group of G = 4 per micro-batch, activation checkpointing on).
 
 Writes to the file given as argv[1] (rank 0): for each loss mode and each `grad_accum_no_sync` setting the full
 gradients and updated parameters, and, for each setting, the bytes of unsharded gradient FSDP2 holds once
@@ -15,7 +16,7 @@ from torch.distributed.fsdp import FSDPModule
 from sqlr1 import distributed
 from sqlr1.grpo import loss_norm
 from sqlr1.update import microbatches, train_on_micro_batches
-from tests.split_case import LOSS_MODES, VOCAB, make_case, one_step
+from tests.split_case import LOSS_MODES, SYNC_SHARED, VOCAB, make_case, one_step
 
 
 def unsharded_grad_bytes(model) -> int:
@@ -65,14 +66,16 @@ def held_after_first_micro_batch(no_sync: bool, d) -> tuple[int, int, bool]:
 def main(out: str) -> None:
     d = distributed.setup("cpu")
     results = {}
-    for no_sync in (False, True):
+    for no_sync, shared in SYNC_SHARED:
         for mode in LOSS_MODES:
-            model, seqs, cfg = make_case(mode)
+            model, seqs, cfg = make_case(mode, shared)
             cfg.grad_accum_no_sync = no_sync
+            model.gradient_checkpointing = shared  # as the 7B config: FSDP re-gathers inside the recomputed blocks
             distributed.shard(model, torch.float32)
             per_rank = len(seqs) // d.world_size  # whole groups per rank
             mine = seqs[d.rank * per_rank : (d.rank + 1) * per_rank]
-            results[mode, no_sync] = one_step(model, mine, cfg, d, micro_batch_size=4)  # 8 per rank: 2 micro-batches
+            results[mode, no_sync, shared] = one_step(model, mine, cfg, d, micro_batch_size=4)  # 2 micro-batches
+    for no_sync in (False, True):
         results["held", no_sync] = held_after_first_micro_batch(no_sync, d)
     if d.is_main:
         torch.save(results, out)

@@ -14,10 +14,13 @@ from sqlr1.update import make_optimizer, microbatches, optimizer_step, train_on_
 
 VOCAB, GROUP, PROMPTS = 61, 4, 4
 LOSS_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+# (grad_accum_no_sync, shared_prefix) settings the 2-rank torchrun run checks against one process
+SYNC_SHARED = ((False, False), (True, False), (False, True))
 
 
-def make_case(loss_agg: str = "token-mean"):
-    """A tiny fp32 model and 16 rollouts (4 prompts x G=4) of uneven prompt and completion lengths."""
+def make_case(loss_agg: str = "token-mean", shared_prefix: bool = False):
+    """A tiny fp32 model and 16 rollouts (4 prompts x G=4) of uneven prompt and completion lengths; shared_prefix
+    makes one_step train on group-shaped micro-batches (each prompt computed once per micro-batch)."""
     torch.manual_seed(0)
     model = Qwen2(ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                               num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False))
@@ -25,7 +28,8 @@ def make_case(loss_agg: str = "token-mean"):
     rng = random.Random(0)
     # adam_eps >> tiny gradients keeps Adam's first step (~ lr * sign(g)) continuous, so parameters can be compared
     cfg = TrainConfig(temperature=0.9, max_response_len=12, grad_clip=0.05, lr=1e-2, adam_eps=1e-3,
-                      grpo=GRPOConfig(kl_coef=0.0, loss_agg=loss_agg, clip_low=0.2, clip_high=0.28))
+                      grpo=GRPOConfig(kl_coef=0.0, loss_agg=loss_agg, clip_low=0.2, clip_high=0.28),
+                      shared_prefix=shared_prefix)
     rewards = torch.tensor([float(rng.randint(-3, 6)) for _ in range(GROUP * PROMPTS)])
     adv, _ = group_advantages(rewards, GROUP, cfg.grpo)
     seqs = []
@@ -34,14 +38,14 @@ def make_case(loss_agg: str = "token-mean"):
         for g in range(GROUP):
             n = rng.randint(2, 12)
             seqs.append(Sequence(prompt, [rng.randrange(1, VOCAB) for _ in range(n)],
-                                 [-rng.uniform(3.5, 4.5) for _ in range(n)], float(adv[p * GROUP + g])))
+                                 [-rng.uniform(3.5, 4.5) for _ in range(n)], float(adv[p * GROUP + g]), group=p))
     return model, seqs, cfg
 
 
 def one_step(model, seqs, cfg, d, micro_batch_size: int):
     """Accumulate the step's gradient over micro-batches, take one AdamW step; return (full grads, full params)."""
     opt, sched = make_optimizer(model, cfg, cfg.lr, total_steps=1)
-    mbs = microbatches(seqs, micro_batch_size, pad_id=0, device=d.device)
+    mbs = microbatches(seqs, micro_batch_size, pad_id=0, device=d.device, shared=cfg.shared_prefix)
     norm = loss_norm([mb.mask for mb in mbs], cfg.max_response_len, world_reduce=distributed.all_reduce)
     loss_sum, _ = train_on_micro_batches(model, mbs, norm, cfg, d, contextlib.nullcontext(), VOCAB, sft=False)
     grads = {}

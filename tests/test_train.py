@@ -15,7 +15,7 @@ from sqlr1.distributed import Dist
 from sqlr1.grpo import finalize_metrics, finalize_mismatch, group_advantages, loss_norm
 from sqlr1.model import ModelConfig, Qwen2
 from sqlr1.sampling import generate
-from tests.split_case import LOSS_MODES, make_case, one_step
+from tests.split_case import LOSS_MODES, SYNC_SHARED, make_case, one_step
 from sqlr1.update import (
     compute_context, make_optimizer, microbatches, optimizer_step, recompute_old_logprobs, train_on_micro_batches,
 )
@@ -41,9 +41,23 @@ def test_gradient_does_not_depend_on_micro_batching(mode):
     assert max(g.abs().max() for g in g1.values()) > 1e-3  # the step did something
 
 
+@pytest.mark.parametrize("mode", LOSS_MODES)
+def test_shared_prefix_step_equals_unshared(mode):
+    """Group-shaped micro-batches: 4 whole groups in one, one group each, and G = 4 cut into 3 + 1 rows (the
+    prompt recomputed per part) all give the unshared single-micro-batch step."""
+    model, seqs, cfg = make_case(mode)
+    g1, p1 = one_step(model, seqs, cfg, Dist(), micro_batch_size=len(seqs))
+    for micro_batch_size in (len(seqs), 4, 3):
+        model, seqs, cfg = make_case(mode, shared_prefix=True)
+        gs, ps = one_step(model, seqs, cfg, Dist(), micro_batch_size=micro_batch_size)
+        assert_same(g1, gs, atol=1e-6)
+        assert_same(p1, ps, atol=1e-6)
+
+
 def test_fsdp_two_ranks_match_one_process_and_hold_no_unsharded_gradient(tmp_path):
     """torchrun, gloo, FSDP2 fully_shard: 2 ranks x 2 micro-batches == 1 process x 1 micro-batch, with gradient
-    sync after every micro-batch (grad_accum_no_sync=False, the default) and with no-sync until the last one.
+    sync after every micro-batch (grad_accum_no_sync=False, the default), with no-sync until the last one, and with
+    shared-prefix micro-batches (the shared forward methods registered with FSDP).
 
     With sync, FSDP2 holds no unsharded gradient after micro-batch 0 (only the sharded DTensor .grad); with no-sync
     it holds the whole fp32 model's worth (the ~28 GiB per GPU at 7B this default avoids)."""
@@ -59,8 +73,8 @@ def test_fsdp_two_ranks_match_one_process_and_hold_no_unsharded_gradient(tmp_pat
     for mode in LOSS_MODES:
         model, seqs, cfg = make_case(mode)
         g1, p1 = one_step(model, seqs, cfg, Dist(), micro_batch_size=len(seqs))
-        for no_sync in (False, True):
-            g2, p2 = dist_results[mode, no_sync]
+        for no_sync, shared in SYNC_SHARED:
+            g2, p2 = dist_results[mode, no_sync, shared]
             assert_same(g1, g2, atol=1e-6)
             assert_same(p1, p2, atol=1e-6)
     held, full_fp32, sharded = dist_results["held", False]
