@@ -333,13 +333,14 @@ def simulate(cfg: TrainConfig, mc: ModelConfig, vocab: int, world: int, plan: Pl
         if "rollout" in phases:
             generate_phase("rollout", n_prompts, cfg.group_size, cfg.temperature, gaps["rollout"])
         seqs = []
-        for _ in range(n_prompts):
-            prompt = tokens(L)  # a group shares its prompt (what a shared-prefix forward exploits)
-            seqs += [Sequence(prompt, tokens(C), [-1.0] * C, 1.0) for _ in range(cfg.group_size)]
-        chunks = split_micro_batches(seqs, plan.micro_batch_size)[: plan.max_micro]
+        for g in range(n_prompts):
+            prompt = tokens(L)  # a group shares its prompt (what the shared-prefix forward exploits)
+            seqs += [Sequence(prompt, tokens(C), [-1.0] * C, 1.0, group=g) for _ in range(cfg.group_size)]
+        shared = cfg.shared_prefix
+        chunks = split_micro_batches(seqs, plan.micro_batch_size, shared=shared)[: plan.max_micro]
 
         def reference() -> None:
-            m["mbs"] = [collate(chunk, 0, device) for chunk in chunks]
+            m["mbs"] = [collate(chunk, 0, device, shared=shared) for chunk in chunks]
             if m["ref"] is not None and ("reference" in phases or "update" in phases):
                 logprobs(m["ref"], "ref_logp")
 

@@ -12,7 +12,8 @@ MODEL = ModelConfig(vocab_size=4096, hidden_size=256, intermediate_size=768, num
                     num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=False)
 CONFIG = TrainConfig(model="unused", dtype="bfloat16", max_prompt_len=96, max_response_len=64, prompts_per_step=4,
                      group_size=4, micro_batch_size=2, eval_limit=8, eval_n=4, grpo_steps=1,
-                     grpo=GRPOConfig(kl_coef=0.001), recompute_old_logp=True)
+                     grpo=GRPOConfig(kl_coef=0.001), recompute_old_logp=True,
+                     ppo_epochs=2)  # ppo_epochs > 1: the old-logp forward is a phase of its own
 
 
 def plan() -> Plan:
