@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from sqlr1.checkpoint import check_vocab, load_model
+from sqlr1.config import DTYPES
 from sqlr1.data import SHORT_PROMPT, SQLR1_PROMPT, Example, Prompt, build_prompt, load_dataset, table_names
 from sqlr1.distributed import resolve_device
 from sqlr1.evaluate import score_pairs
@@ -210,7 +211,7 @@ def write_predictions(out: Path, name: str, dataset: str, examples: list[Example
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    dtype = DTYPES[args.dtype]
     device = resolve_device(args.device)
     tokenizer = load_tokenizer(args.model)
     model = load_model(args.model, dtype=dtype, device=device)

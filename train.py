@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from sqlr1 import distributed
 from sqlr1.batch import Sequence
 from sqlr1.checkpoint import check_vocab, load_model, read_json, source_extras
-from sqlr1.config import TrainConfig, config_dict, load_config, resume_changes, save_config
+from sqlr1.config import DTYPES, TrainConfig, config_dict, load_config, resume_changes, save_config
 from sqlr1.data import SHORT_PROMPT, SQLR1_PROMPT, Example, build_prompt, filter_for_rl, load_dataset, sft_response
 from sqlr1.grpo import finalize_metrics, finalize_mismatch, group_advantages, keep_groups, loss_norm
 from sqlr1.hub import resolve_checkpoint
@@ -49,7 +49,6 @@ from sqlr1.update import (
     train_on_micro_batches,
 )
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def reduce_metric_sums(sums: dict) -> dict:
@@ -117,6 +116,7 @@ def grpo_step(step, policy, rollout_model, ref, opt, sched, examples, prompts, t
     A step in which the DAPO filter keeps no group on any rank (all rewards equal within every group) trains
     nothing: it is skipped on every rank together (the decision is an all-reduced count), without an optimizer
     step, and counted (`skipped_zero_var`; `totals`, if given, carries the running count over the run's steps).
+    Its learning-rate schedule does not advance either: the schedule counts optimizer steps taken.
     """
     t0 = time.time()
     per_rank = cfg.prompts_per_step // d.world_size
@@ -162,7 +162,7 @@ def grpo_step(step, policy, rollout_model, ref, opt, sched, examples, prompts, t
                     mb.ref_logp = micro_batch_logprobs(ref, mb, cfg.temperature, tokenizer.vocab_size)[0]
         # pi_old := the trainer's forward (the sampler's log-probs stay in mb.sampler_logp): at ppo_epochs == 1 the
         # update's own forward, detached (no extra forward); otherwise one no-grad forward before the first epoch
-        fused = cfg.recompute_old_logp and cfg.ppo_epochs == 1
+        fused = cfg.old_logp_from_update
         if cfg.recompute_old_logp and not fused:
             mismatch = recompute_old_logprobs(policy, mbs, cfg, ctx, tokenizer.vocab_size)
         for _ in range(cfg.ppo_epochs):
@@ -239,9 +239,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 def dry_run(cfg: TrainConfig, args: argparse.Namespace) -> int:
     """Print (and optionally write) the dry run's table; exit code 1 when the peak does not fit."""
-    from sqlr1.dryrun import dry_run as simulate
+    from sqlr1 import dryrun
 
-    report = simulate(cfg, args.gpus, args.gpu_mem_gb, log=lambda msg: print(f"dry run: {msg}", file=sys.stderr))
+    report = dryrun.dry_run(cfg, args.gpus, args.gpu_mem_gb, log=lambda msg: print(f"dry run: {msg}", file=sys.stderr))
     text = report.markdown(f"dry run: {cfg.name} ({cfg.model}) on {args.gpus} x {args.gpu_mem_gb:g} GiB")
     print(text)
     if args.dry_run_out:
@@ -300,6 +300,9 @@ def main(argv: list[str]) -> int:
     args, overrides = parse_args(argv)
     cfg = load_config(args.config, overrides)
     if args.dry_run:
+        if cfg.dataset == "toy":  # the toy model's shape is read from its config.json: build the world first
+            cfg = resolve_toy(cfg)
+            prepare_toy(cfg)
         return dry_run(cfg, args)
     d = distributed.setup(cfg.device)
     try:
@@ -311,7 +314,8 @@ def main(argv: list[str]) -> int:
                   file=sys.stderr)
         return 130
     except KeyboardInterrupt:
-        print("\ninterrupted during start-up, before any training step", file=sys.stderr)
+        if d.is_main:
+            print("\ninterrupted during start-up, before any training step", file=sys.stderr)
         return 130
     finally:
         distributed.cleanup()
@@ -444,7 +448,8 @@ def run(cfg: TrainConfig, ckpt: Path | None, trainer_state: dict, run_dir: Path,
 
         if start == 0 and cfg.sft_steps == 0 and cfg.grpo_steps:
             run_eval(0, "init")
-        stage, opt, sched, bad, totals = None, None, None, 0, {}
+        stage, opt, sched, bad = None, None, None, 0
+        totals = {"skipped_zero_var": trainer_state.get("skipped_zero_var", 0)}  # over the run, resumes included
         bar = tqdm(total=total, initial=start, desc="train", disable=not d.is_main, dynamic_ncols=True)
         for step in range(start, total):
             if (want := "sft" if step < cfg.sft_steps else "grpo") != stage:  # new stage: new optimizer
@@ -477,7 +482,7 @@ def run(cfg: TrainConfig, ckpt: Path | None, trainer_state: dict, run_dir: Path,
             ):
                 run_eval(done, stage if done in (total, cfg.sft_steps) else f"grpo@{grpo_done}")
             if done == total or (cfg.save_every and done % cfg.save_every == 0):
-                state = {"step": done, "stage": stage, "scheduler": sched.state_dict()}
+                state = {"step": done, "stage": stage, "scheduler": sched.state_dict(), **totals}
                 save_checkpoint(run_dir, done, policy, opt, state, tokenizer, d, compute_dtype, model_files={
                     "sqlr1_prompt.json": {"template": cfg.prompt_template, "sample_values": cfg.sample_values}},
                     source=extras)

@@ -41,7 +41,7 @@ config = TrainConfig(
     lr_schedule="constant",
     warmup_steps=5,
     eval_n=8,
-    eval_batch_size=0,  # a tiny model on a CPU: all 266 held-out prompts in one generate call (KV cache ~1 GB)
+    eval_batch_size=0,  # a tiny model on a CPU: all 266 held-out prompts in one generate call (voted KV cache <= 3 GB)
     eval_temperature=0.8,
     sandbox_workers=2,
 )

@@ -20,8 +20,13 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from sqlr1.grpo import GRPOConfig
 from sqlr1.reward import RewardConfig
+
+# TrainConfig.dtype (and sample.py --dtype) names -> torch dtypes
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -85,10 +90,8 @@ class TrainConfig:
     eval_n: int = 8
     eval_temperature: float = 0.8
     # Prompts per generate call in evaluation (0: all of a rank's prompts at once); the voted pass has
-    # eval_batch_size * eval_n rows. The default fits grpo_7b on 80 GB: its KV cache is b * 8 rows x 6143 columns x
-    # 57,344 B (28 layers x K,V x 4 KV heads x 128 x bf16) = 2.8 GB per prompt, and dropping finished rows briefly
-    # holds the old and the new cache (2x): b = 4 peaks at ~23 GB next to ~17 GB of sharded training state and the
-    # 15 GB bf16 rollout copy, ~55 GB, inside 80 GB less 10 % headroom (b = 6 would leave ~5 GB).
+    # eval_batch_size * eval_n rows. At 7B one prompt's voted KV cache is 8 rows x 6,143 columns x 57,344 B
+    # (28 layers x K,V x 4 KV heads x 128 x bf16) = 2.8 GB: size it with `train.py --dry_run` (grpo_7b: 8).
     eval_batch_size: int = 4
     # --- execution sandbox (the per-query deadline is reward.timeout) ---
     sandbox_workers: int = 0  # per rank; 0: the node's cores / LOCAL_WORLD_SIZE (at least 1)
@@ -98,6 +101,11 @@ class TrainConfig:
     log_samples: int = 2  # completions per step written to samples.jsonl
     wandb_project: str = ""
     compile: bool = False  # torch.compile the sampler's decode step
+
+    @property
+    def old_logp_from_update(self) -> bool:
+        """log pi_old is the first (only) epoch's own forward, detached: recompute_old_logp at ppo_epochs == 1."""
+        return self.recompute_old_logp and self.ppo_epochs == 1
 
     def __post_init__(self) -> None:
         choices = {"device": ("auto", "cpu", "cuda"), "dtype": ("float32", "bfloat16", "float16"),

@@ -4,8 +4,8 @@ One process (`python train.py`) and many (`torchrun --nproc_per_node=8 train.py`
 rendezvous) run the same code. With WORLD_SIZE > 1 the policy is sharded with FSDP2 `fully_shard` per decoder
 block plus the root (embeddings, final norm, head); master weights stay fp32 and compute runs in `compute_dtype`
 through FSDP's MixedPrecisionPolicy. Rollouts use a separate full (unsharded) copy of the weights in
-`compute_dtype` on every rank, refreshed from the policy before each step's rollouts (`copy_full_weights`): one
-all-gather of the model per step. The copy holds memory only while it is used: `free_weights` releases its storage
+`compute_dtype` on every rank, refreshed from the policy before each step's rollouts and each evaluation
+(`copy_full_weights`): one all-gather of the model per use. The copy holds memory only while it is used: `free_weights` releases its storage
 after the rollouts / evaluation and `copy_full_weights` re-allocates it. The dry run (sqlr1/dryrun.py) chose this:
 at 7B on 8 ranks a copy kept through the policy update (15 GB per GPU in bf16) would make the update the peak.
 """
@@ -13,6 +13,7 @@ at 7B on 8 ranks a copy kept through the policy update (15 GB per GPU in bf16) w
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -95,21 +96,19 @@ def shard(model: Qwen2, compute_dtype: torch.dtype, trainable: bool = True, mesh
     return model
 
 
-def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Unsharded parameters (a collective with FSDP: every rank must call it). Tied weights appear once."""
-    out = {}
-    for name, p in model.named_parameters():
-        out[name] = p.full_tensor() if isinstance(p, DTensor) else p.detach()
-    return out
+def _full(p: torch.Tensor) -> torch.Tensor:
+    """The whole parameter: all-gathered from its shards under FSDP (a collective), else itself."""
+    return p.full_tensor() if isinstance(p, DTensor) else p.detach()
 
 
-def gather_full_params(model: torch.nn.Module, dtype: torch.dtype, dst: int = 0):
+def gather_full_params(model: torch.nn.Module, dtype: torch.dtype,
+                       dst: int = 0) -> Iterator[tuple[str, torch.Tensor | None]]:
     """Yield (name, full parameter in `dtype` on the CPU) on rank `dst` and (name, None) elsewhere, one parameter at
     a time (a collective: every rank iterates). A rank holds at most one unsharded fp32 parameter and its cast copy
     on the device at once, not the whole model. Tied weights appear once."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     for name, p in model.named_parameters():
-        full = p.full_tensor() if isinstance(p, DTensor) else p.detach()
+        full = _full(p)
         yield name, full.to(dtype).cpu() if rank == dst else None
         del full
 
@@ -130,7 +129,7 @@ def copy_full_weights(src: torch.nn.Module, dst: torch.nn.Module) -> None:
         d = dst_params[name]
         if d.untyped_storage().nbytes() == 0:
             d.untyped_storage().resize_(d.numel() * d.element_size())
-        d.copy_(p.full_tensor() if isinstance(p, DTensor) else p)
+        d.copy_(_full(p))
 
 
 def cores_per_local_rank() -> int:

@@ -60,13 +60,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from sqlr1 import distributed
 from sqlr1.batch import Sequence, collate, split_micro_batches
-from sqlr1.config import TrainConfig
+from sqlr1.config import DTYPES, TrainConfig
 from sqlr1.grpo import loss_norm
 from sqlr1.model import ModelConfig, Qwen2, attention
 from sqlr1.sampling import sample_tensors
 from sqlr1.update import compute_context, make_optimizer, micro_batch_logprobs, optimizer_step, train_on_micro_batches
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 GiB = 2**30
 HEADROOM = 0.10
 COLUMNS = ("parameters", "gradients", "optimizer", "activations", "kv_cache", "temporaries", "total")
@@ -226,7 +225,10 @@ def simulate(cfg: TrainConfig, mc: ModelConfig, vocab: int, world: int, plan: Pl
     B = min(plan.micro_batch_size, n_seqs)
     gaps = {"eval": _cuda_attention_gap(mc, plan.eval_batch, L, L, dtype) if plan.eval_batch else 0,
             "rollout": _cuda_attention_gap(mc, n_prompts, L, L, dtype),
-            "train": _cuda_attention_gap(mc, B, L + C, L + C, dtype)}  # probed before the fake mode below
+            # shared prefix: the prompt once per group (unpadded here: fused causal kernel, nothing to add) and the
+            # completions [B, C] over prompt + their own keys (masked); else every row [B, L + C] over L + C keys
+            "train": _cuda_attention_gap(mc, B, C, L + C, dtype) if cfg.shared_prefix
+            else _cuda_attention_gap(mc, B, L + C, L + C, dtype)}  # probed before the fake mode below
 
     def tokens(n: int) -> list[int]:
         return [rng.randrange(vocab) for _ in range(n)]
@@ -309,7 +311,7 @@ def simulate(cfg: TrainConfig, mc: ModelConfig, vocab: int, world: int, plan: Pl
             for mb in m["mbs"]:
                 setattr(mb, key, micro_batch_logprobs(model, mb, cfg.temperature, vocab)[0])
 
-    fused_old_logp = cfg.recompute_old_logp and cfg.ppo_epochs == 1  # as train.py: log pi_old = the update's forward
+    fused_old_logp = cfg.old_logp_from_update
 
     def update() -> None:
         norm = loss_norm([mb.mask for mb in m["mbs"]], C, world_reduce=distributed.all_reduce)
@@ -335,7 +337,8 @@ def simulate(cfg: TrainConfig, mc: ModelConfig, vocab: int, world: int, plan: Pl
         seqs = []
         for g in range(n_prompts):
             prompt = tokens(L)  # a group shares its prompt (what the shared-prefix forward exploits)
-            seqs += [Sequence(prompt, tokens(C), [-1.0] * C, 1.0, group=g) for _ in range(cfg.group_size)]
+            seqs += [Sequence(prompt, tokens(C), [-1.0] * C, 1.0, sampler_logp=[-1.0] * C, group=g)
+                     for _ in range(cfg.group_size)]
         shared = cfg.shared_prefix
         chunks = split_micro_batches(seqs, plan.micro_batch_size, shared=shared)[: plan.max_micro]
 

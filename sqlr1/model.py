@@ -352,8 +352,7 @@ class Qwen2(nn.Module):
             # A padding query sees no real key; let it see itself so its (ignored) output stays finite.
             visible = visible | (keys[None, :] == cache_position[:, None])[None]
             # Additive form, built once for all layers: 0 where visible, -inf elsewhere; [B, 1, T, S] over heads.
-            mask = torch.zeros(visible.shape, dtype=x.dtype, device=device).masked_fill_(~visible, float("-inf"))
-            mask = mask[:, None]
+            mask = _additive(visible, x.dtype)
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
         for layer in self.layers:
             if self.gradient_checkpointing and torch.is_grad_enabled():
@@ -392,22 +391,8 @@ class Qwen2(nn.Module):
         each chunk is recomputed in backward, so at most one [chunk, V] fp32 block of logits is alive at a time.
         """
         h = self.hidden_states(input_ids, attention_mask)[:, start:-1]
-        targets = input_ids[:, start + 1 :]
-        B, T, D = h.shape
-        h, targets = h.reshape(B * T, D), targets.reshape(B * T)
-        weight = self.lm_head.weight
-        logps, ents = [], []
-        for i in range(0, B * T, chunk_size):
-            args = (h[i : i + chunk_size], weight[:vocab_size], targets[i : i + chunk_size], temperature, with_entropy)
-            if torch.is_grad_enabled():
-                lp, ent = checkpoint(_chunk_logprobs, *args, use_reentrant=False)
-            else:
-                lp, ent = _chunk_logprobs(*args)
-            logps.append(lp)
-            ents.append(ent)
-        logp = torch.cat(logps).view(B, T)
-        entropy = torch.cat(ents).view(B, T) if with_entropy else None
-        return logp, entropy
+        return head_logprobs(h, self.lm_head.weight[:vocab_size], input_ids[:, start + 1 :], temperature,
+                             with_entropy, chunk_size)
 
     def shared_prefix_logprobs(
         self,

@@ -84,13 +84,15 @@ def save_checkpoint(
     # HF export: one parameter gathered at a time (a collective: every rank walks the stream), cast, and kept on
     # rank 0's host only until its shard file is written; no rank holds the full model (the dry run prices this)
     gathered = distributed.gather_full_params(model, hf_dtype)
-    if not dist_info.is_main:
+    try:
+        if dist_info.is_main:
+            shapes = {name: torch.empty(p.shape, dtype=hf_dtype, device="meta") for name, p in model.named_parameters()}
+            save_state_dict(shapes, model.config, tmp / "model", tokenizer=tokenizer, source=source,
+                            stream=gathered)
+    finally:  # every rank joins every gather, even when rank 0's write failed part-way (else the others hang)
         for _ in gathered:
             pass
-    else:
-        shapes = {name: torch.empty(p.shape, dtype=hf_dtype, device="meta") for name, p in model.named_parameters()}
-        save_state_dict(shapes, model.config, tmp / "model", tokenizer=tokenizer, source=source,
-                        stream=gathered)
+    if dist_info.is_main:
         for name, content in (model_files or {}).items():  # e.g. the prompt settings sample.py should reuse
             (tmp / "model" / name).write_text(json.dumps(content, indent=2) + "\n")
         (tmp / "trainer.json").write_text(json.dumps(trainer, indent=2) + "\n")

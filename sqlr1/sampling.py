@@ -11,7 +11,8 @@ log pi_old(o_t | q, o_<t). `generate` produces both:
    the mask over cache columns hides pad keys and positions are "real tokens before this one" (RoPE positions of a
    padded prompt equal those of the prompt alone).
 4. Every `check_every` steps (one host sync), stop if every row has emitted a stop id, else drop finished rows from
-   the cache, mask and state. Rows that finish between checks keep decoding; what they emit after the stop id is
+   the cache, mask and state (compiled: never below 2 rows, one finished row is kept along, so the batch never
+   reaches the batch-1 graph). Rows that finish between checks keep decoding; what they emit after the stop id is
    discarded.
 
 The sampling distribution at each step is p = softmax(z[:V] / tau), z the logits and V = `vocab_size` (ids >= V,
@@ -103,7 +104,7 @@ def sample_tokens(
 
 def _decode_step(
     model: Qwen2, vocab_size: int, ids, attention_mask, position_ids, kv_cache, cache_position,
-    temperature: float, top_k: int, top_p: float, uniform,
+    temperature: float | torch.Tensor, top_k: int, top_p: float, uniform,
 ):
     """Feed one token per row and draw the next one: (ids [B], log p(ids) [B]). The logits [B, vocab_size] are
     computed in fp32 from head rows < vocab_size only. One function, so that `compile` fuses the sampling too."""
@@ -236,8 +237,8 @@ def sample_tensors(
     seed, compile, progress, check_every, share_prefix, first_step: int = 0, check_finite: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The tensor loop of `_generate` (prefill, prefix sharing, decode): (row's prompt [N], ids [N, max_new_tokens]
-    (-1 where a row stopped early), log-probs [N, max_new_tokens]). No host sync but the stop checks, none at all
-    without stop ids. `first_step` > 0 starts decoding at step `first_step` (the cache is as long as for step 0):
+    (-1 where a row stopped early), log-probs [N, max_new_tokens]). No host sync but the prefill's finite check
+    (check_finite) and the stop checks (none without stop ids). `first_step` > 0 starts decoding at step `first_step` (the cache is as long as for step 0):
     the dry run (sqlr1/dryrun.py) prices only the last, widest decode step, and passes check_finite=False (the
     prefill logits' NaN check is a host sync that fake tensors cannot answer)."""
     weight = model.lm_head.weight
@@ -264,7 +265,8 @@ def sample_tensors(
     h = model.hidden_states(ids, mask[:, :L], kv_cache=kv_cache, cache_position=torch.arange(L, device=device))
     logits = F.linear(h[:, -1], weight[:vocab_size]).float()
     del h
-    if check_finite and not bool(torch.isfinite(logits).all()):  # one host sync per call; sampling NaNs gives garbage or index errors
+    # one host sync per call: sampling from NaN logits gives garbage or index errors
+    if check_finite and not bool(torch.isfinite(logits).all()):
         bad = (~torch.isfinite(logits).all(-1)).nonzero().flatten().tolist()
         raise NonFiniteLogitsError(f"the model's logits are NaN or infinite (batch rows {bad[:5]}): its weights are "
                                    "broken (NaN or inf in the checkpoint?) or overflow its dtype")

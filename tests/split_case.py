@@ -53,4 +53,4 @@ def one_step(model, seqs, cfg, d, micro_batch_size: int):
         g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
         grads[name] = g.detach().clone()
     optimizer_step(model, opt, sched, cfg, loss_sum)
-    return grads, {k: v.clone() for k, v in distributed.full_state_dict(model).items()}
+    return grads, {k: v.clone() for k, v in distributed.gather_full_params(model, torch.float32, dst=d.rank)}
