@@ -9,18 +9,18 @@ sqlr1/dryrun.py says what is simulated and what is assumed; benchmarks/RESULTS.m
 
     phase        params  grads  AdamW  activ.  KV cache  temps  total
     build          28.7    0.0    0.0     0.0       0.0    0.0   28.7   fp32 policy loaded full, then sharded
-    eval greedy    19.5    0.0    7.1     2.3       5.2    0.0   34.2   8 prompts per call (eval_batch_size)
-    eval voted     19.5    0.0    7.1     0.4      22.3    0.0   49.3   8 x eval_n=8 rows; all 63 at once: 206
-    rollout        19.5    0.0    7.1     0.1       2.8    0.0   29.4   1 prompt x G=8 rows per rank
-    reference       6.8    0.0    7.1     5.3       0.0    0.0   19.2   rollout copy freed: params = shards
-    update          8.5    0.1    7.1    10.6       0.0   42.2   68.5   micro-batch 4 x 6,144 tokens, no-sync
+    eval greedy    19.5    0.0    7.1     1.9       5.2    0.0   33.8   8 prompts per call (eval_batch_size)
+    eval voted     19.5    0.0    7.1     0.0      22.3    0.0   48.9   8 x eval_n=8 rows; all 63 at once: 206
+    rollout        19.5    0.0    7.1     0.0       2.8    0.0   29.4   1 prompt x G=8 rows per rank
+    reference       6.3    0.0    7.1     4.2       0.0    0.0   17.6   rollout copy freed: params = shards
+    update          8.5    0.0    7.1     7.0       0.0   16.8   39.4   micro-batch 4 x (4,096 + 2,048), shared prefix
     optimizer       7.1    3.5    7.1     0.0       0.0    3.5   21.3
     checkpoint      7.1    0.0    7.1     3.0       0.0    0.0   17.2   HF export gathered one tensor at a time
 
-Peak: the update, 68.5 of 72 GiB (80 less 10 % headroom). 28 GiB of its temporaries are FSDP's unsharded fp32
-gradient held across micro-batches by no-sync (grad_accum_no_sync, off here once its branch lands); micro_batch_size
-8 (one micro-batch, no accumulation) fits too. Parameters include the bf16 rollout copy (14.2 GiB) only while it
-samples (rollouts, evaluation).
+Peak: evaluation's voted pass, 48.9 of 72 GiB (80 less 10 % headroom); the largest sizes that fit are
+micro_batch_size 8 (a rank's whole step in one micro-batch) and eval_batch_size 16. Parameters include the bf16
+rollout copy (14.2 GiB) only while it samples (rollouts, evaluation). Gradients are reduce-scattered after every
+micro-batch (grad_accum_no_sync=False: no-sync would hold FSDP's unsharded fp32 gradient, 28 GiB, through the loop).
 """
 
 from sqlr1.config import TrainConfig
