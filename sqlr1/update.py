@@ -98,9 +98,7 @@ def train_on_micro_batches(policy, micro_batches: list[MicroBatch], norm, cfg: T
         else:
             if old_from_policy:
                 mb.old_logp = logp.detach()
-                if mb.sampler_logp is not None:
-                    for k, v in rollout_mismatch(mb.old_logp, mb.sampler_logp, mb.mask, cfg.grpo).items():
-                        metric_sums[k] = metric_sums.get(k, 0.0) + float(v)
+                _add_mismatch(metric_sums, mb, cfg)
             loss, metrics = policy_loss(logp, mb.old_logp, mb.ref_logp, mb.advantages, mb.mask, cfg.grpo, norm, entropy,
                                         sampler_logp=mb.sampler_logp)
         (loss * d.world_size).backward()
@@ -126,10 +124,15 @@ def recompute_old_logprobs(policy, micro_batches: list[MicroBatch], cfg: TrainCo
     for mb in micro_batches:
         with ctx:
             mb.old_logp = micro_batch_logprobs(policy, mb, cfg.temperature, vocab_size)[0].float()
-        if mb.sampler_logp is not None:
-            for k, v in rollout_mismatch(mb.old_logp, mb.sampler_logp, mb.mask, cfg.grpo).items():
-                sums[k] = sums.get(k, 0.0) + float(v)
+        _add_mismatch(sums, mb, cfg)
     return sums
+
+
+def _add_mismatch(sums: dict, mb: MicroBatch, cfg: TrainConfig) -> None:
+    """Add this micro-batch's `rollout_mismatch` sums (trainer's log pi_old vs the sampler's) into `sums`."""
+    if mb.sampler_logp is not None:
+        for k, v in rollout_mismatch(mb.old_logp, mb.sampler_logp, mb.mask, cfg.grpo).items():
+            sums[k] = sums.get(k, 0.0) + float(v)
 
 
 def microbatches(seqs: list[Sequence], micro_batch_size: int, pad_id: int, device,
