@@ -434,19 +434,24 @@ def run(cfg: TrainConfig, ckpt: Path | None, trainer_state: dict, run_dir: Path,
             rl_examples, rl_prompts = [train_examples[i] for i in kept], [train_prompts[i] for i in kept]
 
         def run_eval(step: int, stage: str) -> None:
-            """Held-out EX, greedy and voted; logged with the number of completed steps."""
+            """Held-out EX, greedy and voted (eval_vote="final": greedy only before the last step); logged with the
+            number of completed steps."""
             if not eval_examples:
                 return
             if rollout_model is not policy:
                 distributed.copy_full_weights(policy, rollout_model)
-            res = evaluate_policy(rollout_model, tokenizer, eval_examples, eval_prompts, sandbox, cfg, d)
+            greedy_only = cfg.eval_vote == "final" and step != total
+            res = evaluate_policy(rollout_model, tokenizer, eval_examples, eval_prompts, sandbox,
+                                  replace(cfg, eval_n=1) if greedy_only else cfg, d)
+            if greedy_only:
+                del res["ex_voted"]  # not measured (eval_n=1 would report greedy as voted)
             if rollout_model is not policy:
                 distributed.free_weights(rollout_model)
             log.log({"stage": f"eval:{stage}", "step": step, **res})
             if d.is_main:
                 tqdm.write(f"eval after {stage} (step {step}): " + " ".join(f"{k}={v:.3f}" for k, v in res.items()))
 
-        if start == 0 and cfg.sft_steps == 0 and cfg.grpo_steps:
+        if start == 0 and cfg.sft_steps == 0 and cfg.grpo_steps and cfg.eval_init:
             run_eval(0, "init")
         stage, opt, sched, bad = None, None, None, 0
         totals = {"skipped_zero_var": trainer_state.get("skipped_zero_var", 0)}  # over the run, resumes included
@@ -526,7 +531,8 @@ def print_summary(evals: list[dict]) -> None:
         return
     print(f"\n{'stage':<16} {'step':>5} {'EX greedy':>10} {'EX voted':>9} {'format ok':>10} {'mean reward':>12}")
     for e in evals:
-        print(f"{e['stage'].removeprefix('eval:'):<16} {e['step']:>5} {e['ex_greedy']:>10.3f} {e['ex_voted']:>9.3f} "
+        voted = f"{e['ex_voted']:>9.3f}" if "ex_voted" in e else f"{'-':>9}"  # eval_vote="final": greedy only
+        print(f"{e['stage'].removeprefix('eval:'):<16} {e['step']:>5} {e['ex_greedy']:>10.3f} {voted} "
               f"{e['format_ok']:>10.3f} {e['mean_reward']:>12.3f}")
 
 

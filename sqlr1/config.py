@@ -93,6 +93,10 @@ class TrainConfig:
     # eval_batch_size * eval_n rows. At 7B one prompt's voted KV cache is 8 rows x 6,143 columns x 57,344 B
     # (28 layers x K,V x 4 KV heads x 128 x bf16) = 2.8 GB: size it with `train.py --dry_run` (grpo_7b: 8).
     eval_batch_size: int = 4
+    eval_init: bool = True  # evaluate the starting weights before GRPO when sft_steps == 0 (the lab: False, cached)
+    # "always": every evaluation also votes (eval_n candidates); "final": only the last one does, the intermediate
+    # ones (eval_every) are greedy-only and their records carry no ex_voted (voting costs eval_n x the sampling)
+    eval_vote: str = "always"
     # --- execution sandbox (the per-query deadline is reward.timeout) ---
     sandbox_workers: int = 0  # per rank; 0: the node's cores / LOCAL_WORLD_SIZE (at least 1)
     # --- checkpoints and logging ---
@@ -110,7 +114,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         choices = {"device": ("auto", "cpu", "cuda"), "dtype": ("float32", "bfloat16", "float16"),
                    "dataset": ("spider", "bird", "synsql", "toy"), "prompt_template": ("sqlr1", "short"),
-                   "lr_schedule": ("constant", "cosine")}
+                   "lr_schedule": ("constant", "cosine"),
+                   "eval_vote": ("always", "final")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"config {name}={getattr(self, name)!r}: choose one of {', '.join(allowed)}")
@@ -216,7 +221,7 @@ def save_config(cfg: TrainConfig, path: Path) -> None:
 # done must keep their meaning). Every other key must match the run's config.json.
 RESUMABLE_CHANGES = frozenset({
     "name", "device", "gradient_checkpointing", "micro_batch_size", "grad_accum_no_sync", "shared_prefix", "compile",
-    "eval_split", "eval_every", "eval_limit", "eval_n", "eval_temperature", "eval_batch_size",
+    "eval_split", "eval_every", "eval_limit", "eval_n", "eval_temperature", "eval_batch_size", "eval_init", "eval_vote",
     "sandbox_workers", "save_every", "keep_last", "log_samples", "wandb_project", "max_bad_steps",
 })
 

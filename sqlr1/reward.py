@@ -16,6 +16,12 @@ is 0. A gold query that fails (error or timeout) makes the pair unscorable: S_e 
 prediction did, only S_f counts. This is SQL-R1's release (its verl reward maps the evaluator's "Gold Error" verdict
 to exec 0 and result 0, and pays length only on "Match"): a failed gold must not reward a query that merely runs.
 The Reward says so (`gold_error`) so it is counted.
+
+`RewardConfig.preset="arctic"` is Arctic-Text2SQL-R1's plain execution reward (Yao et al. 2025, arXiv 2505.20315):
+    R = 1 if the format is right and the result equals the gold result, 0.1 if the format is right and the SQL
+        executes (wrong result), 0 otherwise (bad format, error, timeout, gold error)
+The weights and use_* switches are SQL-R1's and do not apply; the components S_f, S_e, S_r, S_l are still computed
+as above (logging only), the total is R.
 """
 
 from __future__ import annotations
@@ -72,8 +78,11 @@ class RewardConfig:
     mode: str = "spider"  # result equality: "spider" or "bird" rules (see sqlr1.evaluate)
     timeout: float = 5.0  # seconds per query
     prefilled_think: bool = True
+    preset: str = "sqlr1"  # "sqlr1": R = sum of the weighted components; "arctic": 1 / 0.1 / 0 (module docstring)
 
     def __post_init__(self):
+        if self.preset not in ("sqlr1", "arctic"):
+            raise ValueError(f"RewardConfig.preset must be 'sqlr1' or 'arctic', got {self.preset!r}")
         if self.length_unit not in ("chars", "tokens"):
             raise ValueError(f"RewardConfig.length_unit must be 'chars' or 'tokens', got {self.length_unit!r}")
         if self.mode not in MODES:
@@ -117,6 +126,8 @@ def compute_reward(parsed: Parsed, exec_status: str | None, match: bool, cfg: Re
     s_f, s_e, s_r, s_l = (s if on else 0.0 for s, on in zip(
         (s_f, s_e, s_r, s_l), (cfg.use_format, cfg.use_execution, cfg.use_result, cfg.use_length)))
     total = cfg.w_f * s_f + cfg.w_e * s_e + cfg.w_r * s_r + cfg.w_l * s_l
+    if cfg.preset == "arctic":
+        total = 1.0 if correct else 0.1 if executed and not gold_error else 0.0
     return Reward(total, s_f, s_e, s_r, s_l, correct, gold_error)
 
 

@@ -350,7 +350,8 @@ def plot_metrics(run_dir: Path) -> None:
         fig, ax = plt.subplots(figsize=(7, 4))
         steps = [r["step"] for r in evals]
         ax.plot(steps, [r["ex_greedy"] for r in evals], "o-", label="EX greedy")
-        ax.plot(steps, [r["ex_voted"] for r in evals], "s-", label="EX voted")
+        voted = [r for r in evals if "ex_voted" in r]  # eval_vote="final": intermediate evaluations are greedy only
+        ax.plot([r["step"] for r in voted], [r["ex_voted"] for r in voted], "s-", label="EX voted")
         ax.set(xlabel="step", ylabel="held-out execution accuracy", ylim=(0, 1), title="Held-out EX")
         ax.legend()
         fig.tight_layout()

@@ -138,3 +138,37 @@ def test_score_batch(db):
     assert again == rewards
     with pytest.raises(ValueError, match="one gold each"):
         score_batch(None, responses, golds[:1], RewardConfig())
+
+
+OK_SQL = Parsed(True, "think", "```sql\nSELECT 1\n```", "SELECT 1")
+BAD_FORMAT = Parsed(False, "", "", "SELECT 1")
+
+
+@pytest.mark.parametrize("parsed, status, match, gold_error, expected", [
+    (OK_SQL, "ok", True, False, 1.0),  # correct
+    (OK_SQL, "ok", False, False, 0.1),  # runs, wrong result
+    (OK_SQL, "error", False, False, 0.0),  # fails
+    (OK_SQL, "timeout", False, False, 0.0),
+    (BAD_FORMAT, "ok", True, False, 0.0),  # bad format: nothing, even with the right result
+    (OK_SQL, "ok", True, True, 0.0),  # gold error: never a match, and running earns nothing
+])
+def test_arctic_reward_table(parsed, status, match, gold_error, expected):
+    """Arctic-Text2SQL-R1's reward (arXiv 2505.20315): 1 correct, 0.1 runs but wrong, 0 otherwise; the SQL-R1
+    components stay as they were, for logging."""
+    r = compute_reward(parsed, status, match, RewardConfig(preset="arctic"), gold_error=gold_error)
+    sqlr1 = compute_reward(parsed, status, match, RewardConfig(), gold_error=gold_error)
+    assert r.total == expected
+    assert (r.format, r.execution, r.result, r.length, r.correct) == (
+        sqlr1.format, sqlr1.execution, sqlr1.result, sqlr1.length, sqlr1.correct)
+
+
+def test_arctic_preset_through_score_batch(db):
+    gold = (str(db), "SELECT name FROM t ORDER BY age")
+    responses = [respond("SELECT name FROM t ORDER BY age"), respond("SELECT age FROM t"), respond("SELECT nme FROM t"),
+                 "SELECT name FROM t ORDER BY age", respond("SELECT name FROM t")]
+    golds = [gold] * 4 + [(str(db), "SELECT nope FROM t")]
+    with Sandbox(num_workers=1, timeout=5.0) as sandbox:
+        rewards = score_batch(sandbox, responses, golds, RewardConfig(preset="arctic"))
+    assert [r.total for r in rewards] == [1.0, 0.1, 0.0, 0.0, 0.0]
+    with pytest.raises(ValueError, match="preset"):
+        RewardConfig(preset="snowflake")
