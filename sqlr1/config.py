@@ -199,6 +199,8 @@ def _parse(value: str, typ, key: str):
             if value.lower() in ("0", "false", "no", "off"):
                 return False
             raise ValueError
+        if typing.get_origin(typ) is list:  # --seeds=0,1,2
+            return [typing.get_args(typ)[0](v) for v in value.strip("()[] ").split(",") if v.strip()]
         if typing.get_origin(typ) is tuple:
             items = [v for v in value.strip("()[] ").split(",") if v.strip()]
             return tuple(t(v) for t, v in zip(typing.get_args(typ), items, strict=True))

@@ -1,0 +1,48 @@
+"""The built-in RL lab: 10 variants x 3 seeds of the toy demo (configs/grpo_tiny.py), SFT cached once per seed.
+
+    python -m sqlr1.lab --config configs/lab_toy.py            # OUT = runs/lab_toy: lab.md, lab.json, lab.png
+
+Every row starts from the same SFT weights per seed (paired gains). Lab-wide: held-out greedy EX every 25 GRPO steps
+for the curve, voting (8 candidates) only after the last step (eval_vote=final), and the SFT run never
+re-evaluated at GRPO step 0 (the SFT row comes from the cached SFT run's own end-of-SFT evaluation).
+
+Rows:
+- grpo: SQL-R1 as grpo_tiny runs it (token-mean, eps 0.2, group-std advantages, beta 0).
+- dr_grpo: Dr.GRPO, A_i = r_i - mean_g (no std division), seq-mean-token-sum-norm aggregation.
+- dapo: DAPO's clip-higher (eps_high 0.28) and dynamic-sampling filter (zero-std groups dropped), token-mean.
+- gspo: GSPO's sequence ratio s_i = exp(mean_t log rho_i,t) with its clip range (3e-4, 4e-4) and its sequence-mean
+  objective. At ppo_epochs=1 with pi_old recomputed, s_i = 1 exactly and GSPO-token's gradient equals GRPO's
+  with the same aggregation (the clip never acts), so this row runs ppo_epochs=2: the second pass is where the
+  sequence-level clip matters (it also pays one more forward/backward per step).
+- no_format / no_execution / no_result / no_length: SQL-R1's ablations, one component off (S_f, S_e, S_r, S_l).
+  Note for no_result: S_l is still paid only when the result is correct, so correctness is still rewarded
+  through S_l (at most 0.5 + |q|/|answer| ~ 1 point, against S_r's 6-point swing): the ablation weakens the
+  correctness signal rather than removing it.
+- arctic: Arctic-Text2SQL-R1's reward (1 correct, 0.1 runs, 0 otherwise; RewardConfig.preset="arctic").
+- tis: truncated importance sampling, C = 2. In fp32 (this config's dtype) the sampler's and the trainer's
+  log-probs agree to rounding, so every weight is ~1: this row is a control (it must match grpo within noise).
+"""
+
+from sqlr1.lab import LabConfig
+
+config = LabConfig(
+    name="lab_toy",
+    base="configs/grpo_tiny.py",
+    base_overrides=["--eval_every=25", "--eval_vote=final"],
+    seeds=[0, 1, 2],
+    variants={
+        "grpo": [],
+        "dr_grpo": ["--grpo.adv_scale=none", "--grpo.loss_agg=seq-mean-token-sum-norm"],
+        "dapo": ["--grpo.clip_high=0.28", "--grpo.drop_zero_std_groups=true", "--grpo.loss_agg=token-mean"],
+        "gspo": ["--grpo.ratio_level=sequence", "--grpo.clip_low=3e-4", "--grpo.clip_high=4e-4",
+                 "--grpo.loss_agg=seq-mean-token-mean", "--ppo_epochs=2"],
+        "no_format": ["--reward.use_format=false"],
+        "no_execution": ["--reward.use_execution=false"],
+        "no_result": ["--reward.use_result=false"],
+        "no_length": ["--reward.use_length=false"],
+        "arctic": ["--reward.preset=arctic"],
+        "tis": ["--grpo.tis_cap=2"],
+    },
+    jobs=2,
+    cache_dir="runs/lab_cache",
+)

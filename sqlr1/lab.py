@@ -1,0 +1,479 @@
+"""The RL lab: named variants x seeds of a run config, SFT once per seed (cached), paired gains with 95 % CIs.
+
+    python -m sqlr1.lab --config configs/lab_toy.py [--jobs=2] [--out_dir=runs/lab] [--seeds=0,1]
+
+For each seed s the SFT stage (the base config with grpo_steps=0) runs once, in cache_dir/sft-<key>; every variant's
+GRPO stage for that seed starts from its final/ weights (`--model=<final> --sft_steps=0`), so variants are compared
+paired by seed. Each run is a `train.py` subprocess (its own process group, its log in <run dir>/train.log). Re-running
+the same command continues: a run with final/ and its last evaluation recorded is kept, an unfinished one is removed
+and restarted. Written after every finished run: OUT/lab.json, OUT/lab.md (the table) and OUT/lab.png.
+
+Statistics over the n seeds of a variant: mean +- t_{0.975, n-1} * s / sqrt(n), s the sample standard deviation
+(Student's t); with n = 1 no interval is given. The gain over SFT is paired: d_s = EX_grpo(s) - EX_sft(s), then the
+same interval over the d_s.
+
+The SFT cache key is a short hash of the resolved SFT run config as a dict, the seed included, minus the fields that
+cannot change what SFT computes or how its end-of-SFT evaluation (the "SFT" row) scores: SFT_EXCLUDED below (the
+GRPO-only fields, and where/how fast/how verbose the run is), plus, for the toy world, a hash of the world's JSON
+files (its manifest toyworld.json and the question/trace files), so a rebuilt world invalidates the cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import re
+import runpy
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from sqlr1.config import _flat, config_dict, load_config, set_field
+from sqlr1.run import read_evals
+
+TRAIN_PY = Path(__file__).resolve().parents[1] / "train.py"
+
+# Run-config fields the lab sets itself (neither base_overrides nor a variant may); a variant changes the GRPO stage
+# only (SFT is shared by all variants of a seed), so it may not set sft_steps either (base_overrides may).
+LAB_CONTROLLED = ("seed", "model", "out_dir", "eval_init")
+
+# Fields that do not enter the SFT cache key: GRPO-only settings (SFT runs with grpo_steps=0) and settings that
+# decide where, how fast or how verbosely a run goes, never what its SFT steps or end-of-SFT evaluation compute.
+# The reward's mode and timeout stay in the key (they decide the evaluation's EX); its weights/switches do not.
+SFT_EXCLUDED = frozenset({
+    "name", "out_dir", "grpo_steps", "prompts_per_step", "group_size", "grad_accum_no_sync", "shared_prefix",
+    "recompute_old_logp", "ppo_epochs", "lr", "temperature", "top_p", "top_k", "eval_every", "eval_init",
+    "eval_vote", "sandbox_workers", "save_every", "keep_last", "log_samples", "wandb_project", "compile",
+    "max_bad_steps", "drop_empty_gold",
+})
+SFT_EXCLUDED_GROUPS = ("grpo.", "reward.")
+SFT_KEPT_IN_GROUPS = frozenset({"reward.mode", "reward.timeout"})
+
+
+@dataclass
+class LabConfig:
+    name: str = "lab"
+    base: str = "configs/grpo_tiny.py"  # the run config every run starts from
+    base_overrides: list[str] = field(default_factory=list)  # lab-wide --key=value for every run (SFT included)
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    variants: dict[str, list[str]] = field(default_factory=lambda: {"grpo": []})  # name -> train.py overrides
+    out_dir: str = ""  # "" -> runs/<name>
+    jobs: int = 2  # runs at once; each child gets OMP_NUM_THREADS = max(1, cores // jobs)
+    cache_dir: str = "runs/lab_cache"  # SFT runs, shared by labs with the same SFT settings
+
+
+# ------------------------------------------------------------------------------------------------ statistics
+
+# t_{0.975, df} for df = 1..30 (two-sided 95 %); beyond 30 the normal quantile 1.96
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def t_quantile_975(df: int) -> float:
+    """t_{0.975, df}, the two-sided 95 % quantile of Student's t with df >= 1 degrees of freedom."""
+    if df < 1:
+        raise ValueError(f"t_quantile_975: df={df} must be >= 1")
+    return _T975[df - 1] if df <= len(_T975) else 1.96
+
+
+def mean_ci(xs: list[float]) -> tuple[float, float | None]:
+    """(mean, half-width of the 95 % CI) = (x_bar, t_{0.975,n-1} s / sqrt(n)); half-width None when n = 1."""
+    n = len(xs)
+    if n == 0:
+        raise ValueError("mean_ci: no values")
+    m = sum(xs) / n
+    if n == 1:
+        return m, None
+    s = math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1))
+    return m, t_quantile_975(n - 1) * s / math.sqrt(n)
+
+
+def fmt_ci(xs: list[float], digits: int = 3) -> str:
+    if not xs:
+        return "-"
+    m, h = mean_ci(xs)
+    return f"{m:.{digits}f} [{m - h:.{digits}f}, {m + h:.{digits}f}]" if h is not None else f"{m:.{digits}f} (n=1, no CI)"
+
+
+# --------------------------------------------------------------------------------------------------- config
+
+
+def load_lab(path: str | Path, overrides: list[str] = ()) -> LabConfig:
+    """`config = LabConfig(...)` from a Python file, `--key=value` overrides applied (lists: comma-separated)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"lab config {path} not found (try configs/lab_toy.py)")
+    lab = runpy.run_path(str(path)).get("config")
+    if not isinstance(lab, LabConfig):
+        raise ValueError(f"{path} must define `config = LabConfig(...)` (found {type(lab).__name__})")
+    for item in overrides:
+        key, sep, value = item.removeprefix("--").partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r} must look like --key=value")
+        if key in ("variants", "base_overrides"):
+            raise ValueError(f"--{key} cannot be set on the command line: edit {path}")
+        lab = set_field(lab, key, value)
+    return lab
+
+
+def _key_of(item: str) -> str:
+    return item.removeprefix("--").partition("=")[0]
+
+
+def validate(lab: LabConfig, source: str) -> None:
+    """Every check that can fail before anything runs: a ValueError / FileNotFoundError naming what to fix."""
+    if not lab.seeds:
+        raise ValueError(f"{source}: seeds is empty; give at least one seed, e.g. seeds=[0, 1, 2]")
+    if len(set(lab.seeds)) != len(lab.seeds):
+        raise ValueError(f"{source}: seeds {lab.seeds} has duplicates; each seed once")
+    if not lab.variants:
+        raise ValueError(f"{source}: variants is empty; give at least one, e.g. variants={{'grpo': []}}")
+    if lab.jobs < 1:
+        raise ValueError(f"{source}: jobs={lab.jobs} must be >= 1")
+    for name in lab.variants:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+            raise ValueError(f"{source}: variant name {name!r}: use letters, digits, '_', '-', '.' (it names a folder)")
+    if not Path(lab.base).is_file():
+        raise FileNotFoundError(f"{source}: base config {lab.base} not found (try configs/grpo_tiny.py)")
+    for item in lab.base_overrides:
+        if _key_of(item) in LAB_CONTROLLED:
+            raise ValueError(f"{source}: base_overrides sets {_key_of(item)}, which the lab sets itself")
+    try:
+        base = load_config(lab.base, lab.base_overrides)
+    except ValueError as e:
+        raise ValueError(f"{source}: base_overrides: {e}") from None
+    if base.grpo_steps < 1 or base.sft_steps < 1:
+        raise ValueError(f"{source}: base config {lab.base} needs sft_steps >= 1 and grpo_steps >= 1 "
+                         f"(has {base.sft_steps}, {base.grpo_steps})")
+    for name, overrides in lab.variants.items():
+        for item in overrides:
+            if _key_of(item) in (*LAB_CONTROLLED, "sft_steps"):
+                raise ValueError(f"{source}: variant {name!r} sets {_key_of(item)}, which the lab sets itself "
+                                 "(the SFT stage is shared: set sft_steps in base_overrides)")
+        try:
+            if load_config(lab.base, [*lab.base_overrides, *overrides]).grpo_steps < 1:
+                raise ValueError("grpo_steps must be >= 1")
+        except ValueError as e:
+            raise ValueError(f"{source}: variant {name!r}: {e}") from None
+
+
+# ------------------------------------------------------------------------------------------------ SFT cache
+
+
+def sft_overrides(overrides: list[str], seed: int) -> list[str]:
+    return [*overrides, f"--seed={seed}", "--grpo_steps=0"]
+
+
+def sft_key(run_cfg_path: str | Path, overrides: list[str], seed: int) -> str:
+    """A short hash of what decides the SFT run (see the module docstring), the toy world's files included."""
+    cfg = load_config(run_cfg_path, sft_overrides(overrides, seed))
+    flat = {k: v for k, v in _flat(json.loads(json.dumps(config_dict(cfg)))).items()
+            if k not in SFT_EXCLUDED and (not k.startswith(SFT_EXCLUDED_GROUPS) or k in SFT_KEPT_IN_GROUPS)}
+    h = hashlib.sha256(json.dumps(flat, sort_keys=True).encode())
+    if cfg.dataset == "toy":
+        world = Path(cfg.data_root or "toyworld")
+        for p in sorted(world.glob("*.json")):
+            h.update(p.name.encode() + p.read_bytes())
+    return h.hexdigest()[:10]
+
+
+def run_finished(run_dir: Path, total_steps: int) -> bool:
+    """final/ written and the evaluation after the last step recorded."""
+    evals = read_evals(run_dir) if (run_dir / "final" / "config.json").is_file() else []
+    return any(e["step"] == total_steps and "ex_voted" in e for e in evals)
+
+
+def _prepare_world(run_cfg_path: str | Path, overrides: list[str]) -> None:
+    """Build the toy world (and nothing else) before its files are hashed; no-op for other datasets."""
+    cfg = load_config(run_cfg_path, overrides)
+    if cfg.dataset == "toy":
+        from sqlr1.toyworld import ensure_toyworld
+
+        ensure_toyworld(cfg.data_root or "toyworld", seed=0)
+
+
+def sft_checkpoint(run_cfg_path: str | Path, overrides: list[str], seed: int, cache_dir: str | Path) -> Path:
+    """The cached SFT model (final/ dir) of `run_cfg_path` + overrides at `seed`; runs the SFT first when missing.
+
+    Public for other tools (the TRL referee benchmark) that need the lab's SFT weights.
+    """
+    _prepare_world(run_cfg_path, overrides)
+    cfg = load_config(run_cfg_path, sft_overrides(overrides, seed))
+    run_dir = Path(cache_dir) / f"sft-{sft_key(run_cfg_path, overrides, seed)}"
+    if not run_finished(run_dir, cfg.sft_steps):
+        shutil.rmtree(run_dir, ignore_errors=True)
+        proc = _start(Run(f"sft/seed{seed}", run_dir, str(run_cfg_path), sft_overrides(overrides, seed), cfg.sft_steps),
+                      threads=max(1, _cores()), env_extra={})
+        try:
+            rc = proc.wait()
+        finally:
+            _kill(proc)
+        if rc != 0:
+            raise RuntimeError(f"SFT run failed (exit {rc}): see {run_dir / 'train.log'}")
+    return run_dir / "final"
+
+
+# ------------------------------------------------------------------------------------------------------ runs
+
+
+@dataclass
+class Run:
+    label: str  # "sft/seed0", "dapo/seed1"
+    dir: Path
+    base: str
+    args: list[str]
+    total_steps: int  # the step of its last evaluation
+    needs: str | None = None  # label of the SFT run it starts from
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _start(run: Run, threads: int, env_extra: dict) -> subprocess.Popen:
+    run.dir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), **env_extra}
+    cmd = [sys.executable, str(TRAIN_PY), "--config", run.base, *run.args, f"--out_dir={run.dir}"]
+    with open(run.dir / "train.log", "w") as log:
+        log.write(" ".join(cmd) + "\n")
+        log.flush()
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                start_new_session=True)  # its own process group: killed as one
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    """End the child's whole process group (train.py, its sandbox workers): SIGTERM, then SIGKILL."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+        except ProcessLookupError:
+            return
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # stragglers of the group, if any
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()
+
+
+def plan(lab: LabConfig, out: Path) -> tuple[list[Run], dict[int, Run]]:
+    """The runs: one SFT per seed (in the cache), then per seed every variant's GRPO stage from it."""
+    base = load_config(lab.base, lab.base_overrides)
+    sfts, runs = {}, []
+    for seed in lab.seeds:
+        key = sft_key(lab.base, lab.base_overrides, seed)
+        sfts[seed] = Run(f"sft/seed{seed}", Path(lab.cache_dir) / f"sft-{key}", lab.base,
+                         sft_overrides(lab.base_overrides, seed), base.sft_steps)
+        runs.append(sfts[seed])
+    for seed in lab.seeds:
+        model = (sfts[seed].dir / "final").absolute()
+        for name, overrides in lab.variants.items():
+            args = [*lab.base_overrides, *overrides, f"--seed={seed}", f"--model={model}", "--sft_steps=0",
+                    "--eval_init=false"]
+            steps = load_config(lab.base, [*lab.base_overrides, *overrides]).grpo_steps
+            runs.append(Run(f"{name}/seed{seed}", out / name / f"seed{seed}", lab.base, args, steps,
+                            needs=sfts[seed].label))
+    return runs, sfts
+
+
+def execute(lab: LabConfig, out: Path, runs: list[Run], on_finished) -> None:
+    """Run what is not finished, `lab.jobs` at a time, each SFT before the GRPO runs that need it."""
+    threads = max(1, _cores() // lab.jobs)
+    env_extra = {}
+    extra_args = ["--sandbox_workers=1"] if lab.jobs > 1 else []
+    done = {r.label for r in runs if run_finished(r.dir, r.total_steps)}
+    pending = [r for r in runs if r.label not in done]
+    running: dict[str, tuple[Run, subprocess.Popen]] = {}
+    bar = tqdm(total=len(runs), initial=len(done), desc=f"lab {lab.name}", unit="run", dynamic_ncols=True)
+    try:
+        while pending or running:
+            for r in list(pending):
+                if len(running) >= lab.jobs:
+                    break
+                if r.needs is None or r.needs in done:
+                    pending.remove(r)
+                    shutil.rmtree(r.dir, ignore_errors=True)  # an unfinished run starts over
+                    r.args = [*r.args, *extra_args]
+                    running[r.label] = (r, _start(r, threads, env_extra))
+            if bar.postfix != (names := ", ".join(running)):
+                bar.set_postfix_str(names)
+            time.sleep(0.5)
+            for label, (r, proc) in list(running.items()):
+                rc = proc.poll()
+                if rc is None:
+                    continue
+                del running[label]
+                if rc != 0 or not run_finished(r.dir, r.total_steps):
+                    raise RuntimeError(f"run {label} failed (exit {rc}): see {r.dir / 'train.log'}")
+                done.add(label)
+                bar.update(1)
+                on_finished()
+    finally:
+        for _, proc in running.values():
+            _kill(proc)
+        bar.close()
+
+
+# --------------------------------------------------------------------------------------------------- results
+
+
+def _records(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
+
+
+def collect(lab: LabConfig, runs: list[Run], sfts: dict[int, Run]) -> dict:
+    """Per variant per seed, from the finished runs' metrics.jsonl: the numbers of lab.json."""
+    result = {}
+    for r in runs:
+        if r.needs is None or not run_finished(r.dir, r.total_steps):
+            continue
+        name, seed = r.label.split("/seed")
+        sft_eval = read_evals(sfts[int(seed)].dir)[-1]
+        recs = _records(r.dir)
+        grpo = [x for x in recs if x["stage"] == "grpo"]
+        evals = [x for x in recs if x["stage"].startswith("eval:")]
+        final = evals[-1]
+        result.setdefault(name, {})[seed] = {
+            "sft_ex_greedy": sft_eval["ex_greedy"], "sft_ex_voted": sft_eval["ex_voted"],
+            "ex_greedy": final["ex_greedy"], "ex_voted": final["ex_voted"], "format_ok": final["format_ok"],
+            "reward_last20": sum(x["reward"] for x in grpo[-20:]) / max(len(grpo[-20:]), 1),
+            "s_per_step": sum(x["time_rollout"] + x["time_reward"] + x["time_train"] for x in grpo) / max(len(grpo), 1),
+            "ex_curve": [[0, sft_eval["ex_greedy"]]] + [[e["step"], e["ex_greedy"]] for e in evals],
+            "reward_curve": [x["reward"] for x in grpo],
+            "run_dir": str(r.dir), "sft_dir": str(sfts[int(seed)].dir),
+        }
+    return {name: result[name] for name in lab.variants if name in result}
+
+
+def markdown(lab: LabConfig, results: dict, wall_s: float) -> str:
+    lines = [f"# lab {lab.name}: {lab.base}, seeds {lab.seeds}", "",
+             "mean [95 % CI over seeds, Student's t]; gain = greedy EX after GRPO - after SFT, paired by seed", "",
+             "| variant | n | greedy EX | gain over SFT | voted EX | format | reward last 20 | s/step |",
+             "|---|---|---|---|---|---|---|---|"]
+    sft = {}
+    for per_seed in results.values():
+        for seed, v in per_seed.items():
+            sft[seed] = v
+    if sft:
+        lines.append(f"| SFT | {len(sft)} | {fmt_ci([v['sft_ex_greedy'] for v in sft.values()])} | - | "
+                     f"{fmt_ci([v['sft_ex_voted'] for v in sft.values()])} | - | - | - |")
+    for name, per_seed in results.items():
+        vs = list(per_seed.values())
+        lines.append(
+            f"| {name} | {len(vs)} | {fmt_ci([v['ex_greedy'] for v in vs])} | "
+            f"{fmt_ci([v['ex_greedy'] - v['sft_ex_greedy'] for v in vs])} | {fmt_ci([v['ex_voted'] for v in vs])} | "
+            f"{sum(v['format_ok'] for v in vs) / len(vs):.3f} | {sum(v['reward_last20'] for v in vs) / len(vs):.3f} | "
+            f"{sum(v['s_per_step'] for v in vs) / len(vs):.2f} |")
+    lines += ["", f"wall time of the lab: {wall_s / 60:.1f} min (all invocations; {_cores()} cores, jobs={lab.jobs})", ""]
+    return "\n".join(lines)
+
+
+def _smooth(xs: list[float], k: int = 10) -> list[float]:
+    return [sum(xs[max(0, i - k + 1): i + 1]) / len(xs[max(0, i - k + 1): i + 1]) for i in range(len(xs))]
+
+
+def plot(results: dict, path: Path) -> str | None:
+    """lab.png: held-out greedy EX and smoothed training reward vs GRPO step, band = min..max over seeds."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "lab.png skipped: matplotlib is not installed (pip install -e '.[plots]')"
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name, per_seed in results.items():
+        curves = [dict(map(tuple, v["ex_curve"])) for v in per_seed.values()]
+        steps = sorted(set.intersection(*(set(c) for c in curves)))
+        ys = [[c[s] for c in curves] for s in steps]
+        (line,) = ax1.plot(steps, [sum(y) / len(y) for y in ys], "o-", ms=3, label=name)
+        ax1.fill_between(steps, [min(y) for y in ys], [max(y) for y in ys], color=line.get_color(), alpha=0.15)
+        rewards = [_smooth(v["reward_curve"]) for v in per_seed.values()]
+        n = min(len(r) for r in rewards)
+        xs = list(range(1, n + 1))
+        cols = [[r[i] for r in rewards] for i in range(n)]
+        ax2.plot(xs, [sum(c) / len(c) for c in cols], color=line.get_color(), label=name)
+        ax2.fill_between(xs, [min(c) for c in cols], [max(c) for c in cols], color=line.get_color(), alpha=0.15)
+    ax1.set(xlabel="GRPO step", ylabel="held-out greedy EX", title="held-out EX (band: min..max over seeds)")
+    ax2.set(xlabel="GRPO step", ylabel="mean training reward (10-step mean)", title="training reward")
+    ax1.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
+
+
+def write_outputs(lab: LabConfig, out: Path, runs: list[Run], sfts: dict[int, Run], wall_s: float) -> str | None:
+    results = collect(lab, runs, sfts)
+    out.mkdir(parents=True, exist_ok=True)
+    record = {"name": lab.name, "base": lab.base, "seeds": lab.seeds, "variants": lab.variants,
+              "lab": dataclasses.asdict(lab), "wall_s": wall_s, "results": results}
+    tmp = out / "lab.json.tmp"
+    tmp.write_text(json.dumps(record, indent=1) + "\n")
+    tmp.replace(out / "lab.json")
+    (out / "lab.md").write_text(markdown(lab, results, wall_s))
+    return plot(results, out / "lab.png") if results else None
+
+
+# ------------------------------------------------------------------------------------------------------ main
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True, help="Python file defining `config = LabConfig(...)`")
+    args, overrides = ap.parse_known_args(argv)
+    lab = load_lab(args.config, overrides)
+    validate(lab, args.config)
+    out = Path(lab.out_dir or f"runs/{lab.name}")
+    _prepare_world(lab.base, lab.base_overrides)
+    runs, sfts = plan(lab, out)
+    previous = out / "lab.json"  # a resumed lab adds its earlier invocations' wall time
+    started = time.time() - (json.loads(previous.read_text()).get("wall_s", 0.0) if previous.is_file() else 0.0)
+
+    def on_finished() -> None:
+        write_outputs(lab, out, runs, sfts, time.time() - started)
+
+    try:
+        execute(lab, out, runs, on_finished)
+    except KeyboardInterrupt:
+        again = " ".join(["python -m sqlr1.lab", "--config", args.config, *overrides])
+        print(f"\ninterrupted: finished runs are kept in {out} and {lab.cache_dir}; continue with: {again}",
+              file=sys.stderr)
+        return 130
+    msg = write_outputs(lab, out, runs, sfts, time.time() - started)
+    if msg:
+        print(msg)
+    print((out / "lab.md").read_text())
+    print(f"lab: {out / 'lab.md'}, {out / 'lab.json'}" + ("" if msg else f", {out / 'lab.png'}"))
+    return 0
+
+
+def cli(argv: list[str]) -> int:
+    """main with one `error:` line instead of a traceback: 2 for bad input (nothing ran), 1 for a failed run."""
+    try:
+        return main(argv)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    from sqlr1 import lab  # the imported module, so that config files' LabConfig is this class, not __main__'s copy
+
+    sys.exit(lab.cli(sys.argv[1:]))
