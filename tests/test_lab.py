@@ -1,0 +1,208 @@
+"""The RL lab (sqlr1/lab.py) on a micro toy world: 2 variants x 2 seeds, a few SFT and GRPO steps per run.
+
+One lab (a module fixture) is started as a subprocess, interrupted with SIGINT once its first GRPO run is in lab.json,
+and re-run to completion; the tests then read its cache, run directories and outputs. Plus the statistics on known
+numbers and the one-line errors of bad lab configs.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from sqlr1 import lab
+from sqlr1.lab import cli, mean_ci, t_quantile_975
+from sqlr1.toyworld import build_toyworld
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_t_quantile_known_values():
+    assert [t_quantile_975(df) for df in (1, 2, 4, 30)] == [12.706, 4.303, 2.776, 2.042]
+    assert t_quantile_975(500) == 1.96
+    with pytest.raises(ValueError):
+        t_quantile_975(0)
+
+
+def test_mean_ci_known_numbers():
+    m, h = mean_ci([1.0, 2.0, 3.0])  # s = 1: 4.303 / sqrt(3)
+    assert m == 2.0 and h == pytest.approx(2.484, abs=5e-4)
+    m, h = mean_ci([0.5, 0.7])  # s = 0.1414: 12.706 * 0.1414 / sqrt(2) = 1.2706
+    assert m == pytest.approx(0.6) and h == pytest.approx(1.2706, abs=1e-4)
+    assert mean_ci([0.4]) == (0.4, None)  # n = 1: no interval, not a fake one
+    assert "no CI" in lab.fmt_ci([0.4])
+
+
+def write_lab(path: Path, world: Path, out: Path, cache: Path, **fields) -> Path:
+    body = dict(
+        name="micro", base="configs/grpo_tiny.py",
+        base_overrides=[f"--data_root={world}", "--sft_steps=10", "--sft_batch_size=8", "--grpo_steps=4",
+                        "--prompts_per_step=2", "--group_size=4", "--eval_limit=6", "--eval_n=2",
+                        "--max_response_len=48", "--eval_every=2", "--eval_vote=final"],
+        seeds=[0, 1], variants={"grpo": [], "arctic": ["--reward.preset=arctic"]},
+        out_dir=str(out), cache_dir=str(cache), jobs=2,
+    )
+    body.update(fields)
+    args = ", ".join(f"{k}={v!r}" for k, v in body.items())
+    path.write_text(f"from sqlr1.lab import LabConfig\nconfig = LabConfig({args})\n")
+    return path
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"seeds": []}, "seeds is empty"),
+    ({"seeds": [0, 0]}, "duplicates"),
+    ({"variants": {}}, "variants is empty"),
+    ({"variants": {"dapo": ["--grpo.clip_hihg=0.28"]}}, "variant 'dapo': unknown config key 'grpo.clip_hihg'; did you "
+                                                       "mean grpo.clip_high?"),
+    ({"variants": {"bad": ["--grpo.loss_agg=sum"]}}, "variant 'bad': GRPOConfig.loss_agg='sum'"),
+    ({"variants": {"x": ["--seed=3"]}}, "variant 'x' sets seed"),
+    ({"base": "configs/nope.py"}, "base config configs/nope.py not found"),
+])
+def test_bad_lab_config_is_one_error_line_and_creates_nothing(tmp_path, capsys, monkeypatch, fields, message):
+    monkeypatch.chdir(ROOT)
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    cfg = write_lab(tmp_path / "lab.py", tmp_path / "world", out, cache, **fields)
+    assert cli(["--config", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert not out.exists() and not cache.exists() and not (tmp_path / "world").exists()
+
+
+def test_bad_lab_config_exit_code_from_the_command_line(tmp_path):
+    cfg = write_lab(tmp_path / "lab.py", tmp_path / "world", tmp_path / "out", tmp_path / "cache", seeds=[])
+    res = subprocess.run([sys.executable, "-m", "sqlr1.lab", "--config", str(cfg)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 2 and res.stderr.strip().startswith("error: ") and "Traceback" not in res.stderr
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[2])
+    except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
+        return None
+
+
+def _pids() -> list[int]:
+    return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
+
+
+def _children_of(marker: str) -> set[int]:
+    """pids of the train.py processes whose command line names `marker` (each leads its own process group)."""
+    found = set()
+    for pid in _pids():
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+        if "train.py" in cmd and marker in cmd:
+            found.add(pid)
+    return found
+
+
+@pytest.fixture(scope="module")
+def micro_lab(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("lab")
+    world = build_toyworld(tmp / "world", seed=0, num_train_dbs=4, num_dev_dbs=1, dev_questions_per_db=20)
+    out, cache = tmp / "out", tmp / "cache"
+    cfg = write_lab(tmp / "lab.py", world, out, cache)
+    cmd = [sys.executable, "-m", "sqlr1.lab", "--config", str(cfg)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+    # 1) interrupted once the first GRPO run is recorded in lab.json
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    groups, first = set(), {}
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        groups |= _children_of(str(tmp))
+        try:
+            first = json.loads((out / "lab.json").read_text())["results"]
+        except (FileNotFoundError, json.JSONDecodeError, KeyError):
+            first = {}
+        if first:
+            break
+        time.sleep(0.2)
+    assert first, "no GRPO run finished"
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    interrupted = {"rc": proc.returncode, "stderr": stderr, "groups": groups, "first": first}
+    finished_metrics = {(name, seed): Path(v["run_dir"]) / "metrics.jsonl"
+                        for name, per_seed in first.items() for seed, v in per_seed.items()}
+    before = {k: (p.stat().st_mtime_ns, p.read_bytes()) for k, p in finished_metrics.items()}
+    sft_mtimes = {p: (p / "metrics.jsonl").stat().st_mtime_ns for p in cache.glob("sft-*")}
+
+    # 2) the same command again: continues
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    after = {k: (p.stat().st_mtime_ns, p.read_bytes()) for k, p in finished_metrics.items()}
+    return dict(out=out, cache=cache, world=world, interrupted=interrupted, before=before, after=after,
+                sft_mtimes=sft_mtimes, stdout=res.stdout)
+
+
+def test_interrupt_kills_every_child_and_says_how_to_continue(micro_lab):
+    it = micro_lab["interrupted"]
+    assert it["rc"] == 130, it["stderr"][-2000:]
+    assert "continue with: python -m sqlr1.lab --config" in it["stderr"] and "Traceback" not in it["stderr"]
+    assert it["groups"], "no train.py child was seen while the lab ran"
+    for _ in range(50):  # killed processes are reaped by init shortly after the lab exits
+        left = [pid for pid in _pids() if _pgid(pid) in it["groups"]]
+        if not left:
+            break
+        time.sleep(0.1)
+    assert not left, f"processes of the lab's runs survived the interrupt: {left}"
+
+
+def test_resume_does_not_redo_finished_runs(micro_lab):
+    assert micro_lab["before"] and micro_lab["before"] == micro_lab["after"]
+    for sft, mtime in micro_lab["sft_mtimes"].items():  # finished SFT runs are not redone either
+        assert (sft / "metrics.jsonl").stat().st_mtime_ns == mtime
+
+
+def test_sft_runs_once_per_seed_and_every_grpo_run_starts_from_it(micro_lab):
+    out, cache = micro_lab["out"], micro_lab["cache"]
+    sfts = sorted(cache.glob("sft-*"))
+    assert len(sfts) == 2
+    seeds = {json.loads((d / "config.json").read_text())["seed"]: d for d in sfts}
+    assert set(seeds) == {0, 1}
+    for d in sfts:
+        assert json.loads((d / "config.json").read_text())["grpo_steps"] == 0
+    for variant in ("grpo", "arctic"):
+        for seed in (0, 1):
+            run = out / variant / f"seed{seed}"
+            cfg = json.loads((run / "config.json").read_text())
+            assert cfg["model"] == str((seeds[seed] / "final").absolute()) and cfg["sft_steps"] == 0
+            evals = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"eval:' in x]
+            # no step-0 evaluation of the SFT weights; the intermediate one greedy only, the final one voted too
+            assert [(e["stage"], "ex_voted" in e) for e in evals] == [("eval:grpo@2", False), ("eval:grpo", True)]
+
+
+def test_outputs_name_both_variants_with_the_paired_sft_row(micro_lab):
+    out = micro_lab["out"]
+    record = json.loads((out / "lab.json").read_text())
+    assert set(record["results"]) == {"grpo", "arctic"}
+    for per_seed in record["results"].values():
+        assert set(per_seed) == {"0", "1"}
+        for v in per_seed.values():
+            assert v["ex_curve"][0][0] == 0 and len(v["reward_curve"]) == 4 and v["s_per_step"] > 0
+    md = (out / "lab.md").read_text()
+    for row in ("| SFT | 2 |", "| grpo | 2 |", "| arctic | 2 |", "wall time of the lab"):
+        assert row in md
+    assert md in micro_lab["stdout"]
+    # the Arctic row was paid Arctic's reward: totals in {0, 0.1, 1} only
+    arctic_rewards = [json.loads(x)["reward"] for x in (out / "arctic" / "seed0" / "samples.jsonl").read_text().splitlines()]
+    assert arctic_rewards and set(arctic_rewards) <= {0.0, 0.1, 1.0}
+
+
+def test_sft_cache_key_follows_what_changes_sft(micro_lab):
+    world = micro_lab["world"]
+    base = [f"--data_root={world}", "--sft_steps=10"]
+    key = lab.sft_key("configs/grpo_tiny.py", base, 0)
+    assert lab.sft_key("configs/grpo_tiny.py", [*base, "--lr=1e-3", "--grpo.clip_high=0.3"], 0) == key  # GRPO-only
+    assert lab.sft_key("configs/grpo_tiny.py", [*base, "--sandbox_workers=1"], 0) == key
+    assert lab.sft_key("configs/grpo_tiny.py", base, 1) != key
+    assert lab.sft_key("configs/grpo_tiny.py", [*base, "--sft_lr=1e-3"], 0) != key
+    assert lab.sft_key("configs/grpo_tiny.py", [*base, "--eval_limit=3"], 0) != key  # the SFT row's evaluation
