@@ -46,6 +46,9 @@ TRAIN_PY = Path(__file__).resolve().parents[1] / "train.py"
 # Run-config fields the lab sets itself (neither base_overrides nor a variant may); a variant changes the GRPO stage
 # only (SFT is shared by all variants of a seed), so it may not set sft_steps either (base_overrides may).
 LAB_CONTROLLED = ("seed", "model", "out_dir", "eval_init")
+# What the GRPO stage must share with the SFT weights it starts from (the model's tokenizer comes from its final/
+# directory; the prompt it was trained on is the run config's): lab-wide only.
+SHARED_WITH_SFT = ("sft_steps", "dataset", "data_root", "prompt_template", "sample_values", "max_prompt_len")
 
 # Fields that do not enter the SFT cache key: GRPO-only settings (SFT runs with grpo_steps=0) and settings that
 # decide where, how fast or how verbosely a run goes, never what its SFT steps or end-of-SFT evaluation compute.
@@ -157,9 +160,9 @@ def validate(lab: LabConfig, source: str) -> None:
                          f"(has {base.sft_steps}, {base.grpo_steps})")
     for name, overrides in lab.variants.items():
         for item in overrides:
-            if _key_of(item) in (*LAB_CONTROLLED, "sft_steps"):
-                raise ValueError(f"{source}: variant {name!r} sets {_key_of(item)}, which the lab sets itself "
-                                 "(the SFT stage is shared: set sft_steps in base_overrides)")
+            if _key_of(item) in (*LAB_CONTROLLED, *SHARED_WITH_SFT):
+                raise ValueError(f"{source}: variant {name!r} sets {_key_of(item)}, which the lab sets itself or "
+                                 "every variant shares with the cached SFT run: set it in base_overrides")
         try:
             if load_config(lab.base, [*lab.base_overrides, *overrides]).grpo_steps < 1:
                 raise ValueError("grpo_steps must be >= 1")

@@ -61,6 +61,7 @@ def write_lab(path: Path, world: Path, out: Path, cache: Path, **fields) -> Path
                                                        "mean grpo.clip_high?"),
     ({"variants": {"bad": ["--grpo.loss_agg=sum"]}}, "variant 'bad': GRPOConfig.loss_agg='sum'"),
     ({"variants": {"x": ["--seed=3"]}}, "variant 'x' sets seed"),
+    ({"variants": {"x": ["--prompt_template=sqlr1"]}}, "variant 'x' sets prompt_template"),
     ({"base": "configs/nope.py"}, "base config configs/nope.py not found"),
 ])
 def test_bad_lab_config_is_one_error_line_and_creates_nothing(tmp_path, capsys, monkeypatch, fields, message):
