@@ -216,7 +216,7 @@ def sft_checkpoint(run_cfg_path: str | Path, overrides: list[str], seed: int, ca
     if not run_finished(run_dir, cfg.sft_steps):
         shutil.rmtree(run_dir, ignore_errors=True)
         proc = _start(Run(f"sft/seed{seed}", run_dir, str(run_cfg_path), sft_overrides(overrides, seed), cfg.sft_steps),
-                      threads=max(1, _cores()), env_extra={})
+                      threads=max(1, _cores()), extra_args=[])
         try:
             rc = proc.wait()
         finally:
@@ -243,10 +243,21 @@ def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def _start(run: Run, threads: int, env_extra: dict) -> subprocess.Popen:
+def is_done(run: Run) -> bool:
+    """Finished (run_finished), and a GRPO run with the command line it would be started with now (its lab_run.json):
+    an edited variant, or a new SFT model (a changed cache key), makes it run again."""
+    if not run_finished(run.dir, run.total_steps):
+        return False
+    recorded = run.dir / "lab_run.json"
+    return run.needs is None or (recorded.is_file() and json.loads(recorded.read_text()) == {"base": run.base,
+                                                                                          "args": run.args})
+
+
+def _start(run: Run, threads: int, extra_args: list[str]) -> subprocess.Popen:
     run.dir.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), **env_extra}
-    cmd = [sys.executable, str(TRAIN_PY), "--config", run.base, *run.args, f"--out_dir={run.dir}"]
+    (run.dir / "lab_run.json").write_text(json.dumps({"base": run.base, "args": run.args}) + "\n")
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    cmd = [sys.executable, str(TRAIN_PY), "--config", run.base, *run.args, *extra_args, f"--out_dir={run.dir}"]
     with open(run.dir / "train.log", "w") as log:
         log.write(" ".join(cmd) + "\n")
         log.flush()
@@ -294,9 +305,8 @@ def plan(lab: LabConfig, out: Path) -> tuple[list[Run], dict[int, Run]]:
 def execute(lab: LabConfig, out: Path, runs: list[Run], on_finished) -> None:
     """Run what is not finished, `lab.jobs` at a time, each SFT before the GRPO runs that need it."""
     threads = max(1, _cores() // lab.jobs)
-    env_extra = {}
-    extra_args = ["--sandbox_workers=1"] if lab.jobs > 1 else []
-    done = {r.label for r in runs if run_finished(r.dir, r.total_steps)}
+    extra_args = ["--sandbox_workers=1"] if lab.jobs > 1 else []  # not part of a run's identity (lab_run.json)
+    done = {r.label for r in runs if is_done(r)}
     pending = [r for r in runs if r.label not in done]
     running: dict[str, tuple[Run, subprocess.Popen]] = {}
     bar = tqdm(total=len(runs), initial=len(done), desc=f"lab {lab.name}", unit="run", dynamic_ncols=True)
@@ -308,8 +318,7 @@ def execute(lab: LabConfig, out: Path, runs: list[Run], on_finished) -> None:
                 if r.needs is None or r.needs in done:
                     pending.remove(r)
                     shutil.rmtree(r.dir, ignore_errors=True)  # an unfinished run starts over
-                    r.args = [*r.args, *extra_args]
-                    running[r.label] = (r, _start(r, threads, env_extra))
+                    running[r.label] = (r, _start(r, threads, extra_args))
             if bar.postfix != (names := ", ".join(running)):
                 bar.set_postfix_str(names)
             time.sleep(0.5)
@@ -341,7 +350,7 @@ def collect(lab: LabConfig, runs: list[Run], sfts: dict[int, Run]) -> dict:
     """Per variant per seed, from the finished runs' metrics.jsonl: the numbers of lab.json."""
     result = {}
     for r in runs:
-        if r.needs is None or not run_finished(r.dir, r.total_steps):
+        if r.needs is None or not is_done(r):
             continue
         name, seed = r.label.split("/seed")
         sft_eval = read_evals(sfts[int(seed)].dir)[-1]

@@ -141,7 +141,7 @@ def micro_lab(tmp_path_factory):
     assert res.returncode == 0, res.stderr[-3000:]
     after = {k: (p.stat().st_mtime_ns, p.read_bytes()) for k, p in finished_metrics.items()}
     return dict(out=out, cache=cache, world=world, interrupted=interrupted, before=before, after=after,
-                sft_mtimes=sft_mtimes, stdout=res.stdout)
+                sft_mtimes=sft_mtimes, stdout=res.stdout, cfg=cfg, cmd=cmd, env=env)
 
 
 def test_interrupt_kills_every_child_and_says_how_to_continue(micro_lab):
@@ -204,6 +204,25 @@ def test_sft_cache_key_follows_what_changes_sft(micro_lab):
     key = lab.sft_key("configs/grpo_tiny.py", base, 0)
     assert lab.sft_key("configs/grpo_tiny.py", [*base, "--lr=1e-3", "--grpo.clip_high=0.3"], 0) == key  # GRPO-only
     assert lab.sft_key("configs/grpo_tiny.py", [*base, "--sandbox_workers=1"], 0) == key
+    # the lab's eval overrides (configs/lab_toy.py) do not change the key: sft_checkpoint(base, [], ...) shares it
+    assert lab.sft_key("configs/grpo_tiny.py", [*base, "--eval_every=25", "--eval_vote=final"], 0) == key
     assert lab.sft_key("configs/grpo_tiny.py", base, 1) != key
     assert lab.sft_key("configs/grpo_tiny.py", [*base, "--sft_lr=1e-3"], 0) != key
     assert lab.sft_key("configs/grpo_tiny.py", [*base, "--eval_limit=3"], 0) != key  # the SFT row's evaluation
+
+
+def test_an_edited_variant_runs_again_and_only_it(micro_lab):
+    """Runs last (it changes the lab): arctic's overrides edited, --seeds=0 from the command line -> only
+    arctic/seed0 is redone; grpo/seed0 and the SFT cache are untouched."""
+    out, cfg = micro_lab["out"], micro_lab["cfg"]
+    cfg.write_text(cfg.read_text().replace("'--reward.preset=arctic'", "'--reward.preset=arctic', '--grpo.clip_high=0.3'"))
+    stamp = {p: p.stat().st_mtime_ns for p in (out / "grpo/seed0/metrics.jsonl", out / "arctic/seed0/metrics.jsonl")}
+    sfts = {p: p.stat().st_mtime_ns for p in micro_lab["cache"].glob("sft-*/metrics.jsonl")}
+    res = subprocess.run([*micro_lab["cmd"], "--seeds=0"], cwd=ROOT, env=micro_lab["env"], capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (out / "grpo/seed0/metrics.jsonl").stat().st_mtime_ns == stamp[out / "grpo/seed0/metrics.jsonl"]
+    assert (out / "arctic/seed0/metrics.jsonl").stat().st_mtime_ns != stamp[out / "arctic/seed0/metrics.jsonl"]
+    assert json.loads((out / "arctic/seed0/config.json").read_text())["grpo"]["clip_high"] == 0.3
+    assert {p: p.stat().st_mtime_ns for p in micro_lab["cache"].glob("sft-*/metrics.jsonl")} == sfts
+    assert set(json.loads((out / "lab.json").read_text())["results"]["arctic"]) == {"0"}
