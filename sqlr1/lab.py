@@ -6,7 +6,9 @@ For each seed s the SFT stage (the base config with grpo_steps=0) runs once, in 
 GRPO stage for that seed starts from its final/ weights (`--model=<final> --sft_steps=0`), so variants are compared
 paired by seed. Each run is a `train.py` subprocess (its own process group, its log in <run dir>/train.log). Re-running
 the same command continues: a run with final/ and its last evaluation recorded is kept, an unfinished one is removed
-and restarted. Written after every finished run: OUT/lab.json, OUT/lab.md (the table) and OUT/lab.png.
+and restarted; a finished GRPO run whose command line has changed since (an edited variant, a new SFT) runs again
+(each run directory keeps its command line in lab_run.json). Ctrl-C ends every child's process group; the same
+command continues. Written after every finished run: OUT/lab.json, OUT/lab.md (the table) and OUT/lab.png.
 
 Statistics over the n seeds of a variant: mean +- t_{0.975, n-1} * s / sqrt(n), s the sample standard deviation
 (Student's t); with n = 1 no interval is given. The gain over SFT is paired: d_s = EX_grpo(s) - EX_sft(s), then the
@@ -420,7 +422,8 @@ def plot(results: dict, path: Path) -> str | None:
         ax2.plot(xs, [sum(c) / len(c) for c in cols], color=line.get_color(), label=name)
         ax2.fill_between(xs, [min(c) for c in cols], [max(c) for c in cols], color=line.get_color(), alpha=0.15)
     ax1.set(xlabel="GRPO step", ylabel="held-out greedy EX", title="held-out EX (band: min..max over seeds)")
-    ax2.set(xlabel="GRPO step", ylabel="mean training reward (10-step mean)", title="training reward")
+    ax2.set(xlabel="GRPO step", ylabel="mean training reward (10-step mean)",
+            title="training reward (each row's own reward scale)")
     ax1.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
