@@ -43,6 +43,10 @@ config = LabConfig(
         "arctic": ["--reward.preset=arctic"],
         "tis": ["--grpo.tis_cap=2"],
     },
+    # 2 runs at once, 1 thread each (sandbox_workers=1), not 1 run x 2 threads: one comparison (2 GRPO runs x 8 steps
+    # from a 1-step SFT, 2026-12-01, Intel(R) Xeon(R) Processor, 2 cores, shared, load average ~5): jobs=2 77 s,
+    # jobs=1 575 s (7.5x; 6.5 vs 30-35 s per GRPO step). A busy machine exaggerates it (2 OpenMP threads spin at
+    # every barrier while other processes hold the cores); the toy model's matmuls are too small for 2 threads anyway.
     jobs=2,
     cache_dir="runs/lab_cache",
 )

@@ -446,6 +446,10 @@ def write_outputs(lab: LabConfig, out: Path, runs: list[Run], sfts: dict[int, Ru
 # ------------------------------------------------------------------------------------------------------ main
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt  # SIGTERM / SIGHUP end the lab like Ctrl-C: children killed, how to continue printed
+
+
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, help="Python file defining `config = LabConfig(...)`")
@@ -461,6 +465,8 @@ def main(argv: list[str]) -> int:
     def on_finished() -> None:
         write_outputs(lab, out, runs, sfts, time.time() - started)
 
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupt)
     try:
         execute(lab, out, runs, on_finished)
     except KeyboardInterrupt:
