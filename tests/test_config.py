@@ -56,8 +56,18 @@ def test_saved_config_is_complete_json(tmp_path):
 def test_shipped_configs_load():
     from pathlib import Path
 
-    for path in sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.py")):
-        assert isinstance(load_config(path), TrainConfig)
+    from dataclasses import replace
+
+    from sqlr1.lab import LabConfig, load_lab, validate
+
+    root = Path(__file__).resolve().parents[1]
+    for path in sorted((root / "configs").glob("*.py")):
+        if path.name.startswith("lab_"):  # lab configs (sqlr1/lab.py): a LabConfig whose every variant loads
+            lab = load_lab(path)
+            assert isinstance(lab, LabConfig)
+            validate(replace(lab, base=str(root / lab.base)), str(path))
+        else:
+            assert isinstance(load_config(path), TrainConfig)
 
 
 @pytest.mark.parametrize("override", [
