@@ -157,6 +157,8 @@ def validate(lab: LabConfig, source: str) -> None:
         base = load_config(lab.base, lab.base_overrides)
     except ValueError as e:
         raise ValueError(f"{source}: base_overrides: {e}") from None
+    if not base.eval_split:
+        raise ValueError(f"{source}: the lab needs held-out evaluations: base config {lab.base} has eval_split=''")
     if base.grpo_steps < 1 or base.sft_steps < 1:
         raise ValueError(f"{source}: base config {lab.base} needs sft_steps >= 1 and grpo_steps >= 1 "
                          f"(has {base.sft_steps}, {base.grpo_steps})")
@@ -192,10 +194,11 @@ def sft_key(run_cfg_path: str | Path, overrides: list[str], seed: int) -> str:
     return h.hexdigest()[:10]
 
 
-def run_finished(run_dir: Path, total_steps: int) -> bool:
-    """final/ written and the evaluation after the last step recorded."""
-    evals = read_evals(run_dir) if (run_dir / "final" / "config.json").is_file() else []
-    return any(e["step"] == total_steps and "ex_voted" in e for e in evals)
+def run_finished(run_dir: Path, total_steps: int, evaluated: bool = True) -> bool:
+    """final/ written and (when the run evaluates: an eval_split) the evaluation after the last step recorded."""
+    if not (run_dir / "final" / "config.json").is_file():
+        return False
+    return not evaluated or any(e["step"] == total_steps and "ex_voted" in e for e in read_evals(run_dir))
 
 
 def _prepare_world(run_cfg_path: str | Path, overrides: list[str]) -> None:
@@ -215,7 +218,8 @@ def sft_checkpoint(run_cfg_path: str | Path, overrides: list[str], seed: int, ca
     _prepare_world(run_cfg_path, overrides)
     cfg = load_config(run_cfg_path, sft_overrides(overrides, seed))
     run_dir = Path(cache_dir) / f"sft-{sft_key(run_cfg_path, overrides, seed)}"
-    if not run_finished(run_dir, cfg.sft_steps):
+    evaluated = bool(cfg.eval_split)
+    if not run_finished(run_dir, cfg.sft_steps, evaluated):
         shutil.rmtree(run_dir, ignore_errors=True)
         proc = _start(Run(f"sft/seed{seed}", run_dir, str(run_cfg_path), sft_overrides(overrides, seed), cfg.sft_steps),
                       threads=max(1, _cores()), extra_args=[])
@@ -223,7 +227,7 @@ def sft_checkpoint(run_cfg_path: str | Path, overrides: list[str], seed: int, ca
             rc = proc.wait()
         finally:
             _kill(proc)
-        if rc != 0:
+        if rc != 0 or not run_finished(run_dir, cfg.sft_steps, evaluated):
             raise RuntimeError(f"SFT run failed (exit {rc}): see {run_dir / 'train.log'}")
     return run_dir / "final"
 

@@ -226,3 +226,16 @@ def test_an_edited_variant_runs_again_and_only_it(micro_lab):
     assert json.loads((out / "arctic/seed0/config.json").read_text())["grpo"]["clip_high"] == 0.3
     assert {p: p.stat().st_mtime_ns for p in micro_lab["cache"].glob("sft-*/metrics.jsonl")} == sfts
     assert set(json.loads((out / "lab.json").read_text())["results"]["arctic"]) == {"0"}
+
+
+def test_sft_checkpoint_runs_once_and_returns_the_final_model(tmp_path, monkeypatch):
+    """The public entry point for other tools (the TRL referee): a run without evaluation is cached too."""
+    monkeypatch.chdir(ROOT)
+    world = build_toyworld(tmp_path / "world", seed=0, num_train_dbs=2, num_dev_dbs=1, dev_questions_per_db=4)
+    overrides = [f"--data_root={world}", "--sft_steps=2", "--sft_batch_size=4", "--eval_split="]
+    final = lab.sft_checkpoint("configs/grpo_tiny.py", overrides, 0, tmp_path / "cache")
+    assert (final / "config.json").is_file() and (final / "tokenizer.json").is_file()
+    stamp = (final.parent / "metrics.jsonl").stat().st_mtime_ns
+    assert lab.sft_checkpoint("configs/grpo_tiny.py", overrides, 0, tmp_path / "cache") == final
+    assert (final.parent / "metrics.jsonl").stat().st_mtime_ns == stamp
+    assert json.loads((final.parent / "config.json").read_text())["grpo_steps"] == 0
