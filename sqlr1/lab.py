@@ -45,12 +45,8 @@ from sqlr1.run import read_evals
 
 TRAIN_PY = Path(__file__).resolve().parents[1] / "train.py"
 
-# Run-config fields the lab sets itself (neither base_overrides nor a variant may); a variant changes the GRPO stage
-# only (SFT is shared by all variants of a seed), so it may not set sft_steps either (base_overrides may).
+# Run-config fields the lab sets itself (neither base_overrides nor a variant may).
 LAB_CONTROLLED = ("seed", "model", "out_dir", "eval_init")
-# What the GRPO stage must share with the SFT weights it starts from (the model's tokenizer comes from its final/
-# directory; the prompt it was trained on is the run config's): lab-wide only.
-SHARED_WITH_SFT = ("sft_steps", "dataset", "data_root", "prompt_template", "sample_values", "max_prompt_len")
 
 # Fields that do not enter the SFT cache key: GRPO-only settings (SFT runs with grpo_steps=0) and settings that
 # decide where, how fast or how verbosely a run goes, never what its SFT steps or end-of-SFT evaluation compute.
@@ -164,9 +160,8 @@ def validate(lab: LabConfig, source: str) -> None:
                          f"(has {base.sft_steps}, {base.grpo_steps})")
     for name, overrides in lab.variants.items():
         for item in overrides:
-            if _key_of(item) in (*LAB_CONTROLLED, *SHARED_WITH_SFT):
-                raise ValueError(f"{source}: variant {name!r} sets {_key_of(item)}, which the lab sets itself or "
-                                 "every variant shares with the cached SFT run: set it in base_overrides")
+            if _key_of(item) in LAB_CONTROLLED:
+                raise ValueError(f"{source}: variant {name!r} sets {_key_of(item)}, which the lab sets itself")
         try:
             if load_config(lab.base, [*lab.base_overrides, *overrides]).grpo_steps < 1:
                 raise ValueError("grpo_steps must be >= 1")
@@ -288,24 +283,29 @@ def _kill(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def plan(lab: LabConfig, out: Path) -> tuple[list[Run], dict[int, Run]]:
-    """The runs: one SFT per seed (in the cache), then per seed every variant's GRPO stage from it."""
-    base = load_config(lab.base, lab.base_overrides)
-    sfts, runs = {}, []
+def plan(lab: LabConfig, out: Path) -> tuple[list[Run], dict[str, Run]]:
+    """The runs: the SFT runs (in the cache), then per seed every variant's GRPO stage from its SFT run.
+
+    A variant's SFT run is the one its own settings key (`sft_key` of base_overrides + its overrides): variants that
+    change only GRPO-stage settings share one SFT per seed; one that changes what SFT computes (e.g. the cold-start
+    split, sft_steps, the prompt template) gets its own, and its gain is paired with that SFT.
+    """
+    sfts: dict[str, Run] = {}  # label -> SFT run
+    grpo = []
     for seed in lab.seeds:
-        key = sft_key(lab.base, lab.base_overrides, seed)
-        sfts[seed] = Run(f"sft/seed{seed}", Path(lab.cache_dir) / f"sft-{key}", lab.base,
-                         sft_overrides(lab.base_overrides, seed), base.sft_steps)
-        runs.append(sfts[seed])
-    for seed in lab.seeds:
-        model = (sfts[seed].dir / "final").absolute()
         for name, overrides in lab.variants.items():
-            args = [*lab.base_overrides, *overrides, f"--seed={seed}", f"--model={model}", "--sft_steps=0",
+            both = [*lab.base_overrides, *overrides]
+            sft_dir = Path(lab.cache_dir) / f"sft-{sft_key(lab.base, both, seed)}"
+            sft = next((r for r in sfts.values() if r.dir == sft_dir), None)
+            if sft is None:
+                label = f"sft/seed{seed}" if not sfts or name == next(iter(lab.variants)) else f"sft:{name}/seed{seed}"
+                sft = sfts[label] = Run(label, sft_dir, lab.base, sft_overrides(both, seed),
+                                        load_config(lab.base, both).sft_steps)
+            args = [*both, f"--seed={seed}", f"--model={(sft.dir / 'final').absolute()}", "--sft_steps=0",
                     "--eval_init=false"]
-            steps = load_config(lab.base, [*lab.base_overrides, *overrides]).grpo_steps
-            runs.append(Run(f"{name}/seed{seed}", out / name / f"seed{seed}", lab.base, args, steps,
-                            needs=sfts[seed].label))
-    return runs, sfts
+            steps = load_config(lab.base, both).grpo_steps
+            grpo.append(Run(f"{name}/seed{seed}", out / name / f"seed{seed}", lab.base, args, steps, needs=sft.label))
+    return [*sfts.values(), *grpo], sfts
 
 
 def execute(lab: LabConfig, out: Path, runs: list[Run], on_finished) -> None:
@@ -352,14 +352,14 @@ def _records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
 
 
-def collect(lab: LabConfig, runs: list[Run], sfts: dict[int, Run]) -> dict:
+def collect(lab: LabConfig, runs: list[Run], sfts: dict[str, Run]) -> dict:
     """Per variant per seed, from the finished runs' metrics.jsonl: the numbers of lab.json."""
     result = {}
     for r in runs:
         if r.needs is None or not is_done(r):
             continue
         name, seed = r.label.split("/seed")
-        sft_eval = read_evals(sfts[int(seed)].dir)[-1]
+        sft_eval = read_evals(sfts[r.needs].dir)[-1]
         recs = _records(r.dir)
         grpo = [x for x in recs if x["stage"] == "grpo"]
         evals = [x for x in recs if x["stage"].startswith("eval:")]
@@ -371,7 +371,7 @@ def collect(lab: LabConfig, runs: list[Run], sfts: dict[int, Run]) -> dict:
             "s_per_step": sum(x["time_rollout"] + x["time_reward"] + x["time_train"] for x in grpo) / max(len(grpo), 1),
             "ex_curve": [[0, sft_eval["ex_greedy"]]] + [[e["step"], e["ex_greedy"]] for e in evals],
             "reward_curve": [x["reward"] for x in grpo],
-            "run_dir": str(r.dir), "sft_dir": str(sfts[int(seed)].dir),
+            "run_dir": str(r.dir), "sft_dir": str(sfts[r.needs].dir), "sft_row": r.needs.split("/seed")[0].upper(),
         }
     return {name: result[name] for name in lab.variants if name in result}
 
@@ -381,13 +381,14 @@ def markdown(lab: LabConfig, results: dict, wall_s: float) -> str:
              "mean [95 % CI over seeds, Student's t]; gain = greedy EX after GRPO - after SFT, paired by seed", "",
              "| variant | n | greedy EX | gain over SFT | voted EX | format | reward last 20 | s/step |",
              "|---|---|---|---|---|---|---|---|"]
-    sft = {}
+    sft: dict[str, dict] = {}  # one row per SFT run family ("SFT"; "SFT:<variant>" for a variant with its own)
     for per_seed in results.values():
         for seed, v in per_seed.items():
-            sft[seed] = v
-    if sft:
-        lines.append(f"| SFT | {len(sft)} | {fmt_ci([v['sft_ex_greedy'] for v in sft.values()])} | - | "
-                     f"{fmt_ci([v['sft_ex_voted'] for v in sft.values()])} | - | - | - |")
+            sft.setdefault(v["sft_row"], {})[seed] = v
+    for row, per_seed in sft.items():
+        vs = list(per_seed.values())
+        lines.append(f"| {row} | {len(vs)} | {fmt_ci([v['sft_ex_greedy'] for v in vs])} | - | "
+                     f"{fmt_ci([v['sft_ex_voted'] for v in vs])} | - | - | - |")
     for name, per_seed in results.items():
         vs = list(per_seed.values())
         lines.append(
@@ -435,7 +436,7 @@ def plot(results: dict, path: Path) -> str | None:
     return None
 
 
-def write_outputs(lab: LabConfig, out: Path, runs: list[Run], sfts: dict[int, Run], wall_s: float) -> str | None:
+def write_outputs(lab: LabConfig, out: Path, runs: list[Run], sfts: dict[str, Run], wall_s: float) -> str | None:
     results = collect(lab, runs, sfts)
     out.mkdir(parents=True, exist_ok=True)
     record = {"name": lab.name, "base": lab.base, "seeds": lab.seeds, "variants": lab.variants,

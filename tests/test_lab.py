@@ -61,7 +61,6 @@ def write_lab(path: Path, world: Path, out: Path, cache: Path, **fields) -> Path
                                                        "mean grpo.clip_high?"),
     ({"variants": {"bad": ["--grpo.loss_agg=sum"]}}, "variant 'bad': GRPOConfig.loss_agg='sum'"),
     ({"variants": {"x": ["--seed=3"]}}, "variant 'x' sets seed"),
-    ({"variants": {"x": ["--prompt_template=sqlr1"]}}, "variant 'x' sets prompt_template"),
     ({"base": "configs/nope.py"}, "base config configs/nope.py not found"),
 ])
 def test_bad_lab_config_is_one_error_line_and_creates_nothing(tmp_path, capsys, monkeypatch, fields, message):
@@ -209,6 +208,25 @@ def test_sft_cache_key_follows_what_changes_sft(micro_lab):
     assert lab.sft_key("configs/grpo_tiny.py", base, 1) != key
     assert lab.sft_key("configs/grpo_tiny.py", [*base, "--sft_lr=1e-3"], 0) != key
     assert lab.sft_key("configs/grpo_tiny.py", [*base, "--eval_limit=3"], 0) != key  # the SFT row's evaluation
+
+
+def test_a_variant_that_changes_sft_gets_its_own_sft_run(micro_lab, tmp_path, monkeypatch):
+    """GRPO-only variants share one SFT per seed; a variant changing what SFT computes (here sft_steps, in the
+    multi-turn lab the cold-start split) is paired with its own SFT run, keyed like every other."""
+    monkeypatch.chdir(ROOT)
+    cfg = write_lab(tmp_path / "lab.py", micro_lab["world"], tmp_path / "out", micro_lab["cache"],
+                    variants={"grpo": [], "arctic": ["--reward.preset=arctic"], "long": ["--sft_steps=12"]})
+    labcfg = lab.load_lab(cfg)
+    runs, sfts = lab.plan(labcfg, tmp_path / "out")
+    assert sorted(sfts) == ["sft/seed0", "sft/seed1", "sft:long/seed0", "sft:long/seed1"]
+    by_label = {r.label: r for r in runs}
+    for seed in (0, 1):
+        assert by_label[f"grpo/seed{seed}"].needs == by_label[f"arctic/seed{seed}"].needs == f"sft/seed{seed}"
+        assert by_label[f"long/seed{seed}"].needs == f"sft:long/seed{seed}"
+        assert sfts[f"sft:long/seed{seed}"].total_steps == 12 and "--sft_steps=12" in sfts[f"sft:long/seed{seed}"].args
+        assert sfts[f"sft:long/seed{seed}"].dir != sfts[f"sft/seed{seed}"].dir
+    # the shared SFT runs are the ones the micro lab already ran (same key): nothing new to do for them
+    assert all(lab.is_done(sfts[f"sft/seed{s}"]) for s in (0, 1))
 
 
 def test_an_edited_variant_runs_again_and_only_it(micro_lab):
