@@ -107,3 +107,134 @@ def test_long_observation_grows_the_cache_and_is_clipped_to_the_budget(model):
 def test_single_turn_has_all_model_tokens(model):
     out = generate(model, PROMPTS, max_new_tokens=6, temperature=0, vocab_size=VOCAB)
     assert out.model_mask == [[True] * 6] * 4
+
+
+# ------------------------------------------------------------------------------------------- the SQL environment
+
+import hashlib  # noqa: E402
+import os  # noqa: E402
+import sqlite3  # noqa: E402
+
+from sqlr1.reward import parse_response  # noqa: E402
+from sqlr1.sandbox import Sandbox  # noqa: E402
+from sqlr1.sql_env import SqlEnv, model_text, pause_ids  # noqa: E402
+from sqlr1.tokenizer import load_tokenizer  # noqa: E402
+from sqlr1.toyworld import train_tokenizer, vocabulary_words, write_tokenizer  # noqa: E402
+from tests.test_sandbox import HOSTILE  # noqa: E402
+from tests.test_tokenizer import write_tokenizer as write_qwen_like  # noqa: E402
+
+TEN_MILLION = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c LIMIT 10000000) SELECT x FROM c"
+
+
+@pytest.fixture(scope="module")
+def tokenizers(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tok")
+    texts = ["<think> look it up <sql>SELECT name FROM t WHERE id = 3</sql>\n</think>\n<answer>```sql\nSELECT 1\n```"
+             "</answer>"] * 20
+    write_tokenizer(train_tokenizer(texts, vocabulary_words(), 600, repeat=2), root / "toy")
+    write_qwen_like(root / "qwen")
+    return {"toy": load_tokenizer(root / "toy"), "qwen": load_tokenizer(root / "qwen")}
+
+
+@pytest.fixture(scope="module")
+def db(tmp_path_factory):
+    path = tmp_path_factory.mktemp("envdb") / "t.sqlite"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, name TEXT)")
+    conn.executemany("INSERT INTO t VALUES (?, ?)", [(i, f"Name{i}") for i in range(50)])
+    conn.commit()
+    conn.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def pool():
+    with Sandbox(num_workers=2, timeout=2.0) as sandbox:
+        yield sandbox
+
+
+@pytest.mark.parametrize("which", ["toy", "qwen"])
+@pytest.mark.parametrize("after", ["\n", " then", "x", ""])
+def test_the_closing_token_of_sql_pauses_and_is_found_once(tokenizers, pool, db, which, after):
+    tok = tokenizers[which]
+    ids = tok.encode(f" I check <sql>SELECT name FROM t WHERE id > 2</sql>{after}")
+    pauses = set(pause_ids(tok))
+    env = SqlEnv(pool, tok, [str(db)])
+    found = [n for n in range(1, len(ids) + 1) if ids[n - 1] in pauses and env.query(0, ids[:n]) is not None]
+    # exactly one pause reads the query: the token that completes "</sql>"
+    assert len(found) == 1 and "</sql>" in tok.decode(ids[: found[0]]) and "</sql>" not in tok.decode(ids[: found[0] - 1])
+    env2 = SqlEnv(pool, tok, [str(db)])
+    assert env2.query(0, ids[: found[0]]) == "SELECT name FROM t WHERE id > 2"
+
+
+def observe(env, row, text):
+    """The observation the env appends after `text` (as the sampler would call it), decoded."""
+    [ids] = env.on_pause([row], [env.tokenizer.encode(text)])
+    return env.tokenizer.decode(ids)
+
+
+def test_observations_rows_errors_timeouts_and_huge_results(tokenizers, pool, db):
+    tok = tokenizers["qwen"]
+    env = SqlEnv(pool, tok, [str(db)] * 4, row_limit=3, timeout=0.5)
+    rows = observe(env, 0, "<sql>SELECT id, name FROM t ORDER BY id</sql>")
+    assert rows.strip() == "<observation>\nid | name\n0 | Name0\n1 | Name1\n2 | Name2\n(first 3 rows shown)\n</observation>"
+    assert "error: no such column: nope" in observe(env, 1, "<sql>SELECT nope FROM t</sql>")
+    assert "timeout" in observe(env, 2, "<sql>WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) "
+                                        "SELECT count(*) FROM c</sql>")
+    huge = observe(env, 3, f"<sql>{TEN_MILLION}</sql>")  # 3 rows fetched, not 10 million
+    assert "x\n1\n2\n3\n(first 3 rows shown)" in huge
+    assert [t[0].status for t in env.turns] == ["ok", "error", "timeout", "ok"]
+    assert env.stats() == {"queries": 4, "querying_rows": 4, "query_errors": 2}
+
+
+def test_row_limit_in_the_sandbox(pool, db):
+    [r] = pool.execute_many([(db, TEN_MILLION)], row_limit=2)
+    assert r.ok and r.rows == [(1,), (2,)] and r.truncated and r.columns == ["x"]
+    [r] = pool.execute_many([(db, "SELECT id FROM t WHERE id < 2")], row_limit=2)
+    assert r.ok and r.rows == [(0,), (1,)] and not r.truncated
+    [r] = pool.execute_many([(db, TEN_MILLION)], timeout=5.0)  # without a limit: over the pool's max_rows
+    assert r.status == "error" and r.truncated
+
+
+def test_max_turns_and_the_token_budget(tokenizers, pool, db):
+    tok = tokenizers["toy"]
+    env = SqlEnv(pool, tok, [str(db)], max_turns=2, max_obs_tokens=60, row_limit=50)
+    ids = []
+    for _ in range(3):
+        ids += tok.encode(" <sql>SELECT name FROM t</sql>")
+        obs = env.on_pause([0], [ids])[0]
+        assert len(obs) <= 60
+        ids += obs
+    assert [t.status for t in env.turns[0]] == ["ok", "ok", "refused"]
+    assert "not executed" in env.turns[0][2].observation and " ..." in env.turns[0][0].observation
+
+
+def test_no_query_after_think_and_none_without_a_close(tokenizers, pool, db):
+    tok = tokenizers["toy"]
+    env = SqlEnv(pool, tok, [str(db)] * 2)
+    assert env.on_pause([0, 1], [tok.encode(" a <sql>SELECT 1"), tok.encode("x</think> <sql>SELECT 1</sql>")]) == [[], []]
+    assert env.turns == [[], []]
+
+
+@pytest.mark.parametrize("name", ["attach_new_file", "load_extension", "insert", "writable_schema", "vacuum_into",
+                                  "journal_mode_wal", "drop_table"])
+def test_hostile_sql_in_a_rollout_changes_no_file(tokenizers, pool, db, name):
+    folder = db.parent
+    before = hashlib.sha256(db.read_bytes()).hexdigest(), sorted(os.listdir(folder))
+    env = SqlEnv(pool, tokenizers["qwen"], [str(db)], timeout=1.0)
+    out = observe(env, 0, f"<sql>{HOSTILE[name].replace('{folder}', str(folder))}</sql>")
+    assert env.turns[0][0].status in ("error", "timeout") and "<observation>" in out
+    assert (hashlib.sha256(db.read_bytes()).hexdigest(), sorted(os.listdir(folder))) == before
+
+
+def test_model_text_drops_observations_and_observation_tags_are_a_format_error(tokenizers):
+    tok = tokenizers["qwen"]
+    good = " a</think>\n<answer>```sql\nSELECT 1\n```</answer>"
+    obs = tok.encode("<observation>\n```sql\nSELECT 2\n```</answer>\n</observation>")
+    tokens = tok.encode(" look <sql>SELECT 2</sql>") + obs + tok.encode(good)
+    mask = [True] * len(tokens)
+    start = len(tok.encode(" look <sql>SELECT 2</sql>"))
+    mask[start : start + len(obs)] = [False] * len(obs)
+    text = model_text(tok, tokens, mask)
+    assert "<observation>" not in text and parse_response(text).format_ok and parse_response(text).sql == "SELECT 1"
+    assert not parse_response(" look <observation>rows</observation>" + good).format_ok
