@@ -238,3 +238,52 @@ def test_model_text_drops_observations_and_observation_tags_are_a_format_error(t
     text = model_text(tok, tokens, mask)
     assert "<observation>" not in text and parse_response(text).format_ok and parse_response(text).sql == "SELECT 1"
     assert not parse_response(" look <observation>rows</observation>" + good).format_ok
+
+
+# ------------------------------------------------------------------------------------------------------ training
+
+from sqlr1.batch import Sequence, collate  # noqa: E402
+from sqlr1.grpo import GRPOConfig, loss_norm, policy_loss  # noqa: E402
+from sqlr1.update import micro_batch_logprobs  # noqa: E402
+
+
+def interleaved_sequences(old_obs: float = 0.0) -> list[Sequence]:
+    """2 prompts x 2 completions of model tokens with observations (loss_mask 0) in between."""
+    g = torch.Generator().manual_seed(0)
+    seqs = []
+    for p in range(2):
+        prompt = torch.randint(1, VOCAB, (3 + 2 * p,), generator=g).tolist()
+        for j in range(2):
+            n = 9 + 2 * j
+            mask = [1.0] * n
+            mask[2 + j : 6 + j] = [0.0] * 4  # a 4-token observation
+            old = [(-1.0 if m else old_obs) for m in mask]
+            seqs.append(Sequence(prompt, torch.randint(1, VOCAB, (n,), generator=g).tolist(), old,
+                                 advantage=1.0 + j, sampler_logp=old, group=p, loss_mask=mask))
+    return seqs
+
+
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-mean"])
+def test_observations_get_no_gradient_and_do_not_count_in_the_denominator(model, shared, loss_agg):
+    cfg = GRPOConfig(kl_coef=0.0, loss_agg=loss_agg)
+
+    def step(seqs):
+        mb = collate(seqs, pad_id=0, shared=shared)
+        norm = loss_norm([mb.mask], 16)
+        logp, _ = micro_batch_logprobs(model, mb, 1.0, VOCAB)
+        loss, _ = policy_loss(logp, mb.old_logp, None, mb.advantages, mb.mask, cfg, norm)
+        model.zero_grad()
+        d_logp, = torch.autograd.grad(loss, logp, retain_graph=True)
+        loss.backward()
+        return mb, norm, d_logp, {k: p.grad.clone() for k, p in model.named_parameters()}
+
+    mb, norm, d_logp, grads = step(interleaved_sequences())
+    model_tok = torch.zeros_like(mb.mask, dtype=torch.bool)
+    for i, s in enumerate(interleaved_sequences()):
+        model_tok[i, : len(s.completion)] = torch.tensor(s.loss_mask) > 0
+    assert norm.num_tokens == model_tok.sum() == 4 * 10 - 16
+    assert (d_logp[~model_tok] == 0).all() and (d_logp[model_tok] != 0).all()
+    # what old / sampler values the observation positions carry changes nothing (inf included)
+    _, _, d2, grads2 = step(interleaved_sequences(old_obs=float("inf")))
+    assert torch.equal(d_logp, d2) and all(torch.equal(grads[k], grads2[k]) for k in grads)
