@@ -42,7 +42,7 @@ from sqlr1.run import (
     remove_partial_checkpoints, resume_checkpoint, save_checkpoint,
 )
 from sqlr1.sandbox import Sandbox
-from sqlr1.sql_env import model_text
+from sqlr1.sql_env import encode_with_observations, model_text
 from sqlr1.tokenizer import load_tokenizer
 from sqlr1.update import (
     compute_context, make_optimizer, micro_batch_logprobs, microbatches, optimizer_step, recompute_old_logprobs,
@@ -91,14 +91,17 @@ def shared_rl_filter(examples, prompts, sandbox: Sandbox, cfg: TrainConfig, d) -
 
 
 def sft_step(step, policy, opt, sched, examples, prompts, tokenizer, cfg, d, ctx) -> dict:
-    """One cold-start SFT step: cross-entropy on response tokens only (prompt tokens are masked out)."""
+    """One cold-start SFT step: cross-entropy on response tokens only (prompt tokens are masked out, and so are the
+    observations of multi-turn traces, encoded as the SQL environment encodes them)."""
     t0 = time.time()
     per_rank = cfg.sft_batch_size
     idx = step_indices(len(examples), per_rank * d.world_size, step, cfg.seed)[d.rank * per_rank : (d.rank + 1) * per_rank]
     seqs = []
     for i in idx:
-        response = tokenizer.encode(sft_response(examples[i]))[: cfg.max_response_len - 1] + [tokenizer.eos_ids[0]]
-        seqs.append(Sequence(prompts[i].ids, response))
+        ids, own = encode_with_observations(tokenizer, sft_response(examples[i]), cfg.obs_max_tokens)
+        n = cfg.max_response_len - 1
+        seqs.append(Sequence(prompts[i].ids, ids[:n] + [tokenizer.eos_ids[0]],
+                             loss_mask=None if all(own) else own[:n] + [1.0]))
     mbs = microbatches(seqs, cfg.micro_batch_size, tokenizer.pad_id, d.device)
     norm = loss_norm([mb.mask for mb in mbs], cfg.max_response_len, world_reduce=distributed.all_reduce)
     loss_sum, _ = train_on_micro_batches(policy, mbs, norm, cfg, d, ctx, tokenizer.vocab_size, sft=True)

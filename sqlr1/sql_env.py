@@ -23,13 +23,16 @@ model's own tokens (`model_text`), so what the database returned never counts as
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import dataclass, field
 
 from sqlr1.sandbox import ExecResult, Sandbox
 from sqlr1.tokenizer import Tokenizer
 
 OPEN, CLOSE = "<sql>", "</sql>"
+OBS_OPEN, OBS_CLOSE = "\n<observation>\n", "\n</observation>\n"
 VALUE_CHARS = 40  # a cell's text is cut to this many characters
+_OBSERVATION = re.compile(re.escape(OBS_OPEN) + "(.*?)" + re.escape(OBS_CLOSE), re.DOTALL)
 
 
 @functools.cache
@@ -59,6 +62,30 @@ def render(result: ExecResult, row_limit: int) -> str:
     elif result.truncated:
         lines.append(f"(first {row_limit} rows shown)")
     return "\n".join(lines)
+
+
+def observation_tokens(tokenizer: Tokenizer, body: str, max_tokens: int) -> list[int]:
+    """OBS_OPEN + body + OBS_CLOSE as token ids (each part encoded alone), the body cut to fit max_tokens in all."""
+    head, tail, ids = tokenizer.encode(OBS_OPEN), tokenizer.encode(OBS_CLOSE), tokenizer.encode(body)
+    room = max_tokens - len(head) - len(tail)
+    if len(ids) > room:
+        cut = tokenizer.encode(" ...")
+        ids = ids[: max(room - len(cut), 0)] + cut
+    return head + ids + tail
+
+
+def encode_with_observations(tokenizer: Tokenizer, text: str, max_tokens: int = 1 << 30) -> tuple[list[int], list[float]]:
+    """A multi-turn trace (SFT cold start) as the rollout would hold it: (ids, loss mask), the observations encoded
+    as the environment encodes them and masked out (0), the model's text between them 1."""
+    ids, mask, at = [], [], 0
+    for m in _OBSERVATION.finditer(text):
+        own = tokenizer.encode(text[at : m.start()])
+        obs = observation_tokens(tokenizer, m.group(1), max_tokens)
+        ids += own + obs
+        mask += [1.0] * len(own) + [0.0] * len(obs)
+        at = m.end()
+    own = tokenizer.encode(text[at:])
+    return ids + own, mask + [1.0] * len(own)
 
 
 @dataclass
@@ -93,9 +120,6 @@ class SqlEnv:
         self.turns = [[] for _ in self.db_paths]
         self._seen = [0] * len(self.db_paths)
         self._closed = [False] * len(self.db_paths)
-        self._open = self.tokenizer.encode("\n<observation>\n")
-        self._close = self.tokenizer.encode("\n</observation>\n")
-        self._cut = self.tokenizer.encode(" ...")
 
     def query(self, row: int, generated: list[int]) -> str | None:
         """The SQL of a `<sql>...</sql>` just closed inside <think>, else None. The row's text since its last
@@ -135,12 +159,7 @@ class SqlEnv:
         return out
 
     def observation_ids(self, body: str) -> list[int]:
-        """"<observation>" + body + "</observation>" as token ids, the body cut to fit max_obs_tokens in all."""
-        ids = self.tokenizer.encode(body)
-        room = self.max_obs_tokens - len(self._open) - len(self._close)
-        if len(ids) > room:
-            ids = ids[: max(room - len(self._cut), 0)] + self._cut
-        return self._open + ids + self._close
+        return observation_tokens(self.tokenizer, body, self.max_obs_tokens)
 
     def stats(self) -> dict[str, float]:
         """Sums over the batch's rows: queries, rows that queried, queries that failed (error / timeout)."""

@@ -287,3 +287,39 @@ def test_observations_get_no_gradient_and_do_not_count_in_the_denominator(model,
     # what old / sampler values the observation positions carry changes nothing (inf included)
     _, _, d2, grads2 = step(interleaved_sequences(old_obs=float("inf")))
     assert torch.equal(d_logp, d2) and all(torch.equal(grads[k], grads2[k]) for k in grads)
+
+
+# ----------------------------------------------------------------------------------------------------- toy world
+
+import json  # noqa: E402
+
+from sqlr1.sql_env import encode_with_observations  # noqa: E402
+from sqlr1.toyworld import build_toyworld  # noqa: E402
+
+
+def test_toy_lookup_family_and_its_traces_match_the_environment(tmp_path, pool):
+    root = build_toyworld(tmp_path / "w", seed=0, num_train_dbs=3, num_dev_dbs=1)
+    split = {s: json.loads((root / f"{s}.json").read_text()) for s in
+             ("train", "sft", "dev", "train_tools", "dev_tools", "sft_tools", "sft_tools_blind")}
+    assert split["train_tools"][: len(split["train"])] == split["train"]
+    assert split["sft_tools"][: len(split["sft"])] == split["sft"] and split["dev_tools"][: len(split["dev"])] == split["dev"]
+    lookups = split["train_tools"][len(split["train"]):]
+    tools, blind = split["sft_tools"][len(split["sft"]):], split["sft_tools_blind"][len(split["sft"]):]
+    assert len(lookups) == 9 and len(split["dev_tools"]) - len(split["dev"]) == 6
+    tok = load_tokenizer(root / "tokenizer")
+    for rec, trace, one_turn in zip(lookups, tools, blind):
+        db = str(root / "database" / rec["db_id"] / f"{rec['db_id']}.sqlite")
+        prefix = rec["question"].split("'")[1]
+        stored = rec["query"].split("'")[1]
+        assert prefix.islower() and stored.lower().startswith(prefix) and stored != prefix  # not in the question
+        gold, wrong, like = pool.execute_many([(db, rec["query"]), (db, rec["query"].replace(stored, prefix)),
+                                               (db, one_turn["query"])])
+        assert gold.ok and gold.rows and wrong.rows == [] and like.rows == gold.rows
+        # the tool trace's observation is exactly what the environment appends after its <sql>
+        ids, own = encode_with_observations(tok, trace["cot"], 128)
+        upto = trace["cot"].index("</sql>") + len("</sql>")
+        head = tok.encode(trace["cot"][:upto])
+        env = SqlEnv(pool, tok, [db], max_obs_tokens=128)
+        obs = env.on_pause([0], [head])[0]
+        assert ids[: len(head) + len(obs)] == head + obs and own[len(head) : len(head) + len(obs)] == [0.0] * len(obs)
+        assert all(own[: len(head)]) and all(own[len(head) + len(obs):])
