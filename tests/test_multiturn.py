@@ -323,3 +323,24 @@ def test_toy_lookup_family_and_its_traces_match_the_environment(tmp_path, pool):
         obs = env.on_pause([0], [head])[0]
         assert ids[: len(head) + len(obs)] == head + obs and own[len(head) : len(head) + len(obs)] == [0.0] * len(obs)
         assert all(own[: len(head)]) and all(own[len(head) + len(obs):])
+
+
+def test_rollouts_with_the_real_environment_end_at_the_budget(tokenizers, pool, db):
+    """A random model never closes a <sql>: with the real env and tokenizer its rows pause on every ">" token, get
+    nothing appended, and end at the budget (or a stop id) like single-turn rows."""
+    from sqlr1.model import ModelConfig, Qwen2
+
+    tok = tokenizers["toy"]
+    m = Qwen2(ModelConfig(vocab_size=tok.vocab_size + 7, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=1))
+    m.init_weights(std=0.02, generator=torch.Generator().manual_seed(0))
+    env = SqlEnv(pool, tok, [str(db)] * 6)
+    calls = []
+    def on_pause(rows, generated):
+        calls.append(rows)
+        return env.on_pause(rows, generated)
+    prompt = tok.encode(" <sql>SELECT")
+    out = generate(m, [prompt, prompt[:2]], num_samples=3, max_new_tokens=40, temperature=1.0, seed=0,
+                   vocab_size=tok.vocab_size, stop_ids=tok.eos_ids, pause_ids=pause_ids(tok), on_pause=on_pause)
+    assert calls and env.turns == [[]] * 6 and all(all(m) for m in out.model_mask)
+    assert all(len(t) == 40 or r == "stop" for t, r in zip(out.tokens, out.finish_reason))
