@@ -344,3 +344,35 @@ def test_rollouts_with_the_real_environment_end_at_the_budget(tokenizers, pool, 
                    vocab_size=tok.vocab_size, stop_ids=tok.eos_ids, pause_ids=pause_ids(tok), on_pause=on_pause)
     assert calls and env.turns == [[]] * 6 and all(all(m) for m in out.model_mask)
     assert all(len(t) == 40 or r == "stop" for t, r in zip(out.tokens, out.finish_reason))
+
+
+def test_config_fields_are_checked():
+    from sqlr1.config import TrainConfig
+
+    assert TrainConfig().max_turns == 0  # single turn unless asked
+    for bad in ({"max_turns": -1}, {"obs_rows": 0}, {"obs_max_tokens": 4}, {"query_cost": float("nan")}):
+        with pytest.raises(ValueError, match="max_turns"):
+            TrainConfig(**bad)
+
+
+def test_train_runs_multi_turn_grpo_on_the_toy_tools_splits(tmp_path):
+    """train.py end to end with max_turns > 0: SFT on traces with observations, GRPO steps with the environment,
+    the per-step query metrics logged."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    world = build_toyworld(tmp_path / "world", seed=0, num_train_dbs=2, num_dev_dbs=1, train_questions_per_db=4,
+                           dev_questions_per_db=2)
+    run = tmp_path / "run"
+    cmd = [sys.executable, str(root / "train.py"), "--config", str(root / "configs" / "grpo_tiny_tools.py"),
+           f"--data_root={world}", f"--out_dir={run}", "--sft_steps=2", "--sft_batch_size=4", "--grpo_steps=2",
+           "--eval_split=", "--prompts_per_step=2", "--group_size=4", "--micro_batch_size=4",
+           "--max_response_len=24", "--sandbox_workers=1"]
+    out = subprocess.run(cmd, cwd=root, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    grpo = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"grpo"' in x]
+    assert len([r for r in grpo if "query_rate" in r]) == 2
+    assert all(0 <= r["query_rate"] <= 1 and r["completion_len_max"] <= 24 for r in grpo if "query_rate" in r)
