@@ -49,14 +49,17 @@ def model_text(tokenizer: Tokenizer, tokens: list[int], model_mask: list[bool] |
     return tokenizer.decode(ids)
 
 
+def _cells(row) -> str:
+    return " | ".join("NULL" if v is None else str(v)[:VALUE_CHARS] for v in row)
+
+
 def render(result: ExecResult, row_limit: int) -> str:
     """The observation's body: column names and up to row_limit rows (" | "-separated), or the error."""
     if result.status == "timeout":
         return "timeout"
     if not result.ok:
         return f"error: {result.error}"
-    cells = lambda row: " | ".join("NULL" if v is None else str(v)[:VALUE_CHARS] for v in row)  # noqa: E731
-    lines = [cells(result.columns)] + [cells(r) for r in result.rows[:row_limit]]
+    lines = [_cells(result.columns)] + [_cells(r) for r in result.rows[:row_limit]]
     if not result.rows:
         lines.append("(no rows)")
     elif result.truncated:
@@ -90,6 +93,8 @@ def encode_with_observations(tokenizer: Tokenizer, text: str, max_tokens: int = 
 
 @dataclass
 class Turn:
+    """One query of a rollout and what the environment answered."""
+
     sql: str
     status: str  # "ok" | "error" | "timeout" | "refused" (past max_turns)
     observation: str  # the appended text, as decoded from its tokens
