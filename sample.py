@@ -4,7 +4,9 @@
     python sample.py --model DIR --dataset spider --data-root data/spider --split dev --n 8 [--limit 100]
 
 Self-consistency (SQL-R1, Sec. 3.3): N candidates at temperature T are executed, grouped by result set, and the
-first SQL of the largest group is the answer; --n 1 or --temperature 0 decodes greedily.
+first SQL of the largest group is the answer; --n 1 or --temperature 0 decodes greedily. --max_turns N lets each
+candidate run up to N queries inside its reasoning (multi-turn rollouts, sqlr1/sql_env.py); one question then
+prints each turn (query, observation) before the answer.
 """
 
 from __future__ import annotations
@@ -58,6 +60,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                     default="bfloat16" if torch.cuda.is_available() else "float32")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-turns", "--max_turns", dest="max_turns", type=int, default=0,
+                    help="queries a candidate may run inside <think> (0: single turn)")
+    ap.add_argument("--obs-rows", type=int, default=5, help="rows an observation shows (multi-turn)")
+    ap.add_argument("--obs-max-tokens", type=int, default=128, help="tokens per observation (multi-turn)")
     args = ap.parse_args(argv)
     if Path(args.model).is_file():
         ap.error(f"--model {args.model}: is a file; give the checkpoint directory (config.json, *.safetensors, "
@@ -75,6 +81,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         ap.error("--dataset needs --data-root (the directory holding the data set's json files and databases)")
     if args.batch_size < 1 or args.limit < 0 or args.n < 1 or args.max_new_tokens < 1 or args.max_prompt_len < 1:
         ap.error("--batch-size, --n, --max-new-tokens and --max-prompt-len must be >= 1, --limit >= 0")
+    if args.max_turns < 0 or args.obs_rows < 1 or args.obs_max_tokens < 8:
+        ap.error("--max_turns must be >= 0, --obs-rows >= 1, --obs-max-tokens >= 8")
     if not (0 <= args.temperature < math.inf and 0 < args.timeout < math.inf):  # NaN fails too
         ap.error("--temperature must be finite and >= 0, --timeout finite and > 0")
     return args
@@ -139,8 +147,11 @@ def one_question(model, tokenizer, settings: PromptSettings, sandbox, args) -> N
     prompt = build_prompt(ex, tokenizer, TEMPLATES[settings.template], args.max_prompt_len, settings.sample_values)
     check_prompts([prompt], [ex], args, model.config.max_position_embeddings)
     a = answer(model, tokenizer, [prompt.ids], [str(ex.db_path)], sandbox, n=args.n, temperature=args.temperature,
-               max_new_tokens=args.max_new_tokens, seed=args.seed, timeout=args.timeout)[0]
-    print("=== reasoning and answer ===")
+               max_new_tokens=args.max_new_tokens, seed=args.seed, timeout=args.timeout, **turn_settings(args))[0]
+    for k, turn in enumerate(a.turns or [], 1):
+        print(f"=== turn {k}: query ({turn.status}) ===\n{turn.sql}\n=== turn {k}: observation ===\n"
+              f"{turn.observation.strip()}\n")
+    print("=== reasoning and answer ===" + (" (the model's own text; observations above)" if a.turns else ""))
     print("<think>\n" + a.response.strip())
     print(f"\n=== SQL ({a.votes} of {len(a.candidates)} candidates agree; {a.num_valid} executed) ===")
     if not a.sql:
@@ -152,6 +163,11 @@ def one_question(model, tokenizer, settings: PromptSettings, sandbox, args) -> N
         return
     print(f"\n=== result: {len(a.result.rows)} rows{' (truncated)' if a.result.truncated else ''} ===")
     print_table(a.result.rows, a.result.ncols)
+
+
+def turn_settings(args) -> dict:
+    """`inference.answer`'s multi-turn keywords from the command line."""
+    return {"max_turns": args.max_turns, "obs_rows": args.obs_rows, "obs_max_tokens": args.obs_max_tokens}
 
 
 def dataset_eval(model, tokenizer, settings: PromptSettings, sandbox, args, model_dir: Path) -> None:
@@ -173,7 +189,7 @@ def dataset_eval(model, tokenizer, settings: PromptSettings, sandbox, args, mode
         preds = [a.sql for a in answer_in_batches(model, tokenizer, prompts, dbs, sandbox, args.batch_size,
                                                   seed=args.seed, desc=name, n=n, temperature=args.temperature,
                                                   max_new_tokens=args.max_new_tokens, timeout=args.timeout,
-                                                  mode=mode)]
+                                                  mode=mode, **turn_settings(args))]
         elapsed = time.time() - t0
         write_predictions(out, name, args.dataset, examples, preds)
         verdicts = score_pairs(sandbox, preds, [ex.sql for ex in examples], dbs, mode=mode, timeout=args.timeout)

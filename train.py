@@ -34,15 +34,15 @@ from sqlr1.config import DTYPES, TrainConfig, config_dict, load_config, resume_c
 from sqlr1.data import SHORT_PROMPT, SQLR1_PROMPT, Example, build_prompt, filter_for_rl, load_dataset, sft_response
 from sqlr1.grpo import finalize_metrics, finalize_mismatch, group_advantages, keep_groups, loss_norm
 from sqlr1.hub import resolve_checkpoint
-from sqlr1.inference import completion_text, evaluate_policy
+from sqlr1.inference import completion_text, evaluate_policy, generate_episodes
 from sqlr1.reward import score_batch
 from sqlr1.run import (
     MetricsLog, last_logged_step, latest_checkpoint, load_checkpoint, lock_run_dir, make_run_dir, plot_metrics,
     promote_final, prune_checkpoints, read_evals, read_trainer_state, record_config_changes,
     remove_partial_checkpoints, resume_checkpoint, save_checkpoint,
 )
-from sqlr1.sampling import generate
 from sqlr1.sandbox import Sandbox
+from sqlr1.sql_env import encode_with_observations, model_text
 from sqlr1.tokenizer import load_tokenizer
 from sqlr1.update import (
     compute_context, make_optimizer, micro_batch_logprobs, microbatches, optimizer_step, recompute_old_logprobs,
@@ -91,14 +91,17 @@ def shared_rl_filter(examples, prompts, sandbox: Sandbox, cfg: TrainConfig, d) -
 
 
 def sft_step(step, policy, opt, sched, examples, prompts, tokenizer, cfg, d, ctx) -> dict:
-    """One cold-start SFT step: cross-entropy on response tokens only (prompt tokens are masked out)."""
+    """One cold-start SFT step: cross-entropy on response tokens only (prompt tokens are masked out, and so are the
+    observations of multi-turn traces, encoded as the SQL environment encodes them)."""
     t0 = time.time()
     per_rank = cfg.sft_batch_size
     idx = step_indices(len(examples), per_rank * d.world_size, step, cfg.seed)[d.rank * per_rank : (d.rank + 1) * per_rank]
     seqs = []
     for i in idx:
-        response = tokenizer.encode(sft_response(examples[i]))[: cfg.max_response_len - 1] + [tokenizer.eos_ids[0]]
-        seqs.append(Sequence(prompts[i].ids, response))
+        ids, own = encode_with_observations(tokenizer, sft_response(examples[i]), cfg.obs_max_tokens)
+        n = cfg.max_response_len - 1
+        seqs.append(Sequence(prompts[i].ids, ids[:n] + [tokenizer.eos_ids[0]],
+                             loss_mask=None if all(own) else own[:n] + [1.0]))
     mbs = microbatches(seqs, cfg.micro_batch_size, tokenizer.pad_id, d.device)
     norm = loss_norm([mb.mask for mb in mbs], cfg.max_response_len, world_reduce=distributed.all_reduce)
     loss_sum, _ = train_on_micro_batches(policy, mbs, norm, cfg, d, ctx, tokenizer.vocab_size, sft=True)
@@ -125,8 +128,10 @@ def grpo_step(step, policy, rollout_model, ref, opt, sched, examples, prompts, t
     if rollout_model is not policy:
         distributed.copy_full_weights(policy, rollout_model)  # on-policy: this step's weights
     G = cfg.group_size
-    samples = generate(
-        rollout_model, [prompts[i].ids for i in idx], num_samples=G, max_new_tokens=cfg.max_response_len,
+    # max_turns > 0: multi-turn episodes, the rollouts query their databases inside <think> (sqlr1/sql_env.py)
+    samples, env = generate_episodes(
+        rollout_model, tokenizer, [prompts[i].ids for i in idx], [str(examples[i].db_path) for i in idx], sandbox,
+        G, cfg.max_turns, cfg.obs_rows, cfg.obs_max_tokens, cfg.reward.timeout, max_new_tokens=cfg.max_response_len,
         temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, stop_ids=tokenizer.eos_ids,
         vocab_size=tokenizer.vocab_size, seed=(cfg.seed * 1_000_003 + step) * 1009 + d.rank, compile=cfg.compile,
         progress=False,
@@ -135,17 +140,22 @@ def grpo_step(step, policy, rollout_model, ref, opt, sched, examples, prompts, t
         distributed.free_weights(rollout_model)  # the rollout copy holds memory only while it samples
     t_rollout = time.time()
 
-    texts = [completion_text(tokenizer, t) for t in samples.tokens]
+    texts = [completion_text(tokenizer, t) for t in samples.tokens]  # what the policy saw, observations included
+    own = [model_text(tokenizer, t, m) for t, m in zip(samples.tokens, samples.model_mask)]  # what it wrote
     golds = [(str(examples[idx[p]].db_path), examples[idx[p]].sql) for p in samples.prompt_index]
-    rewards = score_batch(sandbox, texts, golds, cfg.reward, count_tokens=lambda s: len(tokenizer.encode(s)))
+    rewards = score_batch(sandbox, own, golds, cfg.reward, count_tokens=lambda s: len(tokenizer.encode(s)))
+    executed = [sum(t.status != "refused" for t in turns) for turns in env.turns] if env else [0] * len(texts)
     t_reward = time.time()
 
-    r = torch.tensor([x.total for x in rewards], dtype=torch.float32)
+    # R = SQL-R1's reward of the final answer - query_cost x (queries executed)
+    r = torch.tensor([x.total - cfg.query_cost * q for x, q in zip(rewards, executed)], dtype=torch.float32)
     adv, adv_stats = group_advantages(r, G, cfg.grpo, world_reduce=distributed.all_reduce)
     keep = keep_groups(r, G, cfg.grpo)
+    # observations are in the sequence but out of the loss (batch.py); None: every token is the policy's
+    loss_masks = [None if env is None else [float(m) for m in mask] for mask in samples.model_mask]
     seqs = [
         Sequence(prompts[idx[samples.prompt_index[j]]].ids, samples.tokens[j], samples.logprobs[j], float(adv[j]),
-                 sampler_logp=samples.logprobs[j], group=samples.prompt_index[j])
+                 sampler_logp=samples.logprobs[j], group=samples.prompt_index[j], loss_mask=loss_masks[j])
         for j in range(len(texts)) if keep[j]
     ]
     skip_zero_var = int(distributed.all_reduce(torch.tensor(len(seqs)))) == 0  # same answer on every rank
@@ -153,7 +163,7 @@ def grpo_step(step, policy, rollout_model, ref, opt, sched, examples, prompts, t
     if not skip_zero_var:
         if not seqs:  # this rank's groups were all dropped, another rank's were not: a zero-weight filler
             seqs = [Sequence(prompts[idx[0]].ids, samples.tokens[0], samples.logprobs[0], 0.0, weight=0.0,
-                             sampler_logp=samples.logprobs[0], group=0)]
+                             sampler_logp=samples.logprobs[0], group=0, loss_mask=loss_masks[0])]
         mbs = microbatches(seqs, cfg.micro_batch_size, tokenizer.pad_id, d.device, shared=cfg.shared_prefix)
         norm = loss_norm([mb.mask for mb in mbs], cfg.max_response_len, world_reduce=distributed.all_reduce)
         if ref is not None:
@@ -190,6 +200,8 @@ def grpo_step(step, policy, rollout_model, ref, opt, sched, examples, prompts, t
         "len_sum": sum(lengths), "truncated": sum(f == "length" for f in samples.finish_reason),
         "zero_std_groups": adv_stats["frac_zero_std"] * len(idx), "groups": len(idx),
         "rollout_tokens": sum(lengths), "train_tokens": sum(mb.num_tokens for mb in mbs) * cfg.ppo_epochs,
+        "obs_tokens": sum(m.count(False) for m in samples.model_mask),
+        **(env.stats() if env else {"queries": 0, "querying_rows": 0, "query_errors": 0}),
     }
     tot = reduce_metric_sums(local)
     len_max = int(distributed.all_reduce(torch.tensor(max(lengths)), op="max"))
@@ -206,6 +218,9 @@ def grpo_step(step, policy, rollout_model, ref, opt, sched, examples, prompts, t
         "train_tokens_per_s": tot["train_tokens"] / (t_train - t_reward),
         "time_rollout": t_rollout - t0, "time_reward": t_reward - t_rollout, "time_train": t_train - t_reward,
     }
+    if cfg.max_turns > 0:  # multi-turn: how the rollouts used the database
+        record.update(queries_per_completion=tot["queries"] / n, query_rate=tot["querying_rows"] / n,
+                      obs_tokens_mean=tot["obs_tokens"] / n, query_errors=tot["query_errors"] / max(tot["queries"], 1))
     if totals is not None:
         record["skipped_zero_var_total"] = totals["skipped_zero_var"]
     if not skip_zero_var:  # policy-update metrics (the skipped step has none: no loss, no gradient)

@@ -9,7 +9,9 @@ completions RIGHT-padded to the longest completion C:
                                                                     because for base models pad == EOS)
 
 so every completion starts at column P and `model.token_logprobs(input_ids, attention_mask, start=P-1)` returns
-log-probs aligned with `mask`. Sequences are sorted by length before splitting so padding stays small.
+log-probs aligned with `mask`. Multi-turn completions (sqlr1/sql_env.py) interleave model tokens and observations:
+the observations stay in input_ids (the policy conditions on them) but `Sequence.loss_mask` zeroes them in `mask`,
+so they get no loss, no gradient and no place in the token-mean denominator (`grpo.loss_norm` counts `mask`). Sequences are sorted by length before splitting so padding stays small.
 
 Shared-prefix micro-batches (`shared=True`, GRPO): the G completions of a prompt carry its `Sequence.group` id and
 a micro-batch holds whole groups (as many as fit in `micro_batch_size` rows), so `model.shared_prefix_logprobs`
@@ -35,6 +37,7 @@ class Sequence:
     weight: float = 1.0  # 0 marks a filler sequence that only keeps ranks in step (contributes nothing)
     sampler_logp: list[float] | None = None  # the rollout engine's log-prob of each token (kept for TIS, mismatch)
     group: int = -1  # rows with the same id share their prompt (GRPO: the prompt's index); -1: no group
+    loss_mask: list[float] | None = None  # per completion token: 1 sampled by the policy, 0 an observation (None: all 1)
 
 
 @dataclass
@@ -70,7 +73,7 @@ def collate(seqs: list[Sequence], pad_id: int, device: torch.device | str = "cpu
         ids[i, P - lp : P] = torch.tensor(s.prompt)
         ids[i, P : P + lc] = torch.tensor(s.completion)
         attn[i, P - lp : P + lc] = 1
-        mask[i, :lc] = s.weight
+        mask[i, :lc] = s.weight if s.loss_mask is None else s.weight * torch.tensor(s.loss_mask)
         if s.old_logp is not None:
             old[i, :lc] = torch.tensor(s.old_logp)
         if s.sampler_logp is not None:
@@ -117,7 +120,7 @@ def split_micro_batches(seqs: list[Sequence], micro_batch_size: int, num_micro: 
         if num_micro < len(chunks):
             raise ValueError(f"num_micro={num_micro} < {len(chunks)} micro-batches needed")
         filler = Sequence(order[0].prompt, order[0].completion, order[0].old_logp, 0.0, weight=0.0,
-                          sampler_logp=order[0].sampler_logp, group=order[0].group)
+                          sampler_logp=order[0].sampler_logp, group=order[0].group, loss_mask=order[0].loss_mask)
         chunks += [[filler] for _ in range(num_micro - len(chunks))]
     return chunks
 

@@ -76,6 +76,11 @@ class TrainConfig:
     top_k: int = 0
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    # --- multi-turn rollouts (sqlr1/sql_env.py): 0 turns is single turn, SQL-R1 as published ---
+    max_turns: int = 0  # <sql> queries a rollout may run inside <think> (later ones are not executed)
+    obs_rows: int = 5  # rows an observation shows (the sandbox fetches only these)
+    obs_max_tokens: int = 128  # tokens per observation, tags included
+    query_cost: float = 0.0  # subtracted from a rollout's reward per executed query
     # --- optimizer (both stages) ---
     lr_schedule: str = "constant"  # constant | cosine
     warmup_steps: int = 0
@@ -135,6 +140,10 @@ class TrainConfig:
             value = getattr(self, name)
             if not lo <= value <= hi:
                 raise ValueError(f"config {name}={value}: must lie in [{lo:g}, {hi:g}]")
+        if self.max_turns < 0 or self.obs_rows < 1 or self.obs_max_tokens < 8 or not 0 <= self.query_cost < math.inf:
+            raise ValueError(f"config max_turns={self.max_turns} (>= 0), obs_rows={self.obs_rows} (>= 1), "
+                             f"obs_max_tokens={self.obs_max_tokens} (>= 8), query_cost={self.query_cost} (finite, "
+                             ">= 0): out of range")
         if self.top_k < 0 or self.sample_values < 0 or self.sandbox_workers < 0:
             raise ValueError("config top_k, sample_values and sandbox_workers must be >= 0")
         if self.grpo.tis_cap > 0 and not self.recompute_old_logp:

@@ -4,7 +4,8 @@ SQL-R1 inference (Sec. 3.3): sample N candidates at temperature T (N = 8, T = 0.
 `<answer>`, execute all of them, group the candidates that ran by their result, compared as the evaluator compares
 (`sqlr1.evaluate.vote`: in order when the SQL has ORDER BY), and answer with the first SQL of the largest group.
 N = 1 or T = 0 is greedy decoding. Used by sample.py and by train.py's evaluations, so the numbers a training run
-logs are the numbers sample.py reproduces.
+logs are the numbers sample.py reproduces. With max_turns > 0 each candidate is a multi-turn episode
+(`generate_episodes`, sqlr1/sql_env.py): it may query the database inside its reasoning before it answers.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from tqdm.auto import tqdm
 from sqlr1 import distributed
 from sqlr1.evaluate import score_pairs, vote
 from sqlr1.reward import parse_response, score_batch
-from sqlr1.sampling import generate
+from sqlr1.sampling import Samples, generate
 from sqlr1.sandbox import ExecResult, Sandbox
+from sqlr1.sql_env import SqlEnv, Turn, model_text, pause_ids
 
 
 @dataclass
@@ -29,6 +31,7 @@ class Answer:
     votes: int  # size of the winning group
     num_valid: int  # candidates whose SQL executed
     candidates: list[str]  # every completion, in sampling order
+    turns: list[Turn] | None = None  # the chosen candidate's queries and observations (multi-turn)
 
 
 def completion_text(tokenizer, ids: list[int]) -> str:
@@ -36,6 +39,22 @@ def completion_text(tokenizer, ids: list[int]) -> str:
     if ids and ids[-1] in tokenizer.eos_ids:
         ids = ids[:-1]
     return tokenizer.decode(ids)
+
+
+def generate_episodes(model, tokenizer, prompts: list[list[int]], db_paths: list[str], sandbox: Sandbox,
+                      num_samples: int, max_turns: int = 0, obs_rows: int = 5, obs_max_tokens: int = 128,
+                      timeout: float | None = None, **kwargs) -> tuple[Samples, SqlEnv | None]:
+    """`sampling.generate` (kwargs go to it), and with max_turns > 0 multi-turn episodes: the sampler pauses rows
+    on `sql_env.pause_ids` and `SqlEnv` answers their queries against db_paths[prompt]. Returns (samples, the
+    environment holding each row's turns, or None in single turn)."""
+    if max_turns == 0:
+        return generate(model, prompts, num_samples=num_samples, **kwargs), None
+    env = SqlEnv(sandbox, tokenizer, [str(db_paths[i]) for i in range(len(prompts)) for _ in range(num_samples)],
+                 max_turns=max_turns, row_limit=obs_rows, max_obs_tokens=obs_max_tokens,
+                 timeout=sandbox.timeout if timeout is None else timeout)
+    samples = generate(model, prompts, num_samples=num_samples, pause_ids=pause_ids(tokenizer), on_pause=env.on_pause,
+                       **kwargs)
+    return samples, env
 
 
 @torch.no_grad()
@@ -53,19 +72,25 @@ def answer(
     progress: bool | None = None,
     timeout: float | None = None,
     mode: str = "spider",
+    max_turns: int = 0,
+    obs_rows: int = 5,
+    obs_max_tokens: int = 128,
 ) -> list[Answer]:
-    """Answer each prompt: N candidates -> execute all in one sandbox call -> vote by result under `mode`'s rules."""
+    """Answer each prompt: N candidates -> execute all in one sandbox call -> vote by result under `mode`'s rules.
+    max_turns > 0: each candidate may query the database first (`generate_episodes`); the SQL is read from the
+    model's own text (observations left out)."""
     if n < 1:
         raise ValueError(f"n={n}: the number of candidates must be >= 1")
     if len(db_paths) != len(prompts):
         raise ValueError(f"answer: {len(prompts)} prompts but {len(db_paths)} db_paths; pass one database per prompt")
     greedy = n == 1 or temperature == 0
     n = 1 if greedy else n
-    samples = generate(
-        model, prompts, num_samples=n, max_new_tokens=max_new_tokens, temperature=0.0 if greedy else temperature,
+    samples, env = generate_episodes(
+        model, tokenizer, prompts, db_paths, sandbox, n, max_turns, obs_rows, obs_max_tokens, timeout,
+        max_new_tokens=max_new_tokens, temperature=0.0 if greedy else temperature,
         top_p=top_p, stop_ids=tokenizer.eos_ids, vocab_size=tokenizer.vocab_size, seed=seed, progress=progress,
     )
-    texts = [completion_text(tokenizer, t) for t in samples.tokens]
+    texts = [model_text(tokenizer, t, m) for t, m in zip(samples.tokens, samples.model_mask)]
     sqls = [parse_response(t).sql or "" for t in texts]
     to_run = [(db_paths[p], sql) for p, sql in zip(samples.prompt_index, sqls)]
     results = sandbox.execute_many(to_run, timeout=timeout)
@@ -76,7 +101,8 @@ def answer(
         cands = [(sqls[j], results[j] if sqls[j] else ExecResult("error", [], 0, "no SQL in the answer", False)) for j in js]
         v = vote(cands, mode)
         j = i * n + v.index
-        answers.append(Answer(sqls[j], texts[j], results[j] if sqls[j] else None, v.votes, v.num_valid, [texts[k] for k in js]))
+        answers.append(Answer(sqls[j], texts[j], results[j] if sqls[j] else None, v.votes, v.num_valid,
+                              [texts[k] for k in js], env.turns[j] if env else None))
     return answers
 
 
@@ -119,7 +145,8 @@ def evaluate_policy(model, tokenizer, examples, prompts, sandbox: Sandbox, cfg, 
     local = torch.zeros(5, dtype=torch.float64)  # a rank with no examples (fewer than ranks) still joins the sum
     if exs:
         common = dict(max_new_tokens=cfg.max_response_len, timeout=cfg.reward.timeout, seed=cfg.seed,
-                      mode=cfg.reward.mode, batch_size=cfg.eval_batch_size)
+                      mode=cfg.reward.mode, batch_size=cfg.eval_batch_size, max_turns=cfg.max_turns,
+                      obs_rows=cfg.obs_rows, obs_max_tokens=cfg.obs_max_tokens)
         greedy = answer_in_batches(model, tokenizer, ids, dbs, sandbox, n=1, **common)
         voted = greedy if cfg.eval_n <= 1 else answer_in_batches(model, tokenizer, ids, dbs, sandbox, n=cfg.eval_n,
                                                                  temperature=cfg.eval_temperature, **common)

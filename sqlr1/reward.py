@@ -4,6 +4,8 @@ The prompt ends with a pre-filled `<think>`; a well-formed completion is
     reasoning </think> <answer> ... ```sql\n SQL \n``` ... </answer> [anything]
 with each of <think> (counting the pre-filled one), </think>, <answer>, </answer> exactly once and in that order,
 only whitespace between </think> and <answer>, and a ```sql block in the answer (the last one is the prediction).
+In multi-turn rollouts the text is the model's own tokens (sqlr1/sql_env.py `model_text`): an <observation> tag in
+it was written by the model, a format error.
 
 Components (SQL-R1, Ma et al. 2025, arXiv 2504.08600):
     S_f = +1 if the format is right, -1 otherwise
@@ -35,6 +37,7 @@ from sqlr1.evaluate import MODES, score_pairs
 from sqlr1.sandbox import Sandbox
 
 _TAGS = ("<think>", "</think>", "<answer>", "</answer>")
+_ENV_TAGS = ("<observation>", "</observation>")  # the SQL environment's (sqlr1/sql_env.py): the model may not write them
 _LAYOUT = re.compile(r"\s*<think>(.*)</think>\s*<answer>(.*)</answer>.*", re.DOTALL)
 _SQL_BLOCK = re.compile(r"```sql(?!\w)\s*(.*?)```", re.IGNORECASE | re.DOTALL)  # not ```sqlite, not ```sqlSELECT
 
@@ -53,7 +56,8 @@ class Parsed:
 def parse_response(text: str, prefilled_think: bool = True) -> Parsed:
     """Check the <think>/<answer> layout (see the module docstring) and pull out the SQL."""
     full = "<think>" + text if prefilled_think else text
-    layout = _LAYOUT.fullmatch(full) if all(full.count(tag) == 1 for tag in _TAGS) else None
+    tags_ok = all(full.count(tag) == 1 for tag in _TAGS) and not any(tag in full for tag in _ENV_TAGS)
+    layout = _LAYOUT.fullmatch(full) if tags_ok else None
     blocks = _SQL_BLOCK.findall(layout.group(2)) if layout else []
     if layout and blocks:
         return Parsed(True, layout.group(1).strip(), layout.group(2).strip(), blocks[-1].strip())

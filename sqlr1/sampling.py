@@ -31,6 +31,21 @@ function of the prompt list, num_samples and the sampling settings only: they do
 (compaction), `share_prefix`, `compile`, or on the contents and lengths of the other prompts. Changing the number
 of prompts (hence N) changes the stream. (Up to float rounding: kernels may round differently at different batch
 sizes, which can move a draw only when u falls within ~1e-6 of a CDF step.)
+
+Multi-turn rollouts (`on_pause`, used by sqlr1/sql_env.py; the sampler knows nothing of SQL): when a live row
+samples an id in `pause_ids`, the step's paused rows (all of them, in one call) are handed to
+`on_pause(rows, generated) -> tokens to append`, rows being original row ids and generated each row's completion so
+far (the pause id last). The returned tokens o_1..o_k (an observation; [] for none) join the row's completion
+without being sampled: they are marked in `Samples.model_mask` (False), carry log-prob 0, and count against
+max_new_tokens (clipped to what is left; a row that reaches the budget ends with "length"). How the cache is used:
+all rows share one write column c, as in single-turn decoding. The next forward then has width W = 1 + K, K the
+longest observation of the step: row b feeds [y_b, o_1..o_kb, pad..] at columns c..c+W-1, and the columns past its
+own 1 + k_b are masked out for good, so a row that did not pause runs a normal decode step (its K extra columns
+hidden) and paused rows never wait: all rows keep decoding in the same batch. The next token of row b is sampled
+from the output at its column c + k_b, positions continue from its real token count, the prefix is never
+recomputed. The cache grows when K columns are needed past L + max_new_tokens - 1 (one reallocation by at least a
+quarter of its width). This path is eager and checks for pauses every step (one host sync per step); compaction of
+finished rows works as above. Without `on_pause` nothing of this runs: the single-turn loop is unchanged.
 """
 
 from __future__ import annotations
@@ -38,7 +53,7 @@ from __future__ import annotations
 import functools
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -60,6 +75,7 @@ class Samples:
     tokens: list[list[int]]  # completion ids, the stop id included when hit, nothing after it
     logprobs: list[list[float]]  # log p(token) under softmax(logits[:vocab_size] / temperature), before truncation
     finish_reason: list[str]  # "stop" (emitted a stop id) or "length" (reached max_new_tokens)
+    model_mask: list[list[bool]] | None = None  # per token: True if sampled, False if appended by on_pause
 
 
 def truncate_logprobs(logp: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -183,6 +199,8 @@ def generate(
     progress: bool | None = None,
     check_every: int = 8,
     share_prefix: bool = True,
+    pause_ids: Sequence[int] = (),
+    on_pause: Callable[[list[int], list[list[int]]], list[list[int]]] | None = None,
 ) -> Samples:
     """Sample `num_samples` completions for each prompt (see the module docstring for the algorithm).
 
@@ -192,8 +210,9 @@ def generate(
     decode step under torch.compile (same results; the first calls of a process pay a compilation: one graph for
     greedy decoding, one for sampling, with the batch size and cache length symbolic; a one-row call runs eager).
     `share_prefix=False` prefills every row separately (same results; for tests and benchmarks). `progress` shows a
-    tqdm bar over generated tokens (None: only when stderr is a terminal). The model runs in eval mode under
-    inference_mode; its training flag is restored afterwards.
+    tqdm bar over generated tokens (None: only when stderr is a terminal). `pause_ids` / `on_pause`: multi-turn
+    rollouts (module docstring; `compile` is then ignored). The model runs in eval mode under inference_mode; its
+    training flag is restored afterwards.
     """
     vocab_size = model.config.vocab_size if vocab_size is None else vocab_size
     _check_args(model, prompts, num_samples, max_new_tokens, temperature, top_p, top_k, vocab_size, check_every)
@@ -204,7 +223,7 @@ def generate(
         with torch.inference_mode():
             return _generate(
                 model, prompts, num_samples, max_new_tokens, temperature, top_p, top_k, stop_ids, vocab_size,
-                seed, compile, progress, check_every, share_prefix,
+                seed, compile, progress, check_every, share_prefix, pause_ids, on_pause,
             )
     finally:
         model.train(was_training)
@@ -212,32 +231,39 @@ def generate(
 
 def _generate(
     model, prompts, num_samples, max_new_tokens, temperature, top_p, top_k, stop_ids, vocab_size,
-    seed, compile, progress, check_every, share_prefix,
+    seed, compile, progress, check_every, share_prefix, pause_ids=(), on_pause=None,
 ) -> Samples:
-    group, out_ids, out_logp = sample_tensors(
+    group, out_ids, out_logp, *model_mask = sample_tensors(
         model, prompts, num_samples, max_new_tokens, temperature, top_p, top_k, stop_ids, vocab_size,
-        seed, compile, progress, check_every, share_prefix,
+        seed, compile, progress, check_every, share_prefix, pause_ids=pause_ids, on_pause=on_pause,
     )
     stops = torch.tensor(list(stop_ids), dtype=torch.long, device=out_ids.device)
-    # Cut each row after its first stop id (tokens emitted after it, between checks, are discarded).
+    # Cut each row after its first stop id (tokens emitted after it, between checks, are discarded). A stop id
+    # inside an appended observation is not one: only sampled tokens stop a row.
     is_stop = torch.isin(out_ids, stops)
+    if model_mask:
+        is_stop &= model_mask[0]
     stopped = is_stop.any(-1)
     lengths_out = torch.where(stopped, is_stop.int().argmax(-1) + 1, max_new_tokens).tolist()
     tokens, logprobs = out_ids.tolist(), out_logp.tolist()
+    flags = model_mask[0].tolist() if model_mask else [[True] * n for n in lengths_out]
     return Samples(
         prompt_index=group.tolist(),
         tokens=[t[:n] for t, n in zip(tokens, lengths_out)],
         logprobs=[lp[:n] for lp, n in zip(logprobs, lengths_out)],
         finish_reason=["stop" if x else "length" for x in stopped.tolist()],
+        model_mask=[f[:n] for f, n in zip(flags, lengths_out)],
     )
 
 
 def sample_tensors(
     model, prompts, num_samples, max_new_tokens, temperature, top_p, top_k, stop_ids, vocab_size,
     seed, compile, progress, check_every, share_prefix, first_step: int = 0, check_finite: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    pause_ids: Sequence[int] = (), on_pause=None,
+) -> tuple[torch.Tensor, ...]:
     """The tensor loop of `_generate` (prefill, prefix sharing, decode): (row's prompt [N], ids [N, max_new_tokens]
-    (-1 where a row stopped early), log-probs [N, max_new_tokens]). No host sync but the prefill's finite check
+    (-1 where a row stopped early), log-probs [N, max_new_tokens]), and with `on_pause` a fourth, the model-token
+    mask [N, max_new_tokens] (`_decode_with_pauses`). No host sync but the prefill's finite check
     (check_finite) and the stop checks (none without stop ids). `first_step` > 0 starts decoding at step `first_step` (the cache is as long as for step 0):
     the dry run (sqlr1/dryrun.py) prices only the last, widest decode step, and passes check_finite=False (the
     prefill logits' NaN check is a host sync that fake tensors cannot answer)."""
@@ -296,6 +322,11 @@ def sample_tensors(
 
     next_ids, next_logp = sample_tokens(logits, temperature, top_k, top_p, uniforms())
     bar = tqdm(total=N * max_new_tokens, unit="tok", desc="sampling", disable=not progress)
+    if on_pause is not None:
+        pauses = torch.tensor(list(pause_ids), dtype=torch.long, device=device)
+        return (group, *_decode_with_pauses(model, vocab_size, kv_cache, mask, positions, next_ids, next_logp, L,
+                                            max_new_tokens, stops, pauses, on_pause, temperature, top_k, top_p,
+                                            generator, rows, check_every, bar))
     for s in range(first_step, max_new_tokens):
         out_ids[rows, s] = next_ids
         out_logp[rows, s] = next_logp
@@ -328,3 +359,75 @@ def sample_tensors(
     bar.close()
     del kv_cache
     return group, out_ids, out_logp
+
+
+def _decode_with_pauses(model, vocab_size, kv_cache, mask, positions, next_ids, next_logp, L, max_new_tokens, stops,
+                        pauses, on_pause, temperature, top_k, top_p, generator, rows, check_every, bar):
+    """The multi-turn decode loop (module docstring): -> (ids, log-probs, model-token mask), each [N, max_new_tokens].
+
+    Each row writes its own completion position n_b (sampled and appended tokens alike); a finished row keeps
+    decoding until the next compaction, its writes going to a scratch column M (dropped at the end)."""
+    device = next_ids.device
+    M = max_new_tokens
+    N = rows.shape[0]  # rows: original row id of each live row
+    out_ids = torch.full((N, M + 1), -1, dtype=torch.long, device=device)
+    out_logp = torch.zeros(N, M + 1, device=device)
+    out_model = torch.zeros(N, M + 1, dtype=torch.bool, device=device)
+    n_out = torch.zeros(N, dtype=torch.long, device=device)  # completion tokens of each live row
+    done = torch.zeros(N, dtype=torch.bool, device=device)
+    col, step = L, 0  # next free cache column (shared by all rows), loop iteration
+    while True:
+        at = torch.where(done, M, n_out)
+        out_ids[rows, at], out_logp[rows, at], out_model[rows, at] = next_ids, next_logp, True
+        n_out += ~done
+        done |= torch.isin(next_ids, stops) | (n_out >= M)
+        bar.update(rows.shape[0])
+        paused = (torch.isin(next_ids, pauses) & ~done).nonzero().squeeze(-1).tolist()  # host sync, every step
+        appended = [[] for _ in range(rows.shape[0])]
+        if paused:
+            ids_of, lengths = rows[paused].tolist(), n_out[paused].tolist()
+            got = on_pause(ids_of, [out_ids[r, :n].tolist() for r, n in zip(ids_of, lengths)])
+            if len(got) != len(paused):
+                raise ValueError(f"on_pause returned {len(got)} token lists for {len(paused)} paused rows")
+            for b, r, n, toks in zip(paused, ids_of, lengths, got):
+                toks = list(toks)[: M - n]  # the observation counts against the row's budget
+                if toks:
+                    appended[b] = toks
+                    out_ids[r, n : n + len(toks)] = torch.tensor(toks, device=device)
+            k = torch.tensor([len(a) for a in appended], device=device)
+            n_out += k
+            done |= n_out >= M
+        else:
+            k = torch.zeros(rows.shape[0], dtype=torch.long, device=device)
+        if bool(done.all()):
+            break
+        step += 1
+        if step % check_every == 0 and bool(done.any()):
+            keep = (~done).nonzero().squeeze(-1)
+            kv_cache.select_rows(keep)
+            mask, positions, rows, done, next_ids, n_out, k = (
+                t.index_select(0, keep) for t in (mask, positions, rows, done, next_ids, n_out, k))
+            appended = [appended[i] for i in keep.tolist()]
+        W = 1 + max(len(a) for a in appended)
+        if col + W > mask.shape[1]:  # grow the static cache (observations wider than the single-turn bound)
+            extra = max(col + W - mask.shape[1], mask.shape[1] // 4)
+            kv_cache.k = [F.pad(t, (0, 0, 0, extra)) for t in kv_cache.k]
+            kv_cache.v = [F.pad(t, (0, 0, 0, extra)) for t in kv_cache.v]
+            mask = F.pad(mask, (0, extra), value=True)
+        span = torch.arange(W, device=device)
+        ids = torch.zeros(rows.shape[0], W, dtype=torch.long, device=device)
+        ids[:, 0] = next_ids
+        for b, a in enumerate(appended):
+            if a:
+                ids[b, 1 : 1 + len(a)] = torch.tensor(a, device=device)
+        mask[:, col : col + W] = span[None] <= k[:, None]  # a row's columns past its own tokens stay hidden
+        h = model.hidden_states(ids, mask[:, : col + W], positions[:, None] + span, kv_cache,
+                                torch.arange(col, col + W, device=device))
+        h = h.gather(1, k[:, None, None].expand(-1, 1, h.shape[-1]))[:, 0]  # output at each row's last fed token
+        logits = F.linear(h, model.lm_head.weight[:vocab_size]).float()
+        u = torch.rand(N, generator=generator, device=device)[rows] if temperature > 0 else None  # entry r: row r
+        next_ids, next_logp = sample_tokens(logits, temperature, top_k, top_p, u)
+        positions += 1 + k
+        col += W
+    bar.close()
+    return out_ids[:, :M], out_logp[:, :M], out_model[:, :M]

@@ -90,6 +90,7 @@ class ExecResult:
     error: str | None = None
     truncated: bool = False
     crashed: bool = False
+    columns: list[str] = field(default_factory=list)  # column names; filled only with execute_many(row_limit > 0)
 
     @property
     def ok(self) -> bool:
@@ -162,7 +163,7 @@ class _Executor:
             self.connections.popitem(last=False)[1].close()
         return conn
 
-    def run(self, db_path: str, sql: str, timeout: float, text_errors: str = "strict") -> ExecResult:
+    def run(self, db_path: str, sql: str, timeout: float, text_errors: str = "strict", row_limit: int = 0) -> ExecResult:
         """Execute one query; afterwards `result_bytes` is the size of the rows it returned (0 on failure).
 
         Text that is not valid UTF-8 is an error with text_errors="strict" (as in BIRD's script); with "ignore" its
@@ -174,13 +175,13 @@ class _Executor:
         try:
             conn = self.connect(db_path)
             try:
-                return self._fetch(conn, sql)
+                return self._fetch(conn, sql, row_limit)
             except sqlite3.OperationalError as e:
                 if text_errors == "strict" or not str(e).startswith("Could not decode to UTF-8"):
                     raise
                 conn.text_factory = _drop_undecodable
                 try:
-                    return self._fetch(conn, sql)
+                    return self._fetch(conn, sql, row_limit)
                 finally:
                     conn.text_factory = str
         except sqlite3.OperationalError as e:
@@ -194,13 +195,27 @@ class _Executor:
         finally:
             self.deadline = math.inf
 
-    def _fetch(self, conn: sqlite3.Connection, sql: str) -> ExecResult:
+    def _fetch(self, conn: sqlite3.Connection, sql: str, row_limit: int = 0) -> ExecResult:
+        """All rows; with row_limit k > 0 only the first k (a k+1-th one is fetched to tell whether more exist:
+        then `truncated` is set on the "ok" result), so a 10-million-row result costs k rows of memory."""
         cursor = conn.execute(sql)
         if cursor.description is None:
             return ExecResult("error", error="not a query: the statement returns no columns")
         ncols = len(cursor.description)
         rows: list[tuple] = []
         nbytes = 0
+        if row_limit > 0:
+            names = [str(d[0]) for d in cursor.description]
+            rows = cursor.fetchmany(row_limit + 1)
+            cursor.close()
+            more = len(rows) > row_limit
+            rows = rows[:row_limit]
+            nbytes = sum(map(sys.getsizeof, chain.from_iterable(rows)))
+            if nbytes > self.max_bytes:
+                return ExecResult("error", ncols=ncols, truncated=True, error=f"result too large (over {self.max_bytes} bytes)")
+            self.result_bytes = nbytes
+            return ExecResult("ok", rows=rows, ncols=ncols, truncated=more,
+                              columns=names)
         while batch := cursor.fetchmany(FETCH_ROWS):
             rows += batch
             nbytes += sum(map(sys.getsizeof, chain.from_iterable(batch)))  # Python object sizes, summed in C
@@ -259,7 +274,7 @@ def _watch_parent(conn, fork_server_pid: int | None) -> None:
 
 
 def _worker_main(conn, heartbeat, max_rows: int, max_bytes: int, memory_mb: int, fork_server_pid: int | None) -> None:
-    """Worker loop: say READY, then receive (timeout, text_errors, [(db_path, sql), ...]) and answer the ExecResult
+    """Worker loop: say READY, then receive (timeout, text_errors, row_limit, [(db_path, sql), ...]) and answer the ExecResult
     fields of each; b"" means stop.
     Once the rows gathered for a chunk pass max_bytes it answers the queries done so far (a prefix of the chunk).
 
@@ -278,13 +293,13 @@ def _worker_main(conn, heartbeat, max_rows: int, max_bytes: int, memory_mb: int,
     try:
         conn.send_bytes(READY)
         while message := conn.recv_bytes():
-            timeout, text_errors, chunk = marshal.loads(message)
+            timeout, text_errors, row_limit, chunk = marshal.loads(message)
             answers, answer_bytes = [], 0
             for position, (db_path, sql) in enumerate(chunk):
                 heartbeat[0] = position
                 heartbeat[1] = time.monotonic()
-                r = executor.run(db_path, sql, timeout, text_errors)
-                answers.append((r.status, r.rows, r.ncols, r.error, r.truncated))
+                r = executor.run(db_path, sql, timeout, text_errors, row_limit)
+                answers.append((r.status, r.rows, r.ncols, r.error, r.truncated, False, r.columns))
                 answer_bytes += executor.result_bytes
                 if answer_bytes > max_bytes:  # answer now (memory stays ~2 x max_bytes); the rest goes back later
                     break
@@ -407,9 +422,12 @@ class Sandbox:
         return self._workers[index]
 
     def execute_many(self, items: list[tuple[str, str]], timeout: float | None = None, progress: bool = False,
-                     text_errors: str = "strict") -> list[ExecResult]:
+                     text_errors: str = "strict", row_limit: int = 0) -> list[ExecResult]:
         """Execute each (db_path, sql) read-only; results in input order.
 
+        row_limit k > 0 fetches only the first k rows of each result (multi-turn observations, sqlr1/sql_env.py): an
+        "ok" result then has at most k rows, its `columns`, and `truncated` set when the query had more; 0 fetches all (up to the
+        pool's max_rows, past which the result is an error).
         Every item is executed: no caching, no de-duplication (callers that want them: `evaluate.score_pairs`).
         text_errors: "strict" (text that is not valid UTF-8 is an error) or "ignore" (its bad bytes are dropped).
         """
@@ -424,7 +442,9 @@ class Sandbox:
             if not w.process.is_alive():  # died while idle (e.g. the OOM killer)
                 self._replace(w)
         items = [(str(db_path), sql) for db_path, sql in items]
-        job = (timeout, text_errors)  # what every chunk message carries besides its queries
+        if row_limit < 0:
+            raise ValueError(f"row_limit={row_limit}: must be >= 0 (0: all rows)")
+        job = (timeout, text_errors, int(row_limit))  # what every chunk message carries besides its queries
         results: list[ExecResult | None] = [None] * len(items)
         todo = deque(range(len(items)))
         meter = _Progress(len(items)) if progress else None
@@ -455,7 +475,7 @@ class Sandbox:
             meter.finish()
         return results
 
-    def _send_chunk(self, w: _Worker, items: list[tuple[str, str]], todo: deque, job: tuple[float, str]) -> None:
+    def _send_chunk(self, w: _Worker, items: list[tuple[str, str]], todo: deque, job: tuple) -> None:
         """Give an idle worker the next chunk: guided scheduling, len(todo) / (2 x workers), at most MAX_CHUNK."""
         if not todo:
             return
@@ -464,7 +484,7 @@ class Sandbox:
         w.heartbeat[0], w.heartbeat[1] = 0, time.monotonic()
         w.conn.send_bytes(marshal.dumps((*job, [items[i] for i in w.chunk])))
 
-    def _collect(self, w: _Worker, items: list, results: list, todo: deque, job: tuple[float, str],
+    def _collect(self, w: _Worker, items: list, results: list, todo: deque, job: tuple,
                  meter: _Progress | None) -> None:
         try:
             message = w.conn.recv_bytes()

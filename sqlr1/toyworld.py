@@ -5,6 +5,9 @@
       tables.json                        Spider schema records (original and natural names, keys)
       train.json, dev.json               Spider question records: db_id, question, query + cot, difficulty
       sft.json                           the train questions answered by an imperfect teacher (cold-start SFT data)
+      train_tools.json, dev_tools.json   the splits plus lookup questions (multi-turn rollouts, sqlr1/sql_env.py)
+      sft_tools.json                     sft.json plus lookup traces that query the database in <sql> first
+      sft_tools_blind.json               sft.json plus lookup traces that answer in one turn (the baseline)
       tokenizer/                         byte-level BPE tokenizer.json + tokenizer_config.json (ChatML)
       toyworld.json                      manifest: format version, seed and sizes (ensure_toyworld checks it)
 
@@ -42,6 +45,12 @@ What is in it, and why:
   (pad), <|im_start|>, <|im_end|> (eos). Unlike Qwen2.5 (which spells them with several tokens), <think>, </think>,
   <answer>, </answer> are single added tokens here, as in Qwen3: cheaper on a CPU, and harmless to the code, which
   works on text.
+- Lookup questions (the *_tools splits, for multi-turn rollouts): "What is the price of the album whose title
+  starts with 'zorb'?" names a row by a lower-case prefix of its label, while the gold SQL compares with the stored
+  value ('Zorbani'), so the value has to be read from the data: sft_tools' teacher first runs
+  `<sql>SELECT title FROM album WHERE title LIKE 'zorb%'</sql>`, reads the observation, then answers with `=`;
+  sft_tools_blind's teacher answers with the LIKE filter in one turn. They come from their own random streams and
+  leave the other files, the tokenizer included, exactly as they were.
 - Model: a 4-layer Qwen2 (GQA, RoPE, tied embeddings) whose vocabulary is padded to the next multiple of 64 above
   the tokenizer size, like Qwen's 151,936 rows for 151,665 tokens, so the masking of padded rows runs for real.
 """
@@ -63,12 +72,16 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_token
 
 from sqlr1.checkpoint import save_model
 from sqlr1.model import ModelConfig, Qwen2
+from sqlr1.sandbox import ExecResult
+from sqlr1.sql_env import OBS_CLOSE, OBS_OPEN, render
 from sqlr1.tokenizer import load_tokenizer
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: the *_tools splits (lookup questions)
 MANIFEST = "toyworld.json"
+TOOL_SPLITS = ("train_tools", "dev_tools", "sft_tools", "sft_tools_blind")
 # Everything build_toyworld writes at the top of a world: a rebuild may replace these, and only these.
-GENERATED = frozenset({"database", "tables.json", "train.json", "dev.json", "sft.json", "tokenizer", MANIFEST})
+GENERATED = frozenset({"database", "tables.json", "train.json", "dev.json", "sft.json", "tokenizer", MANIFEST,
+                       *(f"{s}.json" for s in TOOL_SPLITS)})
 SYSTEM_MESSAGE = "You are a helpful assistant."
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 REASONING_TOKENS = ("<think>", "</think>", "<answer>", "</answer>")
@@ -483,6 +496,49 @@ def teacher_answer(record: dict, rng: random.Random, slip: float = TEACHER_SLIP)
     return {**record, "query": query, "cot": cot}
 
 
+def q_lookup_partial(db, rng, conn):
+    """The lookup family: a row named by the shortest lower-case prefix (>= 4 letters) of its label that no other
+    row shares. Returns (question, gold SQL, lookup SQL, the lookup's observation body, column) or None."""
+    t = rng.choice(db.tables)
+    col, label = rng.choice(t.numeric), rng.choice(t.rows)[t.label]
+    prefix = next((label[:n].lower() for n in range(4, len(label))
+                   if sum(r[t.label].lower().startswith(label[:n].lower()) for r in t.rows) == 1), None)
+    if prefix is None:
+        return None
+    q = rng.choice(("What is the {c} of the {e} whose {l} starts with '{v}'?", "Find the {c} of the {e} with a {l} "
+                    "beginning with '{v}'."))
+    lookup = f"SELECT {t.label} FROM {t.name} WHERE {t.label} LIKE '{prefix}%'"
+    rows = conn.execute(lookup).fetchall()
+    assert rows == [(label,)], (lookup, rows)
+    gold = f"SELECT {col} FROM {t.name} WHERE {t.label} = '{label}'"
+    return q.format(c=col, e=t.name, l=t.label, v=prefix), gold, lookup, render(ExecResult("ok", rows, 1, columns=[t.label]), 5), col
+
+
+def lookup_records(root: Path, seed: int, split: str, dbs: list[Database], per_db: int) -> list[tuple[dict, dict, dict]]:
+    """per_db lookup questions per database: (record, tool-using teacher record, one-turn teacher record) each."""
+    out = []
+    for db in dbs:
+        rng = random.Random(f"toyworld-{seed}-tools-{split}-{db.db_id}")
+        conn = sqlite3.connect(root / "database" / db.db_id / f"{db.db_id}.sqlite")
+        seen = set()
+        while len(seen) < per_db:
+            made = q_lookup_partial(db, rng, conn)
+            if made is None or made[0] in seen:
+                continue
+            question, gold, lookup, body, col = made
+            seen.add(question)
+            table = lookup.split(" FROM ")[1].split()[0]
+            base = {"db_id": db.db_id, "question": question, "query": gold, "difficulty": "medium",
+                    "cot": f"Look up the exact name in {table}, return {col}."}
+            tools = {**base, "cot": f"Look up the exact name.\n<sql>{lookup}</sql>{OBS_OPEN}{body}{OBS_CLOSE}"
+                                    f"Filter {table} on it, return {col}."}
+            blind = {**base, "query": gold.split(" WHERE ")[0] + " WHERE " + lookup.split(" WHERE ")[1],
+                     "cot": f"Match the name by its start in {table}, return {col}."}
+            out.append((base, tools, blind))
+        conn.close()
+    return out
+
+
 def informative(rows: list[tuple]) -> bool:
     """A gold result worth rewarding: some row, not only NULLs, not a bare zero count."""
     return bool(rows) and any(v is not None for row in rows for v in row) and rows != [(0,)]
@@ -628,6 +684,13 @@ def build_toyworld(
     texts += [f"Question: {r['question']}\n\n{r['cot']}\n\n```sql\n{r['query']}\n```\n" for r in train + sft]
     tok = train_tokenizer(texts, vocabulary_words(), vocab_size)
     write_tokenizer(tok, root / "tokenizer")
+    # the lookup family (after the tokenizer: it is trained on exactly what it was before the family existed)
+    train_lookups = lookup_records(root, seed, "train", train_dbs, 3)
+    dev_lookups = lookup_records(root, seed, "dev", dev_dbs, 6)
+    write_json(root / "train_tools.json", train + [b for b, _, _ in train_lookups])
+    write_json(root / "dev_tools.json", dev + [b for b, _, _ in dev_lookups])
+    write_json(root / "sft_tools.json", sft + [t for _, t, _ in train_lookups])
+    write_json(root / "sft_tools_blind.json", sft + [x for _, _, x in train_lookups])
 
     settings = {
         "format_version": FORMAT_VERSION, "seed": seed, "num_train_dbs": num_train_dbs, "num_dev_dbs": num_dev_dbs,
