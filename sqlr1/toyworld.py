@@ -735,17 +735,19 @@ def ensure_toyworld(root: str | Path, seed: int = 0) -> Path:
     if root.exists() and not root.is_dir():
         raise FileExistsError(f"ensure_toyworld: {root} is a file, not a toy world folder: pick another data_root")
     found = read_manifest(root)
+    models: list[str] = []  # model_seed<N>/ next to an outdated world: carried over if the tokenizer is unchanged
     if found is not None:
         if found.get("format_version") == FORMAT_VERSION and found.get("seed") == seed:
             return root
         extra = sorted(p.name for p in root.iterdir() if p.name not in GENERATED)
+        models = [name for name in extra if re.fullmatch(r"model_seed\d+", name)]
+        extra = [name for name in extra if name not in models]
         if extra:
             built = f"format {found.get('format_version')}, seed {found.get('seed')}"
             raise FileExistsError(
                 f"ensure_toyworld: {root} is a toy world of another build ({built}; wanted format {FORMAT_VERSION}, "
-                f"seed {seed}) and rebuilding it would delete {', '.join(extra)}: move those out of {root} (a "
-                f"model_seed<N>/ made by train.py matches the old tokenizer and can be deleted), or pick another "
-                "data_root")
+                f"seed {seed}) and rebuilding it would delete {', '.join(extra)}: move those out of {root}, or pick "
+                "another data_root")
     elif root.exists() and any(root.iterdir()):
         raise FileExistsError(f"ensure_toyworld: {root} is not empty and holds no {MANIFEST}; it is not a toy world "
                               "(refusing to replace it): pick another data_root")
@@ -754,7 +756,17 @@ def ensure_toyworld(root: str | Path, seed: int = 0) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         build_toyworld(tmp, seed=seed)
+        if models and not _same_files(root / "tokenizer", tmp / "tokenizer"):
+            raise FileExistsError(
+                f"ensure_toyworld: {root} holds {', '.join(models)}, made with the old world's tokenizer, which the "
+                f"rebuild (format {FORMAT_VERSION}, seed {seed}) changes: move them out of {root} (train.py makes a "
+                "fresh one when it is missing), or pick another data_root")
+        for name in models:  # same tokenizer: the models still match the new world
+            (root / name).rename(tmp / name)
     except BaseException:  # Ctrl-C or an error: no half-built world left behind
+        for name in models:
+            if (tmp / name).exists():
+                (tmp / name).rename(root / name)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if root.exists():
@@ -763,6 +775,13 @@ def ensure_toyworld(root: str | Path, seed: int = 0) -> Path:
         shutil.rmtree(old)
     tmp.rename(root)
     return root
+
+
+def _same_files(a: Path, b: Path) -> bool:
+    """Two directories hold the same file names with the same bytes."""
+    names = sorted(p.name for p in a.iterdir()) if a.is_dir() else None
+    return names == (sorted(p.name for p in b.iterdir()) if b.is_dir() else None) and all(
+        (a / n).read_bytes() == (b / n).read_bytes() for n in names or [])
 
 
 # ---------------------------------------------------------------------------------------------- model

@@ -316,12 +316,23 @@ def test_ensure_builds_once_and_rebuilds_when_outdated(tmp_path):
     manifest = json.loads((root / MANIFEST).read_text())
     (root / MANIFEST).write_text(json.dumps({**manifest, "format_version": -1}))
     (root / "model_seed0" / "model.safetensors").write_text("a trained model")
-    with pytest.raises(FileExistsError, match=r"format -1, seed 0.*would delete model_seed0: move those out"):
+    (root / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match=r"format -1, seed 0.*would delete notes.txt: move those out"):
         ensure_toyworld(root, seed=0)  # an outdated world is never rebuilt over files it did not generate
     assert (root / "model_seed0" / "model.safetensors").read_text() == "a trained model"
-    shutil.move(root / "model_seed0", tmp_path / "kept")
-    ensure_toyworld(root, seed=0)  # only what build_toyworld wrote: rebuilt
+    shutil.move(root / "notes.txt", tmp_path / "kept")
+    ensure_toyworld(root, seed=0)  # generated files and model_seed0 (same tokenizer: carried over): rebuilt
     assert json.loads((root / MANIFEST).read_text()) == manifest
+    assert (root / "model_seed0" / "model.safetensors").read_text() == "a trained model"
+    # a rebuild that changes the tokenizer refuses to carry a model made with the old one, and deletes nothing
+    (root / MANIFEST).write_text(json.dumps({**manifest, "format_version": -1}))
+    (root / "tokenizer" / "tokenizer.json").write_text("{}")
+    with pytest.raises(FileExistsError, match=r"holds model_seed0, made with the old world's tokenizer"):
+        ensure_toyworld(root, seed=0)
+    assert (root / "model_seed0" / "model.safetensors").read_text() == "a trained model"
+    assert (root / "tokenizer" / "tokenizer.json").read_text() == "{}"
+    shutil.rmtree(root / "model_seed0")
+    ensure_toyworld(root, seed=0)
     ensure_toyworld(root, seed=1)
     assert json.loads((root / MANIFEST).read_text())["seed"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kept", "toyworld"]  # no temporary directories left
