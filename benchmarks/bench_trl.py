@@ -1,6 +1,6 @@
 """TRL's GRPOTrainer as an independent referee: our GRPO and TRL's, from the same SFT weights, on the same task.
 
-    python benchmarks/bench_trl.py --make_sft --seeds 0 1 2 --steps 20 --out trl.md      # one command: SFT too
+    python benchmarks/bench_trl.py --make_sft --seeds 0 1 2 --out trl.md      # one command: SFT too, K = 100
     python benchmarks/bench_trl.py --sft runs/s0/final runs/s1/final --seeds 0 1 --steps 20 --out trl.md
 
 Needs the `bench` extra (`pip install -e ".[bench,plots]"`: TRL, pinned); sqlr1/ never imports it. For each seed S,
@@ -59,7 +59,9 @@ Timing. Ours: metrics.jsonl's time_rollout / time_reward / time_train per GRPO s
 times `_generate_and_score_completions` (generation + reward + advantages), the reward function is wrapped with a
 timer, and a TrainerCallback takes the wall time between consecutive `on_step_end`s (first: from `on_train_begin`):
 rollout = generate_and_score - reward, update = step - generate_and_score (forward/backward of the 4 micro-batches,
-clip, AdamW, TRL's logging).
+clip, AdamW, TRL's logging). The two sides run one after the other: on a machine other jobs load unevenly, the
+ratio of the medians is the fairer one. Both sides are deterministic given the seed (two runs gave the same
+per-step rewards on each side).
 """
 
 from __future__ import annotations
@@ -287,7 +289,8 @@ def report(results: dict, seeds: list[int], steps: int, threads: int, cpu: str, 
                      f"{r['ex_ours'] - r['ex_trl']:+.3f} |")
     cells = [mean_ci95([results[s][key] for s in seeds]) for key in ("ex_sft", "ex_ours", "ex_trl")]
     cells.append(mean_ci95([results[s]["ex_ours"] - results[s]["ex_trl"] for s in seeds]))
-    lines += ["| mean ± 95% CI | " + " | ".join(f"{m:.3f} ± {h:.3f}" for m, h in cells) + " |", "",
+    lines += ["| mean ± 95% CI | " + " | ".join(f"{m:.3f} ± {h:.3f}" for m, h in cells[:3])
+              + f" | {cells[3][0]:+.3f} ± {cells[3][1]:.3f} (paired) |", "",
               "Mean training reward per GRPO step (ours / TRL):", "",
               "| step | " + " | ".join(f"seed {s} ours | seed {s} TRL" for s in seeds) + " |",
               "|---|" + "---|---|" * len(seeds)]
@@ -337,7 +340,8 @@ def plot(results: dict, seeds: list[int], path: Path) -> Path | None:
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
-    ap.add_argument("--steps", type=int, default=20, help="K GRPO steps per side and seed")
+    ap.add_argument("--steps", type=int, default=100,
+                    help="K GRPO steps per side and seed (100: the demo's and the lab's GRPO stage)")
     ap.add_argument("--sft", nargs="*", default=[], help="one SFT checkpoint (a final/ directory) per seed")
     ap.add_argument("--make_sft", action="store_true", help="make the SFT checkpoints with train.py (reused if there)")
     ap.add_argument("--sft_steps", type=int, default=600, help="--make_sft: cold-start steps (the demo: 600)")
