@@ -60,7 +60,8 @@ times `_generate_and_score_completions` (generation + reward + advantages), the 
 timer, and a TrainerCallback takes the wall time between consecutive `on_step_end`s (first: from `on_train_begin`):
 rollout = generate_and_score - reward, update = step - generate_and_score (forward/backward of the 4 micro-batches,
 clip, AdamW, TRL's logging). The two sides run one after the other: on a machine other jobs load unevenly, the
-ratio of the medians is the fairer one. Both sides are deterministic given the seed (two runs gave the same
+ratio of the medians is the fairer one, and the 1-minute load average before and after each side is printed
+(a run where the two differ is not a fair ratio: measure it on a quiet machine). Both sides are deterministic given the seed (two runs gave the same
 per-step rewards on each side).
 """
 
@@ -145,13 +146,14 @@ def make_sft(seed: int, sft_steps: int, out: Path, threads: int) -> Path:
 def run_ours(sft: Path, seed: int, steps: int, out: Path, threads: int) -> dict:
     """(a): K GRPO steps of train.py from `sft`; the per-step reward and time split from its metrics.jsonl."""
     run_dir = out / f"ours_s{seed}"
-    t0 = time.time()
+    t0, load0 = time.time(), os.getloadavg()[0]
     run_train([f"--model={sft}", "--sft_steps=0", f"--grpo_steps={steps}", f"--seed={seed}", "--eval_split=",
                f"--out_dir={run_dir}"], threads, out / f"ours_s{seed}.log")
     wall = time.time() - t0
     recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     recs = [r for r in recs if r.get("stage") == "grpo"]
     return {"model": run_dir / "final", "reward": [r["reward"] for r in recs], "wall": wall,
+            "load": (load0, os.getloadavg()[0]),
             "rollout": [r["time_rollout"] for r in recs], "reward_time": [r["time_reward"] for r in recs],
             "update": [r["time_train"] for r in recs]}
 
@@ -236,6 +238,7 @@ def run_trl(sft: Path, seed: int, steps: int, out: Path, cfg, examples, prompts,
     model.generation_config.pad_token_id = tokenizer.pad_id
     padded = list(range(tokenizer.vocab_size, model.config.vocab_size))
     opt, sched = make_optimizer(model, cfg, cfg.lr, steps)
+    load0 = os.getloadavg()[0]
     args = GRPOConfig(
         output_dir=str(out / f"trl_s{seed}"), max_steps=steps, per_device_train_batch_size=16,
         gradient_accumulation_steps=B * G // 16, num_generations=G, num_iterations=1, loss_type="dapo",
@@ -258,7 +261,7 @@ def run_trl(sft: Path, seed: int, steps: int, out: Path, cfg, examples, prompts,
     hf_tok.save_pretrained(saved)
     n = len(timer["step"])
     gs = timer["gen_score"][:n]
-    return {"model": saved, "reward": rewards[:n], "rollout": [g - r for g, r in zip(gs, timer["reward"])],
+    return {"model": saved, "reward": rewards[:n], "load": (load0, os.getloadavg()[0]), "rollout": [g - r for g, r in zip(gs, timer["reward"])],
             "reward_time": timer["reward"][:n], "update": [s - g for s, g in zip(timer["step"], gs)]}
 
 
@@ -302,14 +305,17 @@ def report(results: dict, seeds: list[int], steps: int, threads: int, cpu: str, 
                 cells.append(f"{rw[k]:.3f}" if k < len(rw) else "")
         lines.append(f"| {k + 1} | " + " | ".join(cells) + " |")
     lines += ["", "Seconds per GRPO step (mean over seeds; steps 2..K, step 1 holds start-up costs):", "",
-              "| side | rollout | reward | update | total | median step |", "|---|---|---|---|---|---|"]
+              "| side | rollout | reward | update | total | median step | load avg before -> after |",
+              "|---|---|---|---|---|---|---|"]
     tot, med = {}, {}
     for side, name in (("ours", "ours (sqlr1)"), ("trl", "TRL GRPOTrainer")):
         ps = [per_step(results[s][side], skip_first=True) for s in seeds]
         avg = {p: sum(x[p] for x in ps) / len(ps) for p in ps[0]}
         tot[side], med[side] = avg["total"], avg["median"]
         lines.append(f"| {name} | {avg['rollout']:.2f} | {avg['reward_time']:.3f} | {avg['update']:.2f} | "
-                     f"{avg['total']:.2f} | {avg['median']:.2f} |")
+                     f"{avg['total']:.2f} | {avg['median']:.2f} | "
+                     + ", ".join(f"{results[s][side]['load'][0]:.1f} -> {results[s][side]['load'][1]:.1f}" for s in seeds)
+                     + " |")
     lines += ["", f"ratio TRL s/step / ours s/step: {tot['trl'] / tot['ours']:.2f}x on the means, "
               f"{med['trl'] / med['ours']:.2f}x on the medians (goal >= 3x)", ""]
     return "\n".join(lines)
