@@ -1,0 +1,39 @@
+"""benchmarks/bench_trl.py (TRL as a referee): its confidence interval, and the rule that TRL stays out of sqlr1/.
+
+The benchmark itself needs the `bench` extra and minutes; these checks need neither.
+"""
+
+import ast
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_trl", ROOT / "benchmarks" / "bench_trl.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_mean_ci95_of_known_numbers():
+    mean_ci95 = _bench().mean_ci95
+    m, h = mean_ci95([1.0, 2.0, 3.0])  # s = 1, t_{0.975, 2} = 4.303
+    assert m == 2.0 and h == pytest.approx(4.303 / math.sqrt(3), rel=1e-6)
+    m, h = mean_ci95([0.5, 0.7])  # s = 0.1414, t_{0.975, 1} = 12.706
+    assert m == pytest.approx(0.6) and h == pytest.approx(12.706 * 0.2 / math.sqrt(2) / math.sqrt(2), rel=1e-6)
+    assert mean_ci95([0.3])[0] == 0.3 and math.isnan(mean_ci95([0.3])[1])
+
+
+def test_sqlr1_never_imports_the_benchmark_only_packages():
+    banned = {"trl", "transformers", "accelerate", "datasets"}
+    for path in sorted((ROOT / "sqlr1").glob("*.py")) + [ROOT / "train.py", ROOT / "sample.py"]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            for name in names:
+                assert name.split(".")[0] not in banned, f"{path.name} imports {name}"
