@@ -1,6 +1,6 @@
 """TRL's GRPOTrainer as an independent referee: our GRPO and TRL's, from the same SFT weights, on the same task.
 
-    python benchmarks/bench_trl.py --make_sft --seeds 0 1 2 --out trl.md      # one command: SFT too, K = 100
+    python benchmarks/bench_trl.py --make_sft --seeds 0 1 2 --out trl.md      # SFT from the lab's cache, K = 100
     python benchmarks/bench_trl.py --sft runs/s0/final runs/s1/final --seeds 0 1 --steps 20 --out trl.md
 
 Needs the `bench` extra (`pip install -e ".[bench,plots]"`: TRL, pinned); sqlr1/ never imports it. For each seed S,
@@ -69,7 +69,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import subprocess
@@ -89,6 +88,7 @@ from sqlr1.config import load_config  # noqa: E402
 from sqlr1.data import SHORT_PROMPT, build_prompt, load_dataset  # noqa: E402
 from sqlr1.distributed import Dist  # noqa: E402
 from sqlr1.inference import completion_text, evaluate_policy  # noqa: E402
+from sqlr1.lab import mean_ci, sft_checkpoint  # noqa: E402
 from sqlr1.reward import score_batch  # noqa: E402
 from sqlr1.sandbox import Sandbox  # noqa: E402
 from sqlr1.tokenizer import load_tokenizer  # noqa: E402
@@ -97,20 +97,10 @@ from sqlr1.update import make_optimizer  # noqa: E402
 CONFIG = ROOT / "configs" / "grpo_tiny.py"
 
 # two-sided 95 % Student-t quantiles t_{0.975, df}, df = 1..30
-T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
-
-
-def mean_ci95(xs: list[float]) -> tuple[float, float]:
-    """Mean and the half-width of its 95 % CI over seeds: t_{0.975, n-1} * s / sqrt(n), s the unbiased std.
-    One value: half-width nan (no spread to estimate)."""
-    n = len(xs)
-    m = sum(xs) / n
-    if n < 2:
-        return m, math.nan
-    s = math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1))
-    t = T975[n - 2] if n - 1 <= len(T975) else 1.96
-    return m, t * s / math.sqrt(n)
+def pm(xs: list[float], sign: str = "") -> str:
+    """mean ± half-width of the 95 % CI over seeds (sqlr1.lab.mean_ci: Student's t); one seed has no interval."""
+    m, h = mean_ci(xs)
+    return f"{m:{sign}.3f} ± {h:.3f}" if h is not None else f"{m:{sign}.3f} (1 seed, no CI)"
 
 
 def cpu_model() -> str:
@@ -133,14 +123,11 @@ def run_train(args: list[str], threads: int, log: Path) -> None:
         raise SystemExit(f"error: train.py {' '.join(args)} failed (exit {p.returncode}); see {log}")
 
 
-def make_sft(seed: int, sft_steps: int, out: Path, threads: int) -> Path:
-    """The cold start for `seed` (train.py, GRPO off, no evaluation); reused if `out/sft_s<seed>/final` exists."""
-    run_dir = out / f"sft_s{seed}"
-    final = run_dir / "final"
-    if not (final / "config.json").is_file():
-        run_train([f"--seed={seed}", f"--sft_steps={sft_steps}", "--grpo_steps=0", "--eval_split=",
-                   f"--out_dir={run_dir}"], threads, out / f"sft_s{seed}.log")
-    return final
+def make_sft(seed: int, sft_steps: int | None, cache_dir: str) -> Path:
+    """The cold start for `seed`: the lab's cached SFT run (sqlr1.lab.sft_checkpoint, the same cache key), so the
+    referee starts from the very weights `python -m sqlr1.lab --config configs/lab_toy.py` trains from."""
+    overrides = [] if sft_steps is None else [f"--sft_steps={sft_steps}"]
+    return sft_checkpoint(CONFIG.relative_to(ROOT), overrides, seed, cache_dir)
 
 
 def run_ours(sft: Path, seed: int, steps: int, out: Path, threads: int) -> dict:
@@ -290,10 +277,9 @@ def report(results: dict, seeds: list[int], steps: int, threads: int, cpu: str, 
         r = results[s]
         lines.append(f"| {s} | {r['ex_sft']:.3f} | {r['ex_ours']:.3f} | {r['ex_trl']:.3f} | "
                      f"{r['ex_ours'] - r['ex_trl']:+.3f} |")
-    cells = [mean_ci95([results[s][key] for s in seeds]) for key in ("ex_sft", "ex_ours", "ex_trl")]
-    cells.append(mean_ci95([results[s]["ex_ours"] - results[s]["ex_trl"] for s in seeds]))
-    lines += ["| mean ± 95% CI | " + " | ".join(f"{m:.3f} ± {h:.3f}" for m, h in cells[:3])
-              + f" | {cells[3][0]:+.3f} ± {cells[3][1]:.3f} (paired) |", "",
+    cells = [pm([results[s][key] for s in seeds]) for key in ("ex_sft", "ex_ours", "ex_trl")]
+    cells.append(pm([results[s]["ex_ours"] - results[s]["ex_trl"] for s in seeds], sign="+"))
+    lines += ["| mean ± 95% CI | " + " | ".join(cells[:3]) + f" | {cells[3]} (paired) |", "",
               "Mean training reward per GRPO step (ours / TRL):", "",
               "| step | " + " | ".join(f"seed {s} ours | seed {s} TRL" for s in seeds) + " |",
               "|---|" + "---|---|" * len(seeds)]
@@ -349,8 +335,10 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--steps", type=int, default=100,
                     help="K GRPO steps per side and seed (100: the demo's and the lab's GRPO stage)")
     ap.add_argument("--sft", nargs="*", default=[], help="one SFT checkpoint (a final/ directory) per seed")
-    ap.add_argument("--make_sft", action="store_true", help="make the SFT checkpoints with train.py (reused if there)")
-    ap.add_argument("--sft_steps", type=int, default=600, help="--make_sft: cold-start steps (the demo: 600)")
+    ap.add_argument("--make_sft", action="store_true",
+                    help="take the SFT checkpoints from the lab's cache (sqlr1.lab.sft_checkpoint; run when missing)")
+    ap.add_argument("--sft_steps", type=int, default=None, help="--make_sft: cold-start steps (default: the config's)")
+    ap.add_argument("--cache_dir", default="runs/lab_cache", help="--make_sft: the lab's SFT cache")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work_dir", default="runs/bench_trl", help="run directories and logs")
     ap.add_argument("--out", default="", help="write the tables to this markdown file")
@@ -377,7 +365,7 @@ def main(argv: list[str]) -> int:
     results = {}
     with Sandbox(num_workers=cfg.sandbox_workers, timeout=cfg.reward.timeout) as sandbox:
         for k, seed in enumerate(a.seeds):
-            sft = Path(a.sft[k]).resolve() if a.sft else make_sft(seed, a.sft_steps, out, a.threads)
+            sft = Path(a.sft[k]).resolve() if a.sft else make_sft(seed, a.sft_steps, a.cache_dir)
             cfg_s = replace(cfg, seed=seed, model=str(sft))
             tokenizer = load_tokenizer(sft)
             examples, prompts = rl_data(cfg_s, tokenizer, sandbox)

@@ -20,13 +20,11 @@ def _bench():
     return module
 
 
-def test_mean_ci95_of_known_numbers():
-    mean_ci95 = _bench().mean_ci95
-    m, h = mean_ci95([1.0, 2.0, 3.0])  # s = 1, t_{0.975, 2} = 4.303
-    assert m == 2.0 and h == pytest.approx(4.303 / math.sqrt(3), rel=1e-6)
-    m, h = mean_ci95([0.5, 0.7])  # s = 0.1414, t_{0.975, 1} = 12.706
-    assert m == pytest.approx(0.6) and h == pytest.approx(12.706 * 0.2 / math.sqrt(2) / math.sqrt(2), rel=1e-6)
-    assert mean_ci95([0.3])[0] == 0.3 and math.isnan(mean_ci95([0.3])[1])
+def test_the_report_uses_the_labs_interval():
+    pm = _bench().pm
+    assert pm([1.0, 2.0, 3.0]) == f"2.000 ± {4.303 / math.sqrt(3):.3f}"  # s = 1, t_{0.975, 2} = 4.303
+    assert pm([0.3]) == "0.300 (1 seed, no CI)"
+    assert pm([-0.1, 0.1], sign="+").startswith("+0.000 ± ")
 
 
 def test_sqlr1_never_imports_the_benchmark_only_packages():
