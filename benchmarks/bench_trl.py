@@ -96,7 +96,6 @@ from sqlr1.update import make_optimizer  # noqa: E402
 
 CONFIG = ROOT / "configs" / "grpo_tiny.py"
 
-# two-sided 95 % Student-t quantiles t_{0.975, df}, df = 1..30
 def pm(xs: list[float], sign: str = "") -> str:
     """mean ± half-width of the 95 % CI over seeds (sqlr1.lab.mean_ci: Student's t); one seed has no interval."""
     m, h = mean_ci(xs)
@@ -343,6 +342,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--work_dir", default="runs/bench_trl", help="run directories and logs")
     ap.add_argument("--out", default="", help="write the tables to this markdown file")
     a = ap.parse_args(argv)
+    os.chdir(ROOT)  # the lab's relative paths (configs/, toyworld, runs/lab_cache): its SFT cache keys match
     if a.make_sft == bool(a.sft):
         raise SystemExit("error: give either --sft DIR per seed or --make_sft")
     if a.sft and len(a.sft) != len(a.seeds):

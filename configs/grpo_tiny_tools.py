@@ -51,7 +51,9 @@ config = TrainConfig(  # configs/grpo_tiny.py's settings, with the lines marked 
     lr_schedule="constant",
     warmup_steps=5,
     eval_n=8,
-    eval_batch_size=0,
+    # multi-turn widens the shared KV cache by each pause step's longest observation (sqlr1/sampling.py), for all
+    # rows of a call: bounded batches, not all 308 held-out prompts x 8 votes at once
+    eval_batch_size=32,
     eval_temperature=0.8,
     sandbox_workers=2,
     max_turns=3,  # tools

@@ -23,6 +23,7 @@ files (its manifest toyworld.json and the question/trace files), so a rebuilt wo
 from __future__ import annotations
 
 import argparse
+import ctypes
 import dataclasses
 import hashlib
 import json
@@ -41,7 +42,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from sqlr1.config import _flat, config_dict, load_config, set_field
-from sqlr1.run import read_evals
+from sqlr1.run import lock_run_dir, read_evals
 
 TRAIN_PY = Path(__file__).resolve().parents[1] / "train.py"
 
@@ -55,7 +56,7 @@ SFT_EXCLUDED = frozenset({
     "name", "out_dir", "grpo_steps", "prompts_per_step", "group_size", "grad_accum_no_sync", "shared_prefix",
     "recompute_old_logp", "ppo_epochs", "lr", "temperature", "top_p", "top_k", "eval_every", "eval_init",
     "eval_vote", "sandbox_workers", "save_every", "keep_last", "log_samples", "wandb_project", "compile",
-    "max_bad_steps", "drop_empty_gold",
+    "max_bad_steps", "drop_empty_gold", "query_cost",
 })
 SFT_EXCLUDED_GROUPS = ("grpo.", "reward.")
 SFT_KEPT_IN_GROUPS = frozenset({"reward.mode", "reward.timeout"})
@@ -182,10 +183,13 @@ def sft_key(run_cfg_path: str | Path, overrides: list[str], seed: int) -> str:
     flat = {k: v for k, v in _flat(json.loads(json.dumps(config_dict(cfg)))).items()
             if k not in SFT_EXCLUDED and (not k.startswith(SFT_EXCLUDED_GROUPS) or k in SFT_KEPT_IN_GROUPS)}
     h = hashlib.sha256(json.dumps(flat, sort_keys=True).encode())
-    if cfg.dataset == "toy":
+    if cfg.dataset == "toy":  # what the SFT run reads of the world: a rebuild that changes none of it keeps the key
         world = Path(cfg.data_root or "toyworld")
-        for p in sorted(world.glob("*.json")):
-            h.update(p.name.encode() + p.read_bytes())
+        splits = {cfg.sft_split or cfg.train_split, cfg.eval_split}
+        files = [world / "tables.json", *(world / f"{s}.json" for s in sorted(splits) if s),
+                 *sorted((world / "tokenizer").glob("*")), *sorted((world / "database").rglob("*.sqlite"))]
+        for p in files:
+            h.update(str(p.relative_to(world)).encode() + (p.read_bytes() if p.is_file() else b"missing"))
     return h.hexdigest()[:10]
 
 
@@ -196,13 +200,18 @@ def run_finished(run_dir: Path, total_steps: int, evaluated: bool = True) -> boo
     return not evaluated or any(e["step"] == total_steps and "ex_voted" in e for e in read_evals(run_dir))
 
 
-def _prepare_world(run_cfg_path: str | Path, overrides: list[str]) -> None:
-    """Build the toy world (and nothing else) before its files are hashed; no-op for other datasets."""
+def _prepare_world(run_cfg_path: str | Path, overrides: list[str], seeds: list[int] = ()) -> None:
+    """Build the toy world and the seeds' initial models (once, here, not by runs racing in parallel) before the
+    world's files are hashed; no-op for other datasets."""
     cfg = load_config(run_cfg_path, overrides)
     if cfg.dataset == "toy":
-        from sqlr1.toyworld import ensure_toyworld
+        from sqlr1.toyworld import ensure_toyworld, init_model
 
-        ensure_toyworld(cfg.data_root or "toyworld", seed=0)
+        root = ensure_toyworld(cfg.data_root or "toyworld", seed=0)
+        if not cfg.model:
+            for seed in seeds:
+                if not (root / f"model_seed{seed}" / "config.json").is_file():
+                    init_model(root / f"model_seed{seed}", root / "tokenizer", seed=seed)
 
 
 def sft_checkpoint(run_cfg_path: str | Path, overrides: list[str], seed: int, cache_dir: str | Path) -> Path:
@@ -210,12 +219,12 @@ def sft_checkpoint(run_cfg_path: str | Path, overrides: list[str], seed: int, ca
 
     Public for other tools (the TRL referee benchmark) that need the lab's SFT weights.
     """
-    _prepare_world(run_cfg_path, overrides)
+    _prepare_world(run_cfg_path, overrides, [seed])
     cfg = load_config(run_cfg_path, sft_overrides(overrides, seed))
     run_dir = Path(cache_dir) / f"sft-{sft_key(run_cfg_path, overrides, seed)}"
     evaluated = bool(cfg.eval_split)
     if not run_finished(run_dir, cfg.sft_steps, evaluated):
-        shutil.rmtree(run_dir, ignore_errors=True)
+        _clear(run_dir)
         proc = _start(Run(f"sft/seed{seed}", run_dir, str(run_cfg_path), sft_overrides(overrides, seed), cfg.sft_steps),
                       threads=max(1, _cores()), extra_args=[])
         try:
@@ -238,6 +247,20 @@ class Run:
     args: list[str]
     total_steps: int  # the step of its last evaluation
     needs: str | None = None  # label of the SFT run it starts from
+
+
+def _clear(run_dir: Path) -> None:
+    """Remove an unfinished run directory to start it over, unless a live train.py still holds its lock (another
+    lab or benchmark on the same cache): then the lock's error names that process."""
+    if (run_dir / "train.lock").is_file():
+        lock_run_dir(run_dir).close()
+    shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the lab dies, even by SIGKILL (Linux), so no run outlives it."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
 
 
 def _cores() -> int:
@@ -263,7 +286,7 @@ def _start(run: Run, threads: int, extra_args: list[str]) -> subprocess.Popen:
         log.write(" ".join(cmd) + "\n")
         log.flush()
         return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                start_new_session=True)  # its own process group: killed as one
+                                start_new_session=True, preexec_fn=_die_with_parent)  # own group: killed as one
 
 
 def _kill(proc: subprocess.Popen) -> None:
@@ -323,7 +346,7 @@ def execute(lab: LabConfig, out: Path, runs: list[Run], on_finished) -> None:
                     break
                 if r.needs is None or r.needs in done:
                     pending.remove(r)
-                    shutil.rmtree(r.dir, ignore_errors=True)  # an unfinished run starts over
+                    _clear(r.dir)  # an unfinished run starts over
                     running[r.label] = (r, _start(r, threads, extra_args))
             if bar.postfix != (names := ", ".join(running)):
                 bar.set_postfix_str(names)
@@ -462,7 +485,7 @@ def main(argv: list[str]) -> int:
     lab = load_lab(args.config, overrides)
     validate(lab, args.config)
     out = Path(lab.out_dir or f"runs/{lab.name}")
-    _prepare_world(lab.base, lab.base_overrides)
+    _prepare_world(lab.base, lab.base_overrides, lab.seeds)
     runs, sfts = plan(lab, out)
     previous = out / "lab.json"  # a resumed lab adds its earlier invocations' wall time
     started = time.time() - (json.loads(previous.read_text()).get("wall_s", 0.0) if previous.is_file() else 0.0)

@@ -44,7 +44,10 @@ own 1 + k_b are masked out for good, so a row that did not pause runs a normal d
 hidden) and paused rows never wait: all rows keep decoding in the same batch. The next token of row b is sampled
 from the output at its column c + k_b, positions continue from its real token count, the prefix is never
 recomputed. The cache grows when K columns are needed past L + max_new_tokens - 1 (one reallocation by at least a
-quarter of its width). This path is eager and checks for pauses every step (one host sync per step); compaction of
+quarter of its width). The price of the shared column: the cache widens by sum over pause steps of the step's
+longest observation, for every row, and compaction drops rows, not columns (a call whose rows pause at many
+different steps holds up to L + max_new_tokens * (1 + obs_max_tokens) columns in the worst case): keep multi-turn
+batches bounded (eval_batch_size). Per-row write columns would bound it by L + max_new_tokens. This path is eager and checks for pauses every step (one host sync per step); compaction of
 finished rows works as above. Without `on_pause` nothing of this runs: the single-turn loop is unchanged.
 """
 

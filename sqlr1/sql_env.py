@@ -49,8 +49,15 @@ def model_text(tokenizer: Tokenizer, tokens: list[int], model_mask: list[bool] |
     return tokenizer.decode(ids)
 
 
+def _cell(v) -> str:
+    """A value's text, at most VALUE_CHARS characters (a huge text or blob is cut before it is converted)."""
+    if v is None:
+        return "NULL"
+    return str(v[: VALUE_CHARS] if isinstance(v, (str, bytes)) else v)[:VALUE_CHARS]
+
+
 def _cells(row) -> str:
-    return " | ".join("NULL" if v is None else str(v)[:VALUE_CHARS] for v in row)
+    return " | ".join(_cell(v) for v in row)
 
 
 def render(result: ExecResult, row_limit: int) -> str:

@@ -257,3 +257,20 @@ def test_sft_checkpoint_runs_once_and_returns_the_final_model(tmp_path, monkeypa
     assert lab.sft_checkpoint("configs/grpo_tiny.py", overrides, 0, tmp_path / "cache") == final
     assert (final.parent / "metrics.jsonl").stat().st_mtime_ns == stamp
     assert json.loads((final.parent / "config.json").read_text())["grpo_steps"] == 0
+
+
+def test_a_run_directory_in_use_is_never_removed(tmp_path):
+    """Another lab or benchmark on the same cache holds a run's lock (train.py's): the lab refuses to start it
+    over and names the holder; once the lock is free, the unfinished directory is removed."""
+    from sqlr1.run import lock_run_dir
+
+    run = tmp_path / "sft-abc"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("{}\n")
+    held = lock_run_dir(run)
+    with pytest.raises(ValueError, match=rf"in use by another training process \(PID {os.getpid()}"):
+        lab._clear(run)
+    assert (run / "metrics.jsonl").is_file()
+    held.close()
+    lab._clear(run)
+    assert not run.exists()

@@ -376,3 +376,14 @@ def test_train_runs_multi_turn_grpo_on_the_toy_tools_splits(tmp_path):
     grpo = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"grpo"' in x]
     assert len([r for r in grpo if "query_rate" in r]) == 2
     assert all(0 <= r["query_rate"] <= 1 and r["completion_len_max"] <= 24 for r in grpo if "query_rate" in r)
+
+
+def test_huge_cells_are_cut_before_they_are_converted():
+    from sqlr1.sandbox import ExecResult
+    from sqlr1.sql_env import VALUE_CHARS, render
+
+    big = ExecResult("ok", [("x" * 10_000_000, b"\x00" * 5_000_000, 12345678901234567890)], 3, columns=("a", "b", "c"))
+    lines = render(big, row_limit=5).splitlines()
+    assert lines[0] == "a | b | c"
+    cells = lines[1].split(" | ")
+    assert cells[0] == "x" * VALUE_CHARS and len(cells[1]) <= VALUE_CHARS and cells[2] == "12345678901234567890"
