@@ -6,6 +6,13 @@ Every row starts from the same SFT weights per seed (paired gains). Lab-wide: he
 for the curve, voting (8 candidates) only after the last step (eval_vote=final), and the SFT run never
 re-evaluated at GRPO step 0 (the SFT row comes from the cached SFT run's own end-of-SFT evaluation).
 
+The cold start is the noisy teacher's (sft_split=sft_noisy, toyworld.teacher_plural_slip): sft.json's traces, 40 %
+of them with plural table names that fail to execute. With sft.json (every slip runs) nearly every GRPO group
+executes throughout, where S_r is redundant under group-std advantages (S_l, paid only when correct, ranks the
+group the same way), and the lab could not tell the full reward from the S_r ablation (RESULTS.md: 0.232
+[0.120, 0.343] vs 0.168 [-0.105, 0.441] over 3 seeds). With failing samples in the groups, the rewards differ where
+the ablation matters: without S_r a wrong query that runs earns 3 of a right one's ~4 points, and errors -1.
+
 Rows:
 - grpo: SQL-R1 as grpo_tiny runs it (token-mean, eps 0.2, group-std advantages, beta 0).
 - dr_grpo: Dr.GRPO, A_i = r_i - mean_g (no std division), seq-mean-token-sum-norm aggregation.
@@ -17,7 +24,7 @@ Rows:
 - no_format / no_execution / no_result / no_length: SQL-R1's ablations, one component off (S_f, S_e, S_r, S_l).
   Note for no_result: S_l is still paid only when the result is correct, so correctness is still rewarded
   through S_l (at most 0.5 + |q|/|answer| ~ 1 point, against S_r's 6-point swing): the ablation weakens the
-  correctness signal rather than removing it.
+  correctness signal rather than removing it, and only in groups whose samples do not all execute.
 - arctic: Arctic-Text2SQL-R1's reward (1 correct, 0.1 runs, 0 otherwise; RewardConfig.preset="arctic").
 - tis: truncated importance sampling, C = 2. In fp32 (this config's dtype) the sampler's and the trainer's
   log-probs agree to rounding, so every weight is ~1: this row is a control (it must match grpo within noise).
@@ -28,7 +35,7 @@ from sqlr1.lab import LabConfig
 config = LabConfig(
     name="lab_toy",
     base="configs/grpo_tiny.py",
-    base_overrides=["--eval_every=25", "--eval_vote=final"],
+    base_overrides=["--eval_every=25", "--eval_vote=final", "--sft_split=sft_noisy"],
     seeds=[0, 1, 2],
     variants={
         "grpo": [],

@@ -8,6 +8,7 @@
       train_tools.json, dev_tools.json   the splits plus lookup questions (multi-turn rollouts, sqlr1/sql_env.py)
       sft_tools.json                     sft.json plus lookup traces that query the database in <sql> first
       sft_tools_blind.json               sft.json plus lookup traces that answer in one turn (the baseline)
+      sft_noisy.json                     sft.json with a fourth slip that fails: plural table names (the RL lab)
       tokenizer/                         byte-level BPE tokenizer.json + tokenizer_config.json (ChatML)
       toyworld.json                      manifest: format version, seed and sizes (ensure_toyworld checks it)
 
@@ -51,6 +52,10 @@ What is in it, and why:
   `<sql>SELECT title FROM album WHERE title LIKE 'zorb%'</sql>`, reads the observation, then answers with `=`;
   sft_tools_blind's teacher answers with the LIKE filter in one turn. They come from their own random streams and
   leave the other files, the tokenizer included, exactly as they were.
+- A noisier cold start (sft_noisy.json, the RL lab's: configs/lab_toy.py): sft.json's traces with a fourth habit,
+  table names written as the questions write them, in the plural ("FROM flights"), which SQLite rejects. Its SFT
+  model's samples then fail to execute as often as real models' do on real benchmarks, and the execution and
+  result rewards have different work to do (see teacher_plural_slip).
 - Model: a 4-layer Qwen2 (GQA, RoPE, tied embeddings) whose vocabulary is padded to the next multiple of 64 above
   the tokenizer size, like Qwen's 151,936 rows for 151,665 tokens, so the masking of padded rows runs for real.
 """
@@ -76,12 +81,12 @@ from sqlr1.sandbox import ExecResult
 from sqlr1.sql_env import OBS_CLOSE, OBS_OPEN, render
 from sqlr1.tokenizer import load_tokenizer
 
-FORMAT_VERSION = 3  # 3: the *_tools splits (lookup questions)
+FORMAT_VERSION = 4  # 3: the *_tools splits (lookup questions); 4: sft_noisy
 MANIFEST = "toyworld.json"
 TOOL_SPLITS = ("train_tools", "dev_tools", "sft_tools", "sft_tools_blind")
 # Everything build_toyworld writes at the top of a world: a rebuild may replace these, and only these.
-GENERATED = frozenset({"database", "tables.json", "train.json", "dev.json", "sft.json", "tokenizer", MANIFEST,
-                       *(f"{s}.json" for s in TOOL_SPLITS)})
+GENERATED = frozenset({"database", "tables.json", "train.json", "dev.json", "sft.json", "sft_noisy.json", "tokenizer",
+                       MANIFEST, *(f"{s}.json" for s in TOOL_SPLITS)})
 SYSTEM_MESSAGE = "You are a helpful assistant."
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 REASONING_TOKENS = ("<think>", "</think>", "<answer>", "</answer>")
@@ -496,6 +501,24 @@ def teacher_answer(record: dict, rng: random.Random, slip: float = TEACHER_SLIP)
     return {**record, "query": query, "cot": cot}
 
 
+# sft_noisy.json's extra habit. The questions name tables in the plural ("How many flights are there?") and the
+# tokenizer spells " flights" as " flight" + "s", so writing "FROM flights" is the tiny model's most natural
+# mistake, and an error, not a wrong result: S_e = -2. In sft.json every slip still runs, so nearly every GRPO group
+# executes throughout, and there SQL-R1's S_r is redundant under group-std advantages: S_l, paid only when the result
+# is correct, orders the group the same way (wrong 3 < right ~4 without S_r, 0 < ~7 with it; the same A_i after
+# normalisation). Only groups that mix errors with wrong and right answers tell the two apart: without S_r a wrong
+# answer that runs earns nearly what a right one does.
+TEACHER_PLURAL = 0.4
+TABLE_REF = re.compile(r"\b(FROM|JOIN) (\w+)")
+
+
+def teacher_plural_slip(record: dict, rng: random.Random, slip: float = TEACHER_PLURAL) -> dict:
+    """The record with, with probability slip, every table of its SQL named in the plural (the trace unchanged)."""
+    if rng.random() >= slip:
+        return record
+    return {**record, "query": TABLE_REF.sub(lambda m: f"{m[1]} {plural(m[2])}", record["query"])}
+
+
 def q_lookup_partial(db, rng, conn):
     """The lookup family: a row named by the shortest lower-case prefix (>= 4 letters) of its label that no other
     row shares. Returns (question, gold SQL, lookup SQL, the lookup's observation body, column) or None."""
@@ -679,6 +702,8 @@ def build_toyworld(
     for name, records in (("train", train), ("dev", dev), ("sft", sft)):
         write_json(root / f"{name}.json", records)
     write_json(root / "tables.json", [spider_schema(db) for db in train_dbs + dev_dbs])
+    noisy = random.Random(f"toyworld-{seed}-teacher-plural")  # its own stream: sft.json is unchanged
+    write_json(root / "sft_noisy.json", [teacher_plural_slip(r, noisy) for r in sft])
 
     texts = [PROMPT_WORDS] * 100 + [create_statement(t) for db in train_dbs for t in db.tables]
     texts += [f"Question: {r['question']}\n\n{r['cot']}\n\n```sql\n{r['query']}\n```\n" for r in train + sft]

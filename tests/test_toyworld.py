@@ -21,7 +21,7 @@ from sqlr1.checkpoint import load_model
 from sqlr1.model import ModelConfig
 from sqlr1.tokenizer import load_tokenizer
 from sqlr1.toyworld import (
-    ENTITIES, MANIFEST, TEACHER_SLIP, build_toyworld, ensure_toyworld, init_model, plural, vocabulary_words,
+    ENTITIES, MANIFEST, TEACHER_PLURAL, TEACHER_SLIP, build_toyworld, ensure_toyworld, init_model, plural, vocabulary_words,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -210,6 +210,24 @@ def test_teacher_answers_the_train_questions_with_habitual_slips_that_execution_
         assert sorted(map(repr, conn.execute(t).fetchall())) != sorted(map(repr, conn.execute(g).fetchall())), (g, t)
     for kind, (made, applicable) in slips.items():
         assert applicable >= 100 and abs(made / applicable - TEACHER_SLIP) < 0.08, (kind, made, applicable)
+
+
+def test_noisy_teacher_adds_plural_table_names_that_fail_to_execute(world):
+    """sft_noisy.json: sft.json's records, except that with probability TEACHER_PLURAL every table of the SQL is
+    named in the plural, as the question names it, and then the query fails (S_e = -2), unlike sft.json's slips."""
+    sft, noisy = records(world, "sft"), records(world, "sft_noisy")
+    assert len(noisy) == len(sft)
+    changed = [(a, b) for a, b in zip(sft, noisy) if a != b]
+    assert abs(len(changed) / len(sft) - TEACHER_PLURAL) < 0.05
+    conns = {}
+    for a, b in changed:
+        assert {k: v for k, v in a.items() if k != "query"} == {k: v for k, v in b.items() if k != "query"}
+        tables = re.findall(r"\b(?:FROM|JOIN) (\w+)", a["query"])
+        assert re.findall(r"\b(?:FROM|JOIN) (\w+)", b["query"]) == [plural(t) for t in tables]
+        assert re.sub(r"\b(FROM|JOIN) (\w+)s\b", r"\1 \2", b["query"]) == a["query"]
+        conn = conns.setdefault(a["db_id"], sqlite3.connect(db_path(world, a["db_id"])))
+        with pytest.raises(sqlite3.OperationalError, match="no such table"):
+            conn.execute(b["query"])
 
 
 def test_held_out_is_not_easier(world):
