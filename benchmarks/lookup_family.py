@@ -1,0 +1,53 @@
+"""Held-out greedy EX of trained toy models split by question family: the lookup questions of `dev_tools` (the
+records after dev.json's) and the rest, with the share of each family answered after a query (issue 15).
+
+    PYTHONPATH=. python benchmarks/lookup_family.py multi0=runs/lab_tools/multi_turn/seed0/final:3 \\
+        single0=runs/lab_tools/single_turn/seed0/final:0 ...          # LABEL=MODEL_DIR:MAX_TURNS, one JSON line each
+
+Decoding and observations as configs/grpo_tiny_tools.py evaluates (192 new tokens, 3 rows, 48 observation tokens).
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from sqlr1.checkpoint import load_model
+from sqlr1.data import SHORT_PROMPT, build_prompt, load_dataset
+from sqlr1.evaluate import score_pairs
+from sqlr1.inference import answer_in_batches
+from sqlr1.sandbox import Sandbox
+from sqlr1.tokenizer import load_tokenizer
+
+
+def share(flags: list[bool], idx: range) -> float:
+    return sum(flags[i] for i in idx) / max(len(idx), 1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("models", nargs="+", help="LABEL=MODEL_DIR:MAX_TURNS")
+    ap.add_argument("--world", default="toyworld")
+    args = ap.parse_args()
+    exs = load_dataset("spider", args.world, "dev_tools")
+    n_plain = len(json.loads(Path(args.world, "dev.json").read_text()))
+    lookup, other = range(n_plain, len(exs)), range(n_plain)
+    dbs, golds = [str(e.db_path) for e in exs], [e.sql for e in exs]
+    with Sandbox(num_workers=2, timeout=5.0) as sandbox:
+        for spec in args.models:
+            label, rest = spec.split("=", 1)
+            model_dir, turns = rest.rsplit(":", 1)
+            tok = load_tokenizer(model_dir)
+            model = load_model(model_dir, dtype=torch.float32, device="cpu")
+            ids = [build_prompt(e, tok, SHORT_PROMPT, 512).ids for e in exs]
+            answers = answer_in_batches(model, tok, ids, dbs, sandbox, batch_size=32, n=1, max_new_tokens=192,
+                                        max_turns=int(turns), obs_rows=3, obs_max_tokens=48)
+            ok = [v.match for v in score_pairs(sandbox, [a.sql for a in answers], golds, dbs, mode="spider", timeout=5.0)]
+            queried = [bool(a.turns) for a in answers]
+            print(json.dumps({"label": label, "lookup_ex": share(ok, lookup), "other_ex": share(ok, other),
+                              "lookup_query": share(queried, lookup), "other_query": share(queried, other)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
