@@ -4,7 +4,7 @@ records after dev.json's) and the rest, with the share of each family answered a
     PYTHONPATH=. python benchmarks/lookup_family.py multi0=runs/lab_tools/multi_turn/seed0/final:3 \\
         single0=runs/lab_tools/single_turn/seed0/final:0 ...          # LABEL=MODEL_DIR:MAX_TURNS, one JSON line each
 
-Decoding and observations as configs/grpo_tiny_tools.py evaluates (192 new tokens, 3 rows, 48 observation tokens).
+Prompts, decoding and observations as configs/grpo_tiny_tools.py evaluates (read from it, not repeated here).
 """
 
 import argparse
@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from sqlr1.checkpoint import load_model
+from sqlr1.config import load_config
 from sqlr1.data import SHORT_PROMPT, build_prompt, load_dataset
 from sqlr1.evaluate import score_pairs
 from sqlr1.inference import answer_in_batches
@@ -30,20 +31,23 @@ def main() -> None:
     ap.add_argument("models", nargs="+", help="LABEL=MODEL_DIR:MAX_TURNS")
     ap.add_argument("--world", default="toyworld")
     args = ap.parse_args()
+    cfg = load_config("configs/grpo_tiny_tools.py")
     exs = load_dataset("spider", args.world, "dev_tools")
     n_plain = len(json.loads(Path(args.world, "dev.json").read_text()))
     lookup, other = range(n_plain, len(exs)), range(n_plain)
     dbs, golds = [str(e.db_path) for e in exs], [e.sql for e in exs]
-    with Sandbox(num_workers=2, timeout=5.0) as sandbox:
+    with Sandbox(num_workers=2, timeout=cfg.reward.timeout) as sandbox:
         for spec in args.models:
             label, rest = spec.split("=", 1)
             model_dir, turns = rest.rsplit(":", 1)
             tok = load_tokenizer(model_dir)
             model = load_model(model_dir, dtype=torch.float32, device="cpu")
-            ids = [build_prompt(e, tok, SHORT_PROMPT, 512).ids for e in exs]
-            answers = answer_in_batches(model, tok, ids, dbs, sandbox, batch_size=32, n=1, max_new_tokens=192,
-                                        max_turns=int(turns), obs_rows=3, obs_max_tokens=48)
-            ok = [v.match for v in score_pairs(sandbox, [a.sql for a in answers], golds, dbs, mode="spider", timeout=5.0)]
+            ids = [build_prompt(e, tok, SHORT_PROMPT, cfg.max_prompt_len, cfg.sample_values).ids for e in exs]
+            answers = answer_in_batches(model, tok, ids, dbs, sandbox, batch_size=cfg.eval_batch_size, n=1,
+                                        max_new_tokens=cfg.max_response_len, max_turns=int(turns),
+                                        obs_rows=cfg.obs_rows, obs_max_tokens=cfg.obs_max_tokens)
+            ok = [v.match for v in score_pairs(sandbox, [a.sql for a in answers], golds, dbs, mode=cfg.reward.mode,
+                                               timeout=cfg.reward.timeout)]
             queried = [bool(a.turns) for a in answers]
             print(json.dumps({"label": label, "lookup_ex": share(ok, lookup), "other_ex": share(ok, other),
                               "lookup_query": share(queried, lookup), "other_query": share(queried, other)}), flush=True)
