@@ -13,6 +13,12 @@ group the same way), and the lab could not tell the full reward from the S_r abl
 [0.120, 0.343] vs 0.168 [-0.105, 0.441] over 3 seeds). With failing samples in the groups, the rewards differ where
 the ablation matters: without S_r a wrong query that runs earns 3 of a right one's ~4 points, and errors -1.
 
+SFT runs 900 steps here, not grpo_tiny's 600: at 600 the seeds' SFT models are at different points of learning (SFT
+loss 0.15 / 0.11 / 0.12, still falling) and the full reward's GRPO stage ends at 0.35 / 0.47 / 0.47 held-out EX
+(interval +-0.17 over 3 seeds); from 900 it ends at 0.530 / 0.515 / 0.523 ([0.504, 0.541]), so a row differs from
+the reference by what it changes rather than by which seed it drew (RESULTS.md, "RL lab", fifth session). There
+S_e off falls clearly below the full reward; S_r off trails it by ~25 GRPO steps and its interval still overlaps.
+
 Rows:
 - grpo: SQL-R1 as grpo_tiny runs it (token-mean, eps 0.2, group-std advantages, beta 0).
 - dr_grpo: Dr.GRPO, A_i = r_i - mean_g (no std division), seq-mean-token-sum-norm aggregation.
@@ -35,7 +41,7 @@ from sqlr1.lab import LabConfig
 config = LabConfig(
     name="lab_toy",
     base="configs/grpo_tiny.py",
-    base_overrides=["--eval_every=25", "--eval_vote=final", "--sft_split=sft_noisy"],
+    base_overrides=["--eval_every=25", "--eval_vote=final", "--sft_split=sft_noisy", "--sft_steps=900"],
     seeds=[0, 1, 2],
     variants={
         "grpo": [],

@@ -203,7 +203,7 @@ def test_sft_cache_key_follows_what_changes_sft(micro_lab):
     key = lab.sft_key("configs/grpo_tiny.py", base, 0)
     assert lab.sft_key("configs/grpo_tiny.py", [*base, "--lr=1e-3", "--grpo.clip_high=0.3"], 0) == key  # GRPO-only
     assert lab.sft_key("configs/grpo_tiny.py", [*base, "--sandbox_workers=1"], 0) == key
-    # the lab's eval overrides (configs/lab_toy.py) do not change the key: sft_checkpoint(base, [], ...) shares it
+    # evaluation-schedule overrides (configs/lab_toy.py's --eval_every, --eval_vote) do not change the key
     assert lab.sft_key("configs/grpo_tiny.py", [*base, "--eval_every=25", "--eval_vote=final"], 0) == key
     assert lab.sft_key("configs/grpo_tiny.py", base, 1) != key
     assert lab.sft_key("configs/grpo_tiny.py", [*base, "--sft_lr=1e-3"], 0) != key
