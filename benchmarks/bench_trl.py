@@ -123,9 +123,8 @@ def run_train(args: list[str], threads: int, log: Path) -> None:
 
 
 def make_sft(seed: int, sft_steps: int | None, cache_dir: str) -> Path:
-    """The cold start for `seed`: grpo_tiny's own SFT run (sft.json, its 600 steps unless --sft_steps), through the
-    lab's cache (sqlr1.lab.sft_checkpoint: same cache, same key). These are the weights the third session's lab
-    trained from; configs/lab_toy.py has since moved to sft_noisy.json and 900 steps (its own cache entries)."""
+    """The cold start for `seed`: grpo_tiny's own SFT run (sft.json, 600 steps unless --sft_steps), from the lab's
+    cache (sqlr1.lab.sft_checkpoint: same cache, same key). Not configs/lab_toy.py's (sft_noisy.json, 900 steps)."""
     overrides = [] if sft_steps is None else [f"--sft_steps={sft_steps}"]
     return sft_checkpoint(CONFIG.relative_to(ROOT), overrides, seed, cache_dir)
 
