@@ -437,17 +437,18 @@ def plot(results: dict, path: Path) -> str | None:
     except ImportError:
         return "lab.png skipped: matplotlib is not installed (pip install -e '.[plots]')"
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for name, per_seed in results.items():
+    for i, (name, per_seed) in enumerate(results.items()):
+        style = ("o-", "s--", "^:")[i // 10 % 3]  # the colour cycle has 10 colours: rows 11+ get another line style
         curves = [dict(map(tuple, v["ex_curve"])) for v in per_seed.values()]
         steps = sorted(set.intersection(*(set(c) for c in curves)))
         ys = [[c[s] for c in curves] for s in steps]
-        (line,) = ax1.plot(steps, [sum(y) / len(y) for y in ys], "o-", ms=3, label=name)
+        (line,) = ax1.plot(steps, [sum(y) / len(y) for y in ys], style, ms=3, label=name)
         ax1.fill_between(steps, [min(y) for y in ys], [max(y) for y in ys], color=line.get_color(), alpha=0.15)
         rewards = [_smooth(v["reward_curve"]) for v in per_seed.values()]
         n = min(len(r) for r in rewards)
         xs = list(range(1, n + 1))
         cols = [[r[i] for r in rewards] for i in range(n)]
-        ax2.plot(xs, [sum(c) / len(c) for c in cols], color=line.get_color(), label=name)
+        ax2.plot(xs, [sum(c) / len(c) for c in cols], style[1:], color=line.get_color(), label=name)
         ax2.fill_between(xs, [min(c) for c in cols], [max(c) for c in cols], color=line.get_color(), alpha=0.15)
     ax1.set(xlabel="GRPO step", ylabel="held-out greedy EX", title="held-out EX (band: min..max over seeds)")
     ax2.set(xlabel="GRPO step", ylabel="mean training reward (10-step mean)",
