@@ -9,6 +9,7 @@
       sft_tools.json                     sft.json plus lookup traces that query the database in <sql> first
       sft_tools_blind.json               sft.json plus lookup traces that answer in one turn (the baseline)
       sft_noisy.json                     sft.json with a fourth slip that fails: plural table names (the RL lab)
+      sft_careful.json                   sft.json whose careful answers often fail (the lab's result ablation)
       tokenizer/                         byte-level BPE tokenizer.json + tokenizer_config.json (ChatML)
       toyworld.json                      manifest: format version, seed and sizes (ensure_toyworld checks it)
 
@@ -56,6 +57,10 @@ What is in it, and why:
   table names written as the questions write them, in the plural ("FROM flights"), which SQLite rejects. Its SFT
   model's samples then fail to execute as often as real models' do on real benchmarks, and the execution and
   result rewards have different work to do (see teacher_plural_slip).
+- A cold start whose right idea fails (sft_careful.json, configs/lab_ablation.py's): sft.json's traces, except that
+  where the teacher could have made a habitual mistake and did not, it writes the question's plural table names
+  with probability CAREFUL_PLURAL: the SFT model's right query often errors while its wrong habit always runs,
+  the tension in which SQL-R1's result reward is the one that pays for being right (see teacher_careful_plural).
 - Model: a 4-layer Qwen2 (GQA, RoPE, tied embeddings) whose vocabulary is padded to the next multiple of 64 above
   the tokenizer size, like Qwen's 151,936 rows for 151,665 tokens, so the masking of padded rows runs for real.
 """
@@ -81,11 +86,12 @@ from sqlr1.sandbox import ExecResult
 from sqlr1.sql_env import OBS_CLOSE, OBS_OPEN, render
 from sqlr1.tokenizer import load_tokenizer
 
-FORMAT_VERSION = 4  # 3: the *_tools splits (lookup questions); 4: sft_noisy
+FORMAT_VERSION = 5  # 3: the *_tools splits (lookup questions); 4: sft_noisy; 5: sft_careful
 MANIFEST = "toyworld.json"
 TOOL_SPLITS = ("train_tools", "dev_tools", "sft_tools", "sft_tools_blind")
 # Everything build_toyworld writes at the top of a world: a rebuild may replace these, and only these.
-GENERATED = frozenset({"database", "tables.json", "train.json", "dev.json", "sft.json", "sft_noisy.json", "tokenizer",
+GENERATED = frozenset({"database", "tables.json", "train.json", "dev.json", "sft.json", "sft_noisy.json",
+                       "sft_careful.json", "tokenizer",
                        MANIFEST, *(f"{s}.json" for s in TOOL_SPLITS)})
 SYSTEM_MESSAGE = "You are a helpful assistant."
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
@@ -486,6 +492,12 @@ PLAN_SIZE = sum(w for _, _, w in TEMPLATES)
 # traces and optimising execution which SQL-R1's RL stage closes, here made large enough to see on a laptop.
 TEACHER_SLIP = 0.7
 STAR = re.compile(r"^SELECT ((?:T1\.)?)\w+ FROM")  # a single selected column
+HABITS = ((" < ", " > "), (" ASC ", " DESC "), ("MIN(", "MAX("), ("AVG(", "SUM("))  # (gold, the teacher's slip)
+
+
+def could_slip(query: str) -> bool:
+    """Whether the teacher could make one of its habitual mistakes on this gold SQL."""
+    return bool(STAR.match(query)) or any(gold in query for gold, _ in HABITS)
 
 
 def teacher_answer(record: dict, rng: random.Random, slip: float = TEACHER_SLIP) -> dict:
@@ -494,7 +506,7 @@ def teacher_answer(record: dict, rng: random.Random, slip: float = TEACHER_SLIP)
     if STAR.match(query) and rng.random() < slip:
         query = STAR.sub(r"SELECT \1* FROM", query)
         cot = re.sub(r"return \w+\.$", "return every column.", cot)
-    for gold, wrong in ((" < ", " > "), (" ASC ", " DESC "), ("MIN(", "MAX("), ("AVG(", "SUM(")):
+    for gold, wrong in HABITS:
         if gold in query and rng.random() < slip:
             query = query.replace(gold, wrong)
             cot = cot.replace(gold.strip(" ("), wrong.strip(" ("))
@@ -512,11 +524,34 @@ TEACHER_PLURAL = 0.4
 TABLE_REF = re.compile(r"\b(FROM|JOIN) (\w+)")
 
 
+def plural_tables(query: str) -> str:
+    """The SQL with every table after FROM / JOIN named in the plural."""
+    return TABLE_REF.sub(lambda m: f"{m[1]} {plural(m[2])}", query)
+
+
 def teacher_plural_slip(record: dict, rng: random.Random, slip: float = TEACHER_PLURAL) -> dict:
     """The record with, with probability slip, every table of its SQL named in the plural (the trace unchanged)."""
     if rng.random() >= slip:
         return record
-    return {**record, "query": TABLE_REF.sub(lambda m: f"{m[1]} {plural(m[2])}", record["query"])}
+    return {**record, "query": plural_tables(record["query"])}
+
+
+# sft_careful.json: the plural habit where it hurts the right idea only. The teacher writes it in its careful
+# answers: where a habitual mistake was possible and it made none, it copies the question's table names with
+# probability CAREFUL_PLURAL, while its habitual answers always run. Without S_r (w_r = 0) a wrong query that runs
+# earns S_f + S_e = 3, a right one 3 + S_l ~ 3.8 and an error -1, so while the right idea still fails with
+# probability p its expected reward is 3.8 (1 - p) - p, below the habit's 3 for p > 0.17: GRPO is paid to retreat
+# to the habit; with S_r it is 6.8 (1 - p) - p against the habit's 0. (Under group-std advantages the retreat is
+# temporary, S_l still ranks right above wrong; without the std division it holds: RESULTS.md, "RL lab".)
+CAREFUL_PLURAL = 0.6
+
+
+def teacher_careful_plural(gold: dict, taught: dict, rng: random.Random, slip: float = CAREFUL_PLURAL) -> dict:
+    """The teacher's record `taught` for the train record `gold`: if a habitual mistake was possible and the teacher
+    made none, then with probability slip every table of its SQL is named in the plural (the trace unchanged)."""
+    if taught["query"] != gold["query"] or not could_slip(gold["query"]) or rng.random() >= slip:
+        return taught
+    return {**taught, "query": plural_tables(taught["query"])}
 
 
 def q_lookup_partial(db, rng, conn):
@@ -704,6 +739,8 @@ def build_toyworld(
     write_json(root / "tables.json", [spider_schema(db) for db in train_dbs + dev_dbs])
     noisy = random.Random(f"toyworld-{seed}-teacher-plural")  # its own stream: sft.json is unchanged
     write_json(root / "sft_noisy.json", [teacher_plural_slip(r, noisy) for r in sft])
+    careful = random.Random(f"toyworld-{seed}-teacher-careful")
+    write_json(root / "sft_careful.json", [teacher_careful_plural(g, t, careful) for g, t in zip(train, sft)])
 
     texts = [PROMPT_WORDS] * 100 + [create_statement(t) for db in train_dbs for t in db.tables]
     texts += [f"Question: {r['question']}\n\n{r['cot']}\n\n```sql\n{r['query']}\n```\n" for r in train + sft]

@@ -21,7 +21,8 @@ from sqlr1.checkpoint import load_model
 from sqlr1.model import ModelConfig
 from sqlr1.tokenizer import load_tokenizer
 from sqlr1.toyworld import (
-    ENTITIES, MANIFEST, TEACHER_PLURAL, TEACHER_SLIP, build_toyworld, ensure_toyworld, init_model, plural, vocabulary_words,
+    CAREFUL_PLURAL, ENTITIES, MANIFEST, TEACHER_PLURAL, TEACHER_SLIP, build_toyworld, could_slip, ensure_toyworld,
+    init_model, plural, plural_tables, vocabulary_words,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -225,6 +226,26 @@ def test_noisy_teacher_adds_plural_table_names_that_fail_to_execute(world):
         tables = re.findall(r"\b(?:FROM|JOIN) (\w+)", a["query"])
         assert re.findall(r"\b(?:FROM|JOIN) (\w+)", b["query"]) == [plural(t) for t in tables]
         assert re.sub(r"\b(FROM|JOIN) (\w+)s\b", r"\1 \2", b["query"]) == a["query"]
+        conn = conns.setdefault(a["db_id"], sqlite3.connect(db_path(world, a["db_id"])))
+        with pytest.raises(sqlite3.OperationalError, match="no such table"):
+            conn.execute(b["query"])
+
+
+def test_careful_teacher_names_tables_in_the_plural_where_it_avoided_a_habit_and_those_fail(world):
+    """sft_careful.json: sft.json's records, except that where the teacher could have made a habitual mistake and
+    made none, with probability CAREFUL_PLURAL every table of the SQL is named in the plural, and then the query
+    fails: the right idea often errors, the habitual wrong one always runs."""
+    train, sft, careful = records(world, "train"), records(world, "sft"), records(world, "sft_careful")
+    assert len(careful) == len(sft) == len(train)
+    avoided = [i for i, (g, t) in enumerate(zip(train, sft)) if g["query"] == t["query"] and could_slip(g["query"])]
+    changed = [i for i, (a, b) in enumerate(zip(sft, careful)) if a != b]
+    assert set(changed) <= set(avoided) and len(avoided) >= 200
+    assert abs(len(changed) / len(avoided) - CAREFUL_PLURAL) < 0.08
+    conns = {}
+    for i in changed:
+        a, b = sft[i], careful[i]
+        assert {k: v for k, v in a.items() if k != "query"} == {k: v for k, v in b.items() if k != "query"}
+        assert b["query"] == plural_tables(a["query"]) and b["query"] != a["query"]
         conn = conns.setdefault(a["db_id"], sqlite3.connect(db_path(world, a["db_id"])))
         with pytest.raises(sqlite3.OperationalError, match="no such table"):
             conn.execute(b["query"])
