@@ -53,6 +53,13 @@ def write_lab(path: Path, world: Path, out: Path, cache: Path, **fields) -> Path
     return path
 
 
+@pytest.mark.parametrize("path", sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").glob("lab_*.py")))
+def test_shipped_lab_configs_validate(path, monkeypatch):
+    """Every lab config in configs/ passes the checks a lab runs before anything starts (rows, overrides, base)."""
+    monkeypatch.chdir(ROOT)
+    lab.validate(lab.load_lab(path), path)
+
+
 @pytest.mark.parametrize("fields, message", [
     ({"seeds": []}, "seeds is empty"),
     ({"seeds": [0, 0]}, "duplicates"),
