@@ -1,4 +1,4 @@
-"""The built-in RL lab: 10 variants x 3 seeds of the toy demo (configs/grpo_tiny.py), SFT cached once per seed.
+"""The built-in RL lab: 11 variants x 3 seeds of the toy demo (configs/grpo_tiny.py), SFT cached once per seed.
 
     python -m sqlr1.lab --config configs/lab_toy.py            # OUT = runs/lab_toy: lab.md, lab.json, lab.png
 
@@ -19,9 +19,17 @@ loss 0.15 / 0.11 / 0.12, still falling) and the full reward's GRPO stage ends at
 the reference by what it changes rather than by which seed it drew (RESULTS.md, "RL lab", fifth session). There
 S_e off falls clearly below the full reward; S_r off trails it by ~25 GRPO steps and its interval still overlaps.
 
+Why S_r off is only a delay under SQL-R1's GRPO, and why the lab also runs it under Dr.GRPO: the group-std
+division A_i = (r_i - mean_g) / std_g erases the reward's scale, so in a group whose samples all run, S_l's ~0.8
+points for a right answer (mean over the grpo run, seed 0) rank it exactly as S_r + S_l's 6.8 do. Without the
+division (A_i = r_i - mean_g) the scale stays: S_r off leaves 0.8 points for being right against 4 for running, all
+through training, and it costs 0.16-0.21 EX after 100 steps on every seed (dr_grpo vs dr_grpo_no_result).
+configs/lab_ablation.py adds a cold start in which the result reward has the most to do.
+
 Rows:
 - grpo: SQL-R1 as grpo_tiny runs it (token-mean, eps 0.2, group-std advantages, beta 0).
 - dr_grpo: Dr.GRPO, A_i = r_i - mean_g (no std division), seq-mean-token-sum-norm aggregation.
+- dr_grpo_no_result: dr_grpo with S_r off: the result ablation where the advantage keeps the reward's scale.
 - dapo: DAPO's clip-higher (eps_high 0.28) and dynamic-sampling filter (zero-std groups dropped), token-mean.
 - gspo: GSPO's sequence ratio s_i = exp(mean_t log rho_i,t) with its clip range (3e-4, 4e-4) and its sequence-mean
   objective. At ppo_epochs=1 with pi_old recomputed, s_i = 1 exactly and GSPO-token's gradient equals GRPO's
@@ -46,6 +54,8 @@ config = LabConfig(
     variants={
         "grpo": [],
         "dr_grpo": ["--grpo.adv_scale=none", "--grpo.loss_agg=seq-mean-token-sum-norm"],
+        "dr_grpo_no_result": ["--grpo.adv_scale=none", "--grpo.loss_agg=seq-mean-token-sum-norm",
+                              "--reward.use_result=false"],
         "dapo": ["--grpo.clip_high=0.28", "--grpo.drop_zero_std_groups=true", "--grpo.loss_agg=token-mean"],
         "gspo": ["--grpo.ratio_level=sequence", "--grpo.clip_low=3e-4", "--grpo.clip_high=4e-4",
                  "--grpo.loss_agg=seq-mean-token-mean", "--ppo_epochs=2"],
