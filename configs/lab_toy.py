@@ -46,6 +46,8 @@ Rows:
 
 from sqlr1.lab import LabConfig
 
+DR_GRPO = ["--grpo.adv_scale=none", "--grpo.loss_agg=seq-mean-token-sum-norm"]
+
 config = LabConfig(
     name="lab_toy",
     base="configs/grpo_tiny.py",
@@ -53,9 +55,8 @@ config = LabConfig(
     seeds=[0, 1, 2],
     variants={
         "grpo": [],
-        "dr_grpo": ["--grpo.adv_scale=none", "--grpo.loss_agg=seq-mean-token-sum-norm"],
-        "dr_grpo_no_result": ["--grpo.adv_scale=none", "--grpo.loss_agg=seq-mean-token-sum-norm",
-                              "--reward.use_result=false"],
+        "dr_grpo": DR_GRPO,
+        "dr_grpo_no_result": [*DR_GRPO, "--reward.use_result=false"],
         "dapo": ["--grpo.clip_high=0.28", "--grpo.drop_zero_std_groups=true", "--grpo.loss_agg=token-mean"],
         "gspo": ["--grpo.ratio_level=sequence", "--grpo.clip_low=3e-4", "--grpo.clip_high=4e-4",
                  "--grpo.loss_agg=seq-mean-token-mean", "--ppo_epochs=2"],
