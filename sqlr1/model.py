@@ -145,9 +145,22 @@ class KVCache:
         return self.k[layer], self.v[layer]
 
     def select_rows(self, rows: torch.Tensor) -> None:
-        """Keep (or repeat) batch rows `rows` [B'] — used for prefix sharing and for dropping finished rows."""
-        self.k = [k.index_select(0, rows) for k in self.k]
-        self.v = [v.index_select(0, rows) for v in self.v]
+        """Keep (or repeat) batch rows `rows` [B'] — used for prefix sharing and for dropping finished rows.
+
+        Buffer by buffer, each old one freed as its replacement is made: the cache is never held twice, only one
+        layer's K or V is (the peak a compaction adds is 1 / (2 n_layers) of the cache, not half of it)."""
+        for buffers in (self.k, self.v):
+            for i in range(len(buffers)):
+                buffers[i] = buffers[i].index_select(0, rows)
+
+    def grow(self, columns: int) -> None:
+        """Append `columns` empty columns to every buffer (multi-turn observations), buffer by buffer as above."""
+        for buffers in (self.k, self.v):
+            for i in range(len(buffers)):
+                B, H, T, D = buffers[i].shape
+                grown = buffers[i].new_zeros(B, H, T + columns, D)
+                grown[:, :, :T] = buffers[i]
+                buffers[i] = grown
 
 
 class RMSNorm(nn.Module):

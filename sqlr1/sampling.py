@@ -414,8 +414,7 @@ def _decode_with_pauses(model, vocab_size, kv_cache, mask, positions, next_ids, 
         W = 1 + max(len(a) for a in appended)
         if col + W > mask.shape[1]:  # grow the static cache (observations wider than the single-turn bound)
             extra = max(col + W - mask.shape[1], mask.shape[1] // 4)
-            kv_cache.k = [F.pad(t, (0, 0, 0, extra)) for t in kv_cache.k]
-            kv_cache.v = [F.pad(t, (0, 0, 0, extra)) for t in kv_cache.v]
+            kv_cache.grow(extra)
             mask = F.pad(mask, (0, extra), value=True)
         span = torch.arange(W, device=device)
         ids = torch.zeros(rows.shape[0], W, dtype=torch.long, device=device)

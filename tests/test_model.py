@@ -154,6 +154,26 @@ def test_kv_cache_select_rows_shares_a_prefix():
             torch.testing.assert_close(step, expected, atol=1e-5, rtol=1e-5)
 
 
+def test_kv_cache_compaction_holds_one_buffer_twice_at_most():
+    """Dropping one finished row (the worst case: the new cache is almost as large as the old) and growing the
+    cache by columns peak at the cache plus one layer's K or V, not at 1.5x the cache."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    config = ModelConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=8,
+                         num_attention_heads=4, num_key_value_heads=2)
+    for change in (lambda c: c.select_rows(torch.arange(7)), lambda c: c.grow(32)):
+        cache = KVCache(config, batch_size=8, max_len=256)
+        size, layer = sum(t.nbytes for t in cache.k + cache.v), cache.k[0].nbytes
+        tracker = MemTracker()
+        tracker.track_external(*cache.k, *cache.v)
+        with tracker:
+            change(cache)
+        peak = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
+        size = max(size, sum(t.nbytes for t in cache.k + cache.v))  # the larger of the old and new caches
+        assert peak <= size + 1.3 * layer, (peak / size, layer / size)
+    assert cache.batch_size == 8 and cache.max_len == 288
+
+
 def test_kv_cache_needs_attention_mask():
     model = tiny_model()
     with pytest.raises(ValueError, match="attention_mask"):
