@@ -32,13 +32,15 @@ grad_accum_no_sync the first without gradient sync, the last with it: the patter
 
 What a CPU cannot show is accounted by rule (`sqlr1.model.attention`'s kernel choice on CUDA): a masked GQA call
 repeats K/V to H heads and runs the memory-efficient kernel (output + fp32 logsumexp [B, H, T], no [B, H, T, S]
-score tensor); an unmasked one runs flash with GQA. The CPU flash kernel the fake run reaches allocates output +
+score tensor; an upper bound: where that kernel takes GQA natively the repeats are not made); an unmasked one runs
+flash with GQA. The CPU flash kernel the fake run reaches allocates output +
 logsumexp; the difference from the rule, measured per call shape by probing `attention` itself (so a model that
 already repeats K/V gets no double count), is added (x2 in the update: the repeats' gradients). AdamW on CUDA runs
 foreach: one parameter-sized fp32 temporary in the optimizer phase. Not modelled: the CUDA context and allocator
 fragmentation (the 10 % headroom), FSDP's communication buffers beyond the gathered parameters it allocates.
-The KV cache column is the cache's size from its shape (the tracker counts it as an activation); at prefix sharing
-the P-row prefill cache and the P*G-row decode cache are alive together.
+The KV cache column is the cache's size from its shape (the tracker counts it as an activation), plus the one
+layer's K or V that a compaction holds twice: each generate phase ends with the compaction that drops one finished
+row from the widest cache (the worst case of `KVCache.select_rows`).
 
 Config switches are priced by running the code that reads them: grad_accum_no_sync and shared_prefix inside
 train_on_micro_batches / micro_batch_logprobs (each group's sequences share one prompt list), recompute_old_logp as
@@ -62,7 +64,7 @@ from sqlr1 import distributed
 from sqlr1.batch import Sequence, collate, split_micro_batches
 from sqlr1.config import DTYPES, TrainConfig
 from sqlr1.grpo import loss_norm
-from sqlr1.model import ModelConfig, Qwen2, attention
+from sqlr1.model import KVCache, ModelConfig, Qwen2, attention
 from sqlr1.sampling import sample_tensors
 from sqlr1.update import compute_context, make_optimizer, micro_batch_logprobs, optimizer_step, train_on_micro_batches
 
@@ -298,13 +300,17 @@ def simulate(cfg: TrainConfig, mc: ModelConfig, vocab: int, world: int, plan: Pl
                 sample_tensors(rollout, [tokens(L) for _ in range(n_prompts_)], G, C, temperature, cfg.top_p,
                                cfg.top_k, (), vocab, 0, False, False, 8, True, first_step=C - 2,
                                check_finite=False)
+                if n_prompts_ * G > 1:  # a compaction at the widest step that drops one finished row: the worst case
+                    cache = KVCache(mc, n_prompts_ * G, L + C - 1, device=device, dtype=dtype)
+                    cache.select_rows(torch.arange(n_prompts_ * G - 1, device=device))
+                    del cache
             if rollout is not policy and not plan.keep_rollout_copy:
                 distributed.free_weights(rollout)
 
         run(body)
-        # the KV cache: P*G rows decoding; at prefix sharing the P-row prefill cache is alive with it
-        kv = _kv_bytes(mc, n_prompts_ * G + n_prompts_, L + C - 1, dtype)
-        rows[name] = _row(peak(), kv=kv, act_extra=gap)
+        # the KV cache: P*G rows at full width, plus the one buffer a compaction holds twice (KVCache.select_rows)
+        kv = _kv_bytes(mc, n_prompts_ * G, L + C - 1, dtype) * (1 + 1 / (2 * mc.num_hidden_layers))
+        rows[name] = _row(peak(), kv=int(kv), act_extra=gap)
 
     def logprobs(model, key: str) -> None:
         with torch.no_grad(), m["ctx"]:

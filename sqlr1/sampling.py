@@ -56,6 +56,7 @@ from __future__ import annotations
 import functools
 import math
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -144,6 +145,7 @@ def _compiled_decode_step():
     graph and one sampled graph per (top_k > 0, top_p < 1) combination it uses: 2 for SQL-R1's recipe, well below
     dynamo's recompile limit (8; past it the step would silently run eager)."""
     compiled = torch.compile(_decode_step)
+    built = set()
 
     def step(model, vocab_size, ids, attention_mask, position_ids, kv_cache, cache_position, temperature, top_k,
              top_p, uniform):
@@ -151,8 +153,15 @@ def _compiled_decode_step():
             torch._dynamo.maybe_mark_dynamic(t, 0)  # B
         for t in (attention_mask, *kv_cache.k, *kv_cache.v):
             torch._dynamo.maybe_mark_dynamic(t, 1 if t is attention_mask else 2)  # T_max
-        return compiled(model, vocab_size, ids, attention_mask, position_ids, kv_cache, cache_position, temperature,
-                        top_k, top_p, uniform)
+        graph = "greedy" if uniform is None else f"sampled, top_k={top_k}, top_p={top_p:g}"
+        t0 = time.time()
+        out = compiled(model, vocab_size, ids, attention_mask, position_ids, kv_cache, cache_position, temperature,
+                       top_k, top_p, uniform)
+        if graph not in built:  # the first call of a graph compiles it: a one-time cost worth seeing
+            built.add(graph)
+            tqdm.write(f"torch.compile: decode step ({graph}) ready in {time.time() - t0:.1f} s, once per process",
+                       file=sys.stderr)
+        return out
 
     return step
 
@@ -299,7 +308,7 @@ def sample_tensors(
         bad = (~torch.isfinite(logits).all(-1)).nonzero().flatten().tolist()
         raise NonFiniteLogitsError(f"the model's logits are NaN or infinite (batch rows {bad[:5]}): its weights are "
                                    "broken (NaN or inf in the checkpoint?) or overflow its dtype")
-    if share_prefix:
+    if share_prefix and G > 1:
         kv_cache.select_rows(group)
         mask, logits = mask[group], logits[group]
 
