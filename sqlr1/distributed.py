@@ -12,7 +12,9 @@ at 7B on 8 ranks a copy kept through the policy update (15 GB per GPU in bf16) w
 
 from __future__ import annotations
 
+import datetime
 import os
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -59,25 +61,50 @@ def resolve_device(name: str = "auto") -> torch.device:
     return dev
 
 
-def setup(device: str = "auto") -> Dist:
+def local_gpu(local_rank: int, visible: int) -> int:
+    """The CUDA index of this process's GPU: its local rank on a node where every process sees all GPUs, 0 where
+    each process sees one (CUDA_VISIBLE_DEVICES set per rank, as Slurm and some launchers do)."""
+    if visible == 1:
+        return 0
+    if local_rank >= visible:
+        raise ValueError(f"local rank {local_rank} has no GPU: this process sees {visible} GPUs (CUDA_VISIBLE_DEVICES);"
+                         " start at most one process per GPU (torchrun --nproc_per_node)")
+    return local_rank
+
+
+def setup(device: str = "auto", timeout_s: float = 1800.0) -> Dist:
     """Read torchrun's RANK / WORLD_SIZE / LOCAL_RANK; init the process group when world_size > 1: gloo on CPU;
-    on GPU NCCL for CUDA tensors (FSDP) plus gloo for the CPU tensors train.py reduces (token counts, metrics)."""
+    on GPU NCCL for CUDA tensors (FSDP) plus gloo for the CPU tensors train.py reduces (token counts, metrics).
+    `timeout_s`: how long a collective waits for the slowest rank before it fails."""
     rank, world, local = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
     dev = resolve_device(device)
     if dev.type == "cuda":
-        dev = resolve_device(f"cuda:{local}")  # one GPU per local rank
+        dev = torch.device("cuda", local_gpu(local, torch.cuda.device_count()))
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
         cuda = dev.type == "cuda"
-        dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo", device_id=dev if cuda else None)
+        dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo", device_id=dev if cuda else None,
+                                timeout=datetime.timedelta(seconds=timeout_s))
     return Dist(rank, world, local, dev)
 
 
 def cleanup() -> None:
-    """Tear down the process group once every rank is done (a rank leaving early can abort gloo peers)."""
+    """Tear down the process group once every rank is done (a rank leaving early can abort gloo peers). Only on
+    success: a rank that failed leaves at once (`exit_on_error`), and a barrier would wait for it in vain."""
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def exit_on_error(d: Dist, message: str) -> None:
+    """A rank that failed while others may wait in a collective: print its error once and leave now, non-zero, with
+    no barrier; torchrun then stops the other ranks. (Waiting would hang every rank until the process-group
+    timeout, and NCCL's watchdog could kill the process before the error is printed.)"""
+    prefix = f"[rank {d.rank}] " if d.world_size > 1 else ""
+    sys.stderr.write("".join(prefix + line + "\n" for line in message.rstrip("\n").split("\n")))
+    sys.stderr.flush()
+    sys.stdout.flush()
+    os._exit(1)
 
 
 def shard(model: Qwen2, compute_dtype: torch.dtype, trainable: bool = True, mesh=None) -> Qwen2:
@@ -123,13 +150,15 @@ def free_weights(model: torch.nn.Module) -> None:
 @torch.no_grad()
 def copy_full_weights(src: torch.nn.Module, dst: torch.nn.Module) -> None:
     """dst <- src, gathering shards first when src is FSDP-sharded (the rollout copy is refreshed every step);
-    re-allocates dst's parameters if `free_weights` released them."""
+    re-allocates dst's parameters if `free_weights` released them. Each shard is cast to dst's dtype before the
+    all-gather (the same numbers as casting after it: the cast is elementwise), so a bf16 copy of an fp32 policy
+    moves half the bytes."""
     dst_params = dict(dst.named_parameters())
     for name, p in src.named_parameters():
         d = dst_params[name]
         if d.untyped_storage().nbytes() == 0:
             d.untyped_storage().resize_(d.numel() * d.element_size())
-        d.copy_(_full(p))
+        d.copy_(_full(p.detach().to(d.dtype)))
 
 
 def cores_per_local_rank() -> int:

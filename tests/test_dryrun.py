@@ -78,6 +78,22 @@ def test_rollout_copy_is_freed_between_uses_and_refilled():
         assert torch.equal(p.to(torch.bfloat16), q), name
 
 
+def test_rollout_copy_refresh_gathers_bf16_shards(tmp_path):
+    """2 gloo ranks, FSDP2: the bf16 rollout copy of an fp32 policy is bit for bit the policy gathered in fp32 and
+    then cast, while the refresh all-gathers bf16 shards: half the bytes of the fp32 model."""
+    out = tmp_path / "copy.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(ROOT / "tests" / "dist_copy.py"), str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["same"]
+    assert res["gathered"] <= 0.5 * res["full_fp32"] * 1.01, res  # shards padded to equal sizes: ~1 % slack
+
+
 @pytest.mark.parametrize("args, message", [
     (["--gpus=0"], "--gpus=0"),
     (["--gpus=3"], "not divisible"),
