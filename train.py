@@ -21,6 +21,7 @@ import random
 import shlex
 import sys
 import time
+import traceback
 from dataclasses import replace
 from pathlib import Path
 
@@ -133,7 +134,7 @@ def grpo_step(step, policy, rollout_model, ref, opt, sched, examples, prompts, t
         rollout_model, tokenizer, [prompts[i].ids for i in idx], [str(examples[i].db_path) for i in idx], sandbox,
         G, cfg.max_turns, cfg.obs_rows, cfg.obs_max_tokens, cfg.reward.timeout, max_new_tokens=cfg.max_response_len,
         temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, stop_ids=tokenizer.eos_ids,
-        vocab_size=tokenizer.vocab_size, seed=(cfg.seed * 1_000_003 + step) * 1009 + d.rank, compile=cfg.compile,
+        vocab_size=tokenizer.vocab_size, seed=(cfg.seed * 1_000_003 + step) * 1009 + d.rank, compile=cfg.compile_decode(d.device),
         progress=False,
     )
     if rollout_model is not policy:
@@ -319,9 +320,9 @@ def main(argv: list[str]) -> int:
             cfg = resolve_toy(cfg)
             prepare_toy(cfg)
         return dry_run(cfg, args)
-    d = distributed.setup(cfg.device)
+    d = distributed.setup(cfg.device, cfg.dist_timeout)
     try:
-        return train(cfg, args.resume, d)
+        code = train(cfg, args.resume, d)
     except Interrupted as e:  # one line instead of a KeyboardInterrupt traceback
         if d.is_main:
             then = "continue with" if e.resumable else "nothing to resume; start over with"
@@ -332,8 +333,21 @@ def main(argv: list[str]) -> int:
         if d.is_main:
             print("\ninterrupted during start-up, before any training step", file=sys.stderr)
         return 130
-    finally:
-        distributed.cleanup()
+    except Exception as e:
+        if d.world_size == 1:
+            raise
+        distributed.exit_on_error(d, failure_message(e))  # at once: the other ranks may wait in a collective
+    distributed.cleanup()
+    return code
+
+
+def failure_message(e: Exception) -> str:
+    """One line for bad input, one line when another rank's failure broke a collective, else the traceback."""
+    if isinstance(e, BAD_INPUT):
+        return f"error: {e}"
+    if isinstance(e, torch.distributed.DistError) or "by peer" in str(e):  # NCCL / gloo: a peer process is gone
+        return "stopped: another rank failed (its error is printed above)"
+    return "".join(traceback.format_exception(e))
 
 
 def train(cfg: TrainConfig, resume: str | None, d) -> int:
@@ -551,8 +565,10 @@ def print_summary(evals: list[dict]) -> None:
               f"{e['format_ok']:>10.3f} {e['mean_reward']:>12.3f}")
 
 
+BAD_INPUT = (FileNotFoundError, FileExistsError, ValueError)
+
 if __name__ == "__main__":
     try:
         sys.exit(main(sys.argv[1:]))
-    except (FileNotFoundError, FileExistsError, ValueError) as e:  # bad input: one line, no traceback
+    except BAD_INPUT as e:  # bad input: one line, no traceback
         sys.exit(f"error: {e}")

@@ -36,6 +36,7 @@ class TrainConfig:
     out_dir: str = ""  # "" -> runs/<name>-<timestamp>
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
+    dist_timeout: float = 1800.0  # seconds a collective waits for the slowest rank (several ranks) before failing
     # --- model ---
     model: str = ""  # local HF-layout directory or hub repo id
     dtype: str = "bfloat16"  # compute dtype (rollouts, forward); master weights and Adam state stay fp32
@@ -109,7 +110,12 @@ class TrainConfig:
     keep_last: int = 0  # training checkpoints kept (newest N; 0: all); final/ is always kept
     log_samples: int = 2  # completions per step written to samples.jsonl
     wandb_project: str = ""
-    compile: bool = False  # torch.compile the sampler's decode step
+    compile: str = "auto"  # torch.compile the sampler's decode step: auto (on CUDA) | true | false
+
+    def compile_decode(self, device: torch.device) -> bool:
+        """Whether rollouts and evaluations decode with the compiled step: on CUDA by default, where an eager decode
+        step is bound by kernel launches; on CPU only when asked (its compile costs more than it saves here)."""
+        return self.compile == "true" or (self.compile == "auto" and device.type == "cuda")
 
     @property
     def old_logp_from_update(self) -> bool:
@@ -119,7 +125,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         choices = {"device": ("auto", "cpu", "cuda"), "dtype": ("float32", "bfloat16", "float16"),
                    "dataset": ("spider", "bird", "synsql", "toy"), "prompt_template": ("sqlr1", "short"),
-                   "lr_schedule": ("constant", "cosine"),
+                   "lr_schedule": ("constant", "cosine"), "compile": ("auto", "true", "false"),
                    "eval_vote": ("always", "final")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -135,7 +141,8 @@ class TrainConfig:
                 raise ValueError(f"config {name}={getattr(self, name)}: must be >= 0")
         # Written as `not (lo <= x <= hi)` so that NaN fails too.
         ranges = {"lr": (0, 1), "sft_lr": (0, 1), "temperature": (1e-6, 100), "eval_temperature": (0, 100),
-                  "top_p": (1e-9, 1), "weight_decay": (0, 1e6), "adam_eps": (0, 1), "grad_clip": (1e-12, math.inf)}
+                  "top_p": (1e-9, 1), "weight_decay": (0, 1e6), "adam_eps": (0, 1), "grad_clip": (1e-12, math.inf),
+                  "dist_timeout": (1, 1e6)}
         for name, (lo, hi) in ranges.items():
             value = getattr(self, name)
             if not lo <= value <= hi:
@@ -233,7 +240,7 @@ def save_config(cfg: TrainConfig, path: Path) -> None:
 RESUMABLE_CHANGES = frozenset({
     "name", "device", "gradient_checkpointing", "micro_batch_size", "grad_accum_no_sync", "shared_prefix", "compile",
     "eval_split", "eval_every", "eval_limit", "eval_n", "eval_temperature", "eval_batch_size", "eval_init", "eval_vote",
-    "sandbox_workers", "save_every", "keep_last", "log_samples", "wandb_project", "max_bad_steps",
+    "sandbox_workers", "save_every", "keep_last", "log_samples", "wandb_project", "max_bad_steps", "dist_timeout",
 })
 
 

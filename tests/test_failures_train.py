@@ -227,3 +227,37 @@ def test_ctrl_c_during_a_checkpoint_save_removes_the_unfinished_checkpoint(world
     assert line.startswith("interrupted after step 2 of 2 (the last checkpoint is step_000001; the unfinished "
                            "step_000002.tmp was removed); continue with: python ")
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step_000001"]
+
+
+def test_one_rank_failing_ends_every_rank_at_once(world, tmp_path):
+    """2 ranks (torchrun, gloo): rank 1 raises in GRPO step 1 while rank 0 waits in that step's collectives. The job
+    ends non-zero within seconds, not at the process-group timeout (30 min), and rank 1's error is printed once."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "tests" / "fail_worker.py"), *args(world, tmp_path / "run", "--sft_steps=0", "--grpo_steps=2",
+                                                          "--prompts_per_step=2", "--group_size=2")]
+    t0 = time.time()
+    proc = subprocess.run(cmd, cwd=ROOT, env={**ENV, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                          timeout=600)
+    elapsed = time.time() - t0
+    assert proc.returncode != 0
+    assert proc.stderr.count("RuntimeError: rank 1 cannot go on") == 1, proc.stderr[-3000:]
+    assert "[rank 0] stopped: another rank failed" in proc.stderr, proc.stderr[-3000:]
+    assert elapsed < 60, (elapsed, proc.stderr[-3000:])
+
+
+@pytest.mark.parametrize("visible, local_rank, expected", [(1, 3, 0), (8, 3, 3), (2, 5, None)])
+def test_each_rank_finds_its_gpu(monkeypatch, visible, local_rank, expected):
+    """Local rank r uses cuda:r where every process sees the node's GPUs, cuda:0 where each process sees one
+    (CUDA_VISIBLE_DEVICES per rank); a rank with no GPU of its own is one error line."""
+    from sqlr1 import distributed
+
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+    if expected is None:
+        with pytest.raises(ValueError, match="local rank 5 has no GPU"):
+            distributed.setup("cuda")
+    else:
+        assert distributed.setup("cuda").device == chosen[0] == torch.device("cuda", expected)
