@@ -208,26 +208,29 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     """softmax(q K^T / sqrt(D) + mask) V for a block of queries: q [B, H, T, D], k/v [B, H_kv, S, D], mask [B, 1, T, S]
     additive, or None for plain causal attention over unpadded rows.
 
-    The SDPA kernel is chosen here, explicitly, because on CUDA the wrong one costs an fp32 [B, H, T, S] score
-    tensor per layer call (15.8 GiB at 4 x 6144 tokens x 28 heads): flash attention takes no mask and needs fp16 or
-    bf16; the memory-efficient kernel takes a mask but not `enable_gqa`; only the math kernel takes both. So:
-      - mask None, fp16/bf16:  is_causal=True, enable_gqa=(H_kv < H)  -> flash (GQA native, K/V not repeated);
-      - otherwise (a mask, or fp32): K and V repeated to H heads, K~_h = K_{h // (H / H_kv)} (repeat_interleave,
-        the query-head -> KV-head map of GQA), enable_gqa=False     -> memory-efficient (or cuDNN).
-    On CUDA the math kernel is switched off (`sdpa_kernel`), so a case no fused kernel takes raises instead of
-    silently allocating the scores. What a memory simulation (the dry run) should assume on CUDA: no [B, H, T, S]
-    tensor; with a mask, the repeated K and V, 2 x [B, H, S, D] in the compute dtype, alive while the kernel runs
-    (and saved for backward when autograd records it), plus the output [B, H, T, D] and its fp32 log-sum-exp
-    [B, H, T]. On CPU the same arguments reach SDPA (so the same allocations are made), with the math kernel allowed.
+    The kernel is chosen here because on CUDA the wrong one costs an fp32 [B, H, T, S] score tensor per layer call
+    (15.8 GiB at 4 x 6144 tokens x 28 heads): the math kernel is switched off there (`sdpa_kernel`), so a call no
+    fused kernel takes raises instead. GQA: K/V go in with their H_kv heads (`enable_gqa`) wherever the kernel takes
+    them so: on CPU always; on CUDA when torch reports a fused kernel for the call (flash unmasked in fp16/bf16; the
+    memory-efficient or cuDNN kernel with a mask, in torch builds whose kernels support GQA). Otherwise they are
+    repeated to H heads, K~_h = K_{h // (H / H_kv)}: 2 x [B, H, S, D] alive while the kernel runs (saved for
+    backward under autograd) — what the dry run assumes for masked calls on CUDA, an upper bound.
     """
-    fused_gqa = mask is None and q.dtype in (torch.float16, torch.bfloat16)
-    if k.shape[1] != q.shape[1] and not fused_gqa:
+    if k.shape[1] != q.shape[1] and q.is_cuda and not _fused_gqa(q, k, v, mask):
         k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
     args = dict(attn_mask=mask, is_causal=mask is None, enable_gqa=k.shape[1] != q.shape[1])
     if not q.is_cuda:
         return F.scaled_dot_product_attention(q, k, v, **args)
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]):
         return F.scaled_dot_product_attention(q, k, v, **args)
+
+
+def _fused_gqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> bool:
+    """Whether a fused CUDA kernel takes this call with K/V at H_kv heads (torch's own kernel checks)."""
+    params = torch.backends.cuda.SDPAParams(q, k, v, mask, 0.0, mask is None, True)
+    return any(can(params, False) for can in (torch.backends.cuda.can_use_flash_attention,
+                                              torch.backends.cuda.can_use_efficient_attention,
+                                              torch.backends.cuda.can_use_cudnn_attention))
 
 
 class Attention(nn.Module):

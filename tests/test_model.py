@@ -94,10 +94,9 @@ def grouped_attention_reference(q, k, v, bias):
     return torch.stack(out, 1)
 
 
-def test_masked_gqa_attention_never_asks_sdpa_for_gqa_with_a_mask(monkeypatch):
-    """On CUDA no fused SDPA kernel takes a mask together with enable_gqa (flash takes no mask, memory-efficient no
-    GQA), so the math kernel would run with an fp32 [B, H, T, S] score tensor. `attention` must repeat K/V to H heads
-    when it passes a mask, and pass enable_gqa only unmasked in half precision (flash); the result equals GQA's math."""
+def test_gqa_attention_passes_grouped_kv_on_cpu(monkeypatch):
+    """On CPU every SDPA kernel takes GQA, masked or not: `attention` passes K/V with their H_kv heads and
+    enable_gqa (no repeated copies), and the result equals GQA's math in fp32 and bf16."""
     calls = []
     sdpa = F.scaled_dot_product_attention
 
@@ -112,7 +111,7 @@ def test_masked_gqa_attention_never_asks_sdpa_for_gqa_with_a_mask(monkeypatch):
     cache = KVCache(model.config, 2, 9)
     model(ids, attention_mask=mask, kv_cache=cache, cache_position=torch.arange(7))  # prefill
     assert len(calls) == 2 * model.config.num_hidden_layers
-    assert {c[:6] for c in calls} == {(5, 5, 5, True, False, False)}  # K/V repeated, no enable_gqa with the mask
+    assert {c[:6] for c in calls} == {(5, 1, 1, True, False, True)}
 
     g = torch.Generator().manual_seed(0)
     B, H, H_kv, T, D = 2, 6, 2, 5, 8
@@ -121,16 +120,13 @@ def test_masked_gqa_attention_never_asks_sdpa_for_gqa_with_a_mask(monkeypatch):
     visible[0, :, :, :2] = False  # row 0 left-padded by 2 columns
     visible[0, :, :2, :2] = torch.eye(2, dtype=torch.bool)  # a padding query sees itself
     bias = torch.zeros(visible.shape).masked_fill(~visible, float("-inf"))
-    calls.clear()
-    out = attention(q, k, v, bias)
-    assert calls[-1][:6] == (H, H, H, True, False, False)
-    torch.testing.assert_close(out.double(), grouped_attention_reference(q, k, v, bias), atol=1e-6, rtol=0)
-    out = attention(q, k, v, None)  # fp32 unmasked: flash cannot take fp32 on CUDA, so repeated too
-    assert calls[-1][:6] == (H, H, H, False, True, False)
-    torch.testing.assert_close(out.double(), grouped_attention_reference(q, k, v, None), atol=1e-6, rtol=0)
-    half = attention(*(t.bfloat16() for t in (q, k, v)), None)  # bf16 unmasked: flash with native GQA
-    assert calls[-1] == (H, H_kv, H_kv, False, True, True, torch.bfloat16)
-    torch.testing.assert_close(half.double(), grouped_attention_reference(q, k, v, None), atol=3e-2, rtol=0)
+    for m, causal in ((bias, False), (None, True)):
+        out = attention(q, k, v, m)
+        assert calls[-1][:6] == (H, H_kv, H_kv, m is not None, causal, True)
+        torch.testing.assert_close(out.double(), grouped_attention_reference(q, k, v, m), atol=1e-6, rtol=0)
+        half = attention(*(t.bfloat16() for t in (q, k, v)), None if m is None else m.bfloat16())
+        assert calls[-1][:6] == (H, H_kv, H_kv, m is not None, causal, True)
+        torch.testing.assert_close(half.double(), grouped_attention_reference(q, k, v, m), atol=3e-2, rtol=0)
 
 
 def test_kv_cache_select_rows_shares_a_prefix():
