@@ -60,6 +60,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                     default="bfloat16" if torch.cuda.is_available() else "float32")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--compile", choices=["auto", "true", "false"], default="auto",
+                    help="torch.compile the decode step (auto: on CUDA)")
     ap.add_argument("--max-turns", "--max_turns", dest="max_turns", type=int, default=0,
                     help="queries a candidate may run inside <think> (0: single turn)")
     ap.add_argument("--obs-rows", type=int, default=5, help="rows an observation shows (multi-turn)")
@@ -147,7 +149,7 @@ def one_question(model, tokenizer, settings: PromptSettings, sandbox, args) -> N
     prompt = build_prompt(ex, tokenizer, TEMPLATES[settings.template], args.max_prompt_len, settings.sample_values)
     check_prompts([prompt], [ex], args, model.config.max_position_embeddings)
     a = answer(model, tokenizer, [prompt.ids], [str(ex.db_path)], sandbox, n=args.n, temperature=args.temperature,
-               max_new_tokens=args.max_new_tokens, seed=args.seed, timeout=args.timeout, **turn_settings(args))[0]
+               max_new_tokens=args.max_new_tokens, seed=args.seed, timeout=args.timeout, **decoding_settings(args))[0]
     for k, turn in enumerate(a.turns or [], 1):
         print(f"=== turn {k}: query ({turn.status}) ===\n{turn.sql}\n=== turn {k}: observation ===\n"
               f"{turn.observation.strip()}\n")
@@ -165,9 +167,11 @@ def one_question(model, tokenizer, settings: PromptSettings, sandbox, args) -> N
     print_table(a.result.rows, a.result.ncols)
 
 
-def turn_settings(args) -> dict:
-    """`inference.answer`'s multi-turn keywords from the command line."""
-    return {"max_turns": args.max_turns, "obs_rows": args.obs_rows, "obs_max_tokens": args.obs_max_tokens}
+def decoding_settings(args) -> dict:
+    """`inference.answer`'s multi-turn and compile keywords from the command line."""
+    compile = args.compile == "true" or (args.compile == "auto" and resolve_device(args.device).type == "cuda")
+    return {"max_turns": args.max_turns, "obs_rows": args.obs_rows, "obs_max_tokens": args.obs_max_tokens,
+            "compile": compile}
 
 
 def dataset_eval(model, tokenizer, settings: PromptSettings, sandbox, args, model_dir: Path) -> None:
@@ -189,7 +193,7 @@ def dataset_eval(model, tokenizer, settings: PromptSettings, sandbox, args, mode
         preds = [a.sql for a in answer_in_batches(model, tokenizer, prompts, dbs, sandbox, args.batch_size,
                                                   seed=args.seed, desc=name, n=n, temperature=args.temperature,
                                                   max_new_tokens=args.max_new_tokens, timeout=args.timeout,
-                                                  mode=mode, **turn_settings(args))]
+                                                  mode=mode, **decoding_settings(args))]
         elapsed = time.time() - t0
         write_predictions(out, name, args.dataset, examples, preds)
         verdicts = score_pairs(sandbox, preds, [ex.sql for ex in examples], dbs, mode=mode, timeout=args.timeout)

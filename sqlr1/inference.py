@@ -75,6 +75,7 @@ def answer(
     max_turns: int = 0,
     obs_rows: int = 5,
     obs_max_tokens: int = 128,
+    compile: bool = False,
 ) -> list[Answer]:
     """Answer each prompt: N candidates -> execute all in one sandbox call -> vote by result under `mode`'s rules.
     max_turns > 0: each candidate may query the database first (`generate_episodes`); the SQL is read from the
@@ -89,6 +90,7 @@ def answer(
         model, tokenizer, prompts, db_paths, sandbox, n, max_turns, obs_rows, obs_max_tokens, timeout,
         max_new_tokens=max_new_tokens, temperature=0.0 if greedy else temperature,
         top_p=top_p, stop_ids=tokenizer.eos_ids, vocab_size=tokenizer.vocab_size, seed=seed, progress=progress,
+        compile=compile,
     )
     texts = [model_text(tokenizer, t, m) for t, m in zip(samples.tokens, samples.model_mask)]
     sqls = [parse_response(t).sql or "" for t in texts]
@@ -146,7 +148,8 @@ def evaluate_policy(model, tokenizer, examples, prompts, sandbox: Sandbox, cfg, 
     if exs:
         common = dict(max_new_tokens=cfg.max_response_len, timeout=cfg.reward.timeout, seed=cfg.seed,
                       mode=cfg.reward.mode, batch_size=cfg.eval_batch_size, max_turns=cfg.max_turns,
-                      obs_rows=cfg.obs_rows, obs_max_tokens=cfg.obs_max_tokens)
+                      obs_rows=cfg.obs_rows, obs_max_tokens=cfg.obs_max_tokens,
+                      compile=cfg.compile_decode(d.device if d is not None else torch.device("cpu")))
         greedy = answer_in_batches(model, tokenizer, ids, dbs, sandbox, n=1, **common)
         voted = greedy if cfg.eval_n <= 1 else answer_in_batches(model, tokenizer, ids, dbs, sandbox, n=cfg.eval_n,
                                                                  temperature=cfg.eval_temperature, **common)

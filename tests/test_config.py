@@ -33,6 +33,8 @@ def test_bad_values_and_files(tmp_path):
     with pytest.raises(ValueError, match="--group_size='eight': expected int"):
         load_config(None, ["--group_size=eight"])
     with pytest.raises(ValueError, match="expected bool"):
+        load_config(None, ["--shared_prefix=maybe"])
+    with pytest.raises(ValueError, match="compile='maybe': choose one of auto, true, false"):
         load_config(None, ["--compile=maybe"])
     with pytest.raises(ValueError, match="prompt_template='long': choose one of sqlr1, short"):
         load_config(None, ["--prompt_template=long"])

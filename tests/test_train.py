@@ -279,3 +279,42 @@ def test_sandbox_share_of_the_node(monkeypatch):
     assert cores_per_local_rank() == max(1, cores // 2)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(4 * cores))
     assert cores_per_local_rank() == 1  # never zero workers
+
+
+def test_rollouts_and_evaluations_decode_compiled_when_asked(tmp_path, monkeypatch, capfd):
+    """compile="auto" is on for CUDA and off for CPU; "true" compiles the decode step of the rollouts (sampled) and
+    of the held-out evaluation (greedy, and sampled for voting), each graph's one-time cost logged. Graphs are
+    built by a backend that runs them as captured (no inductor: seconds, not minutes)."""
+    import torch._dynamo
+
+    import train
+    from sqlr1 import sampling
+    from sqlr1.config import TrainConfig
+    from sqlr1.toyworld import build_toyworld
+
+    assert TrainConfig().compile_decode(torch.device("cuda")) and not TrainConfig().compile_decode(torch.device("cpu"))
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, **{**kw, "backend": counting_backend}))
+    sampling._compiled_decode_step.cache_clear()
+    torch._dynamo.reset()
+    world = build_toyworld(tmp_path / "world", seed=0, num_train_dbs=2, num_dev_dbs=1, train_questions_per_db=4,
+                           dev_questions_per_db=2)
+    try:
+        code = train.main(["--config", str(ROOT / "configs" / "grpo_tiny.py"), f"--data_root={world}",
+                           f"--out_dir={tmp_path / 'run'}", "--sft_steps=0", "--grpo_steps=1", "--eval_n=2",
+                           "--prompts_per_step=2", "--group_size=2", "--max_response_len=12", "--sandbox_workers=1",
+                           "--compile=true"])
+    finally:
+        sampling._compiled_decode_step.cache_clear()
+        torch._dynamo.reset()
+    assert code == 0
+    err = capfd.readouterr().err
+    assert "torch.compile: decode step (greedy) ready in" in err
+    assert "torch.compile: decode step (sampled, top_k=0, top_p=1) ready in" in err
+    assert 2 <= len(graphs) <= 3, len(graphs)  # greedy and sampled (one dynamic re-trace at most)
