@@ -8,7 +8,7 @@ from the SAME SFT checkpoint (our Hugging Face-layout `final/`, read by our load
 
   (a) ours:  `train.py --config configs/grpo_tiny.py --model=<sft> --sft_steps=0 --grpo_steps=K --seed=S`
       (a subprocess with its own run directory; held-out evaluation left to this script: --eval_split=);
-  (b) TRL:   `trl.GRPOTrainer` with the settings below, the prompts of (a) as plain text and (a)'s reward;
+  (b) TRL:   `trl.GRPOTrainer` matched to (a) (`run_trl`), the prompts of (a) as plain text and (a)'s reward;
   (c) both final models loaded by `sqlr1.checkpoint.load_model` and scored by `sqlr1.inference.evaluate_policy`
       (greedy, all held-out questions of the toy world, the same call for both).
 
@@ -17,52 +17,9 @@ Reported, in one run: held-out greedy EX after K steps per seed and its mean wit
 update for both, with the ratio TRL s/step / ours s/step. Both sides run in the same process run with the same
 thread count (`--threads`: torch.set_num_threads here, OMP_NUM_THREADS for the subprocess).
 
-How the two are made the same (TRL 1.16.0, transformers 5.24.0):
-- Batch: 8 prompts x G = 8 per optimizer step. TRL: per_device_train_batch_size=16, gradient_accumulation_steps=4
-  (= our micro_batch_size 16 x 4 micro-batches), steps_per_generation defaults to 4, so one generation batch of
-  64 = 8 prompts x 8 completions feeds one optimizer step; num_iterations=1 (one pass). With one pass TRL takes
-  pi_old = the current forward, detached (rho = 1): the same as ours (`old_logp_from_update`).
-- Loss normalisation. Ours (token-mean): L = sum_{i,t} m_it l_it / sum_{i,t} m_it over all 64 completions of the step,
-  whatever the micro-batching. TRL's loss types (grpo_trainer.py, `_compute_loss`): "grpo" and "sapo" average per
-  sequence then over sequences; "bnpo" divides by the tokens of the local micro-batch (token-mean per micro-batch:
-  a trap); "dr_grpo" by B x max_completion_length; "dapo" (and "cispo") divide every micro-batch's sum by
-  `num_items_in_batch` = the completion tokens of the whole generation batch (x GA / steps_per_generation = 1 here),
-  and GRPOTrainer sets `loss_is_scaled_for_ga = True`, so the Trainer does not divide by GA again. Summed over the
-  4 accumulated micro-batches that is sum m l / sum m over the step: loss_type="dapo" equals ours.
-- Advantages: scale_rewards="group", TRL's nanstd is unbiased (count / (count - 1)), as our std_unbiased=True. TRL
-  adds eps 1e-4 to the std, ours 1e-6 (rewards here differ by >= 0.1 within a mixed group: negligible).
-- beta = 0 (no reference model on either side), epsilon = 0.2 both ways, temperature 1.0, top_p 1, top_k 0,
-  max_completion_length 128 = our max_response_len (truncated completions keep all 128 tokens in the loss on both
-  sides: mask_truncated_completions=False), fp32 on the CPU (bf16 off), max_grad_norm 1.0, no vLLM, seed S.
-- Optimiser: the same object kind on both sides, from `sqlr1.update.make_optimizer` (torch AdamW, betas 0.9/0.999,
-  eps 1e-8, weight decay 0; constant lr with linear warmup), passed as `optimizers=(opt, sched)`. Not transformers'
-  "constant_with_warmup": that schedule is lr * step / warmup from step 0, so TRL's first optimizer step would take
-  lr = 0 and every warmup step a fifth less than ours ((step + 1) / warmup); the same scheduler removes the offset.
-- Prompts: our `build_prompt` with the "short" template (ChatML already applied), decoded to text with our
-  tokenizer; TRL gets plain strings (no chat template re-applied: a string prompt is not "conversational") and
-  tokenises them with PreTrainedTokenizerFast from the checkpoint's tokenizer.json; the ids are checked equal to ours
-  for every train prompt (a mismatch stops the run). Padding side left.
-- Stop tokens and mask: generation_config.eos_token_id = our tokenizer's stop ids, pad = our pad id; TRL masks every
-  token after the first stop (the stop itself kept), as our completion mask does. The reward function decodes
-  TRL's `completion_ids` with our `completion_text`, so both score exactly the same text, through our `score_batch`
-  with a `Sandbox` of the same size.
-- Vocabulary: the toy checkpoint has 2,048 embedding rows for 2,007 tokens. Our sampler never samples the padded
-  rows; TRL samples from all rows, so the padded ids are passed as `suppress_tokens` (-inf logits). The training
-  log-softmax still runs over all 2,048 rows in TRL (41 rows the SFT pushed to ~0 probability).
-- Data: the RL-filtered train examples of train.py (`train.shared_rl_filter`), and the same prompts per step as ours:
-  the dataset given to TRL is our `step_indices` order for steps 0..K-1 with shuffle_dataset=False (a paired
-  comparison; the rollouts differ only by the sampler's random numbers).
-- Checked at start-up, per seed: transformers' Qwen2ForCausalLM on our SFT checkpoint gives our model's logits
-  (max |diff| printed; fails above 1e-3).
-
-Timing. Ours: metrics.jsonl's time_rollout / time_reward / time_train per GRPO step. TRL: a GRPOTrainer subclass
-times `_generate_and_score_completions` (generation + reward + advantages), the reward function is wrapped with a
-timer, and a TrainerCallback takes the wall time between consecutive `on_step_end`s (first: from `on_train_begin`):
-rollout = generate_and_score - reward, update = step - generate_and_score (forward/backward of the 4 micro-batches,
-clip, AdamW, TRL's logging). The two sides run one after the other: on a machine other jobs load unevenly, the
-ratio of the medians is the fairer one, and the 1-minute load average before and after each side is printed
-(a run where the two differ is not a fair ratio: measure it on a quiet machine). Both sides are deterministic given the seed (two runs gave the same
-per-step rewards on each side).
+The two are matched setting by setting (batch, loss normalisation, advantages, optimizer and schedule, prompts,
+stop tokens, padded vocabulary rows, data order): `run_trl`'s docstring lists how, and `per_step`'s how each side
+is timed.
 """
 
 from __future__ import annotations
@@ -167,7 +124,46 @@ def check_hf_logits(sft: Path, prompt_ids: list[int]) -> float:
 
 
 def run_trl(sft: Path, seed: int, steps: int, out: Path, cfg, examples, prompts, tokenizer, sandbox: Sandbox) -> dict:
-    """(b): K steps of TRL's GRPOTrainer from `sft`, the same prompts per step, our reward; the model saved to disk."""
+    """(b): K steps of TRL's GRPOTrainer from `sft`, the same prompts per step, our reward; the model saved to disk.
+
+    How TRL is made to run what train.py runs (TRL 1.16.0, transformers 5.24.0):
+    - Batch: 8 prompts x G = 8 per optimizer step. TRL: per_device_train_batch_size=16, gradient_accumulation_steps=4 (=
+      our micro_batch_size 16 x 4 micro-batches), steps_per_generation defaults to 4, so one generation batch of 64 = 8
+      prompts x 8 completions feeds one optimizer step; num_iterations=1 (one pass). With one pass TRL takes pi_old =
+      the current forward, detached (rho = 1): the same as ours (`old_logp_from_update`).
+    - Loss normalisation. Ours (token-mean): L = sum_{i,t} m_it l_it / sum_{i,t} m_it over all 64 completions of the
+      step, whatever the micro-batching. TRL's loss types (grpo_trainer.py, `_compute_loss`): "grpo" and "sapo" average
+      per sequence then over sequences; "bnpo" divides by the tokens of the local micro-batch (token-mean per
+      micro-batch: a trap); "dr_grpo" by B x max_completion_length; "dapo" (and "cispo") divide every micro-batch's sum
+      by `num_items_in_batch` = the completion tokens of the whole generation batch (x GA / steps_per_generation = 1
+      here), and GRPOTrainer sets `loss_is_scaled_for_ga = True`, so the Trainer does not divide by GA again. Summed
+      over the 4 accumulated micro-batches that is sum m l / sum m over the step: loss_type="dapo" equals ours.
+    - Advantages: scale_rewards="group", TRL's nanstd is unbiased (count / (count - 1)), as our std_unbiased=True. TRL
+      adds eps 1e-4 to the std, ours 1e-6 (rewards here differ by >= 0.1 within a mixed group: negligible).
+    - beta = 0 (no reference model on either side), epsilon = 0.2 both ways, temperature 1.0, top_p 1, top_k 0,
+      max_completion_length 128 = our max_response_len (truncated completions keep all 128 tokens in the loss on both
+      sides: mask_truncated_completions=False), fp32 on the CPU (bf16 off), max_grad_norm 1.0, no vLLM, seed S.
+    - Optimiser: the same object kind on both sides, from `sqlr1.update.make_optimizer` (torch AdamW, betas 0.9/0.999,
+      eps 1e-8, weight decay 0; constant lr with linear warmup), passed as `optimizers=(opt, sched)`. Not transformers'
+      "constant_with_warmup": that schedule is lr * step / warmup from step 0, so TRL's first optimizer step would take
+      lr = 0 and every warmup step a fifth less than ours ((step + 1) / warmup); the same scheduler removes the offset.
+    - Prompts: our `build_prompt` with the "short" template (ChatML already applied), decoded to text with our
+      tokenizer; TRL gets plain strings (no chat template re-applied: a string prompt is not "conversational") and
+      tokenises them with PreTrainedTokenizerFast from the checkpoint's tokenizer.json; the ids are checked equal to
+      ours for every train prompt (a mismatch stops the run). Padding side left.
+    - Stop tokens and mask: generation_config.eos_token_id = our tokenizer's stop ids, pad = our pad id; TRL masks every
+      token after the first stop (the stop itself kept), as our completion mask does. The reward function decodes TRL's
+      `completion_ids` with our `completion_text`, so both score exactly the same text, through our `score_batch` with a
+      `Sandbox` of the same size.
+    - Vocabulary: the toy checkpoint has 2,048 embedding rows for 2,007 tokens. Our sampler never samples the padded
+      rows; TRL samples from all rows, so the padded ids are passed as `suppress_tokens` (-inf logits). The training
+      log-softmax still runs over all 2,048 rows in TRL (41 rows the SFT pushed to ~0 probability).
+    - Data: the RL-filtered train examples of train.py (`train.shared_rl_filter`), and the same prompts per step as
+      ours: the dataset given to TRL is our `step_indices` order for steps 0..K-1 with shuffle_dataset=False (a paired
+      comparison; the rollouts differ only by the sampler's random numbers).
+    - Checked at start-up, per seed: transformers' Qwen2ForCausalLM on our SFT checkpoint gives our model's logits (max
+      |diff| printed; fails above 1e-3).
+    """
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -259,7 +255,17 @@ def held_out_ex(model_dir: Path, cfg, tokenizer, eval_examples, eval_prompts, sa
 
 def per_step(x: dict, skip_first: bool) -> dict:
     """Mean seconds per step of each phase, and the median step (optionally without step 1: start-up costs).
-    The median is what to compare on a machine other jobs load unevenly (one slowed step moves the mean)."""
+    The median is what to compare on a machine other jobs load unevenly (one slowed step moves the mean).
+
+    Timing. Ours: metrics.jsonl's time_rollout / time_reward / time_train per GRPO step. TRL: a GRPOTrainer subclass
+    times `_generate_and_score_completions` (generation + reward + advantages), the reward function is wrapped with a
+    timer, and a TrainerCallback takes the wall time between consecutive `on_step_end`s (first: from `on_train_begin`):
+    rollout = generate_and_score - reward, update = step - generate_and_score (forward/backward of the 4 micro-batches,
+    clip, AdamW, TRL's logging). The two sides run one after the other: on a machine other jobs load unevenly, the
+    ratio of the medians is the fairer one, and the 1-minute load average before and after each side is printed
+    (a run where the two differ is not a fair ratio: measure it on a quiet machine).
+    Both sides are deterministic given the seed (two runs gave the same per-step rewards on each side).
+    """
     k = 1 if skip_first and len(x["rollout"]) > 1 else 0
     parts = {p: sum(x[p][k:]) / len(x[p][k:]) for p in ("rollout", "reward_time", "update")}
     totals = sorted(a + b + c for a, b, c in zip(x["rollout"][k:], x["reward_time"][k:], x["update"][k:]))

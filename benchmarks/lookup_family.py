@@ -1,5 +1,5 @@
-"""Held-out greedy EX of trained toy models split by question family: the lookup questions of `dev_tools` (the
-records after dev.json's) and the rest, with the share of each family answered after a query (issue 15).
+"""Held-out greedy EX of trained toy models split by question family (configs/lab_tools.py's models): the lookup
+questions of `dev_tools` (the records after dev.json's) and the rest, with the share of each answered after a query.
 
     PYTHONPATH=. python benchmarks/lookup_family.py multi0=runs/lab_tools/multi_turn/seed0/final:3 \\
         single0=runs/lab_tools/single_turn/seed0/final:0 ...          # LABEL=MODEL_DIR:MAX_TURNS, one JSON line each

@@ -15,48 +15,27 @@ value ('Zorbani'). The cold start (sft_tools) shows the teacher querying for the
     Filter album on it, return price.
 
 GRPO then samples multi-turn episodes (max_turns > 0) and rewards the final answer with SQL-R1's reward. The
-single-turn baseline of the comparison is this config with --max_turns=0 --sft_split=sft_tools_blind (whose teacher
-answers lookups in one turn with the LIKE filter).
+single-turn baseline is this config with --max_turns=0 --sft_split=sft_tools_blind (whose teacher answers lookups
+in one turn with a LIKE filter).
 """
 
-from sqlr1.config import TrainConfig
-from sqlr1.grpo import GRPOConfig
-from sqlr1.reward import RewardConfig
+import dataclasses
+import runpy
+from pathlib import Path
 
-config = TrainConfig(  # configs/grpo_tiny.py's settings, with the lines marked "tools" changed
+base = runpy.run_path(str(Path(__file__).with_name("grpo_tiny.py")))["config"]
+
+config = dataclasses.replace(  # grpo_tiny's settings; only these differ
+    base,
     name="grpo_tiny_tools",
-    dataset="toy",
-    data_root="toyworld",
-    model="",
-    device="cpu",
-    dtype="float32",
-    gradient_checkpointing=False,
-    prompt_template="short",
-    max_prompt_len=512,
-    max_response_len=192,  # tools: room for a query and its observation before a ~110-token answer
-    train_split="train_tools",  # tools
-    sft_split="sft_tools",  # tools
-    eval_split="dev_tools",  # tools
-    sft_steps=600,
-    sft_lr=4e-3,
-    sft_batch_size=32,
-    micro_batch_size=16,
-    grpo_steps=100,
-    prompts_per_step=8,
-    group_size=8,
-    lr=2e-4,
-    temperature=1.0,
-    grpo=GRPOConfig(kl_coef=0.0),
-    reward=RewardConfig(),
-    lr_schedule="constant",
-    warmup_steps=5,
-    eval_n=8,
+    train_split="train_tools",
+    sft_split="sft_tools",
+    eval_split="dev_tools",
+    max_response_len=192,  # room for a query and its observation before a ~110-token answer
+    max_turns=3,
+    obs_rows=3,
+    obs_max_tokens=48,
     # multi-turn widens the shared KV cache by each pause step's longest observation (sqlr1/sampling.py), for all
     # rows of a call: bounded batches, not all 308 held-out prompts x 8 votes at once
     eval_batch_size=32,
-    eval_temperature=0.8,
-    sandbox_workers=2,
-    max_turns=3,  # tools
-    obs_rows=3,  # tools
-    obs_max_tokens=48,  # tools
 )

@@ -2,41 +2,32 @@
 
     python -m sqlr1.lab --config configs/lab_ablation.py       # OUT = runs/lab_ablation: lab.md, lab.json, lab.png
 
-SQL-R1 reports that removing the result reward S_r lowers EX. In lab_toy's world it does not, at 100 GRPO steps:
-S_l, paid only when the result is right, still carries the correctness bit, and under group-std advantages an
-all-executing group is ranked the same with or without S_r, so S_r off is a ~25-step delay (RESULTS.md, "RL lab").
-Two things make the ablation bite here, and each is named so a reader can see which does what:
+SQL-R1 reports that removing the result reward S_r lowers EX. Two settings make that ablation bite on the toy world:
 
-- The world (sft_split=sft_careful, toyworld.teacher_careful_plural): the cold start's right idea often fails to
-  run (plural table names in the teacher's careful answers) while its habitual wrong one always runs. Without S_r
-  the wrong query earns 3, the right one ~3.8, an error -1, so a right idea that still fails with p = 0.6 is worth
-  3.8 x 0.4 - 0.6 = 0.9 < 3 and GRPO is paid to retreat to the habit; with S_r, 6.8 x 0.4 - 0.6 = 2.1 > 0.
-- The advantage: without the std division (Dr.GRPO, A_i = r_i - mean_g) the reward's scale reaches the gradient.
-  With it (SQL-R1's GRPO) the retreat is temporary, since once the failures are gone S_l's 0.8 points rank right
-  above wrong exactly as S_r's 6 do; without it S_r off leaves 0.8 points for being right against 4 for running.
+- The cold start (sft_careful, toyworld.teacher_careful_plural): the right idea often fails to run (plural table
+  names in the teacher's careful answers, p = 0.6) while the habitual wrong one always runs. Without S_r a wrong
+  query earns 3, a right one ~3.8, an error -1, so the right idea is worth 3.8 x 0.4 - 0.6 = 0.9 < 3 and GRPO is
+  paid to retreat to the habit; with S_r it is worth 6.8 x 0.4 - 0.6 = 2.1.
+- The advantage: Dr.GRPO's A_i = r_i - mean_g keeps the reward's scale, so S_r off leaves 0.8 points for being
+  right against 4 for running. SQL-R1's A_i = (r_i - mean_g) / std_g erases it: once a group's samples all run,
+  S_l's 0.8 points rank right above wrong as S_r + S_l's 6.8 do, and S_r off is only a delay.
 
-Rows: dr_grpo / dr_grpo_no_result (Dr.GRPO's advantage and aggregation, full reward vs S_r off: the check) and
-grpo / no_result (the same pair under SQL-R1's group-std GRPO, for contrast). The rest is lab_toy's recipe.
-Measured (RESULTS.md, "RL lab", 3 seeds, 46.6 min from an empty cache on 2 cores): dr_grpo 0.492 [0.272, 0.713]
-vs dr_grpo_no_result 0.226 [0.216, 0.235] held-out EX (S_r off never leaves its SFT level); grpo 0.424 [0.121,
-0.726] vs no_result 0.342 [-0.095, 0.779] (under the std division the ablation is a delay).
+Rows: dr_grpo / dr_grpo_no_result (the check) and grpo / no_result (the same pair under group-std GRPO, for
+contrast). Everything else is configs/lab_toy.py's recipe. Results: benchmarks/RESULTS.md ("RL lab").
 """
 
 from sqlr1.lab import LabConfig
 
 DR_GRPO = ["--grpo.adv_scale=none", "--grpo.loss_agg=seq-mean-token-sum-norm"]
 
-config = LabConfig(
+config = LabConfig(  # seeds 0, 1, 2, two runs at once (1 thread each): LabConfig's defaults
     name="lab_ablation",
     base="configs/grpo_tiny.py",
     base_overrides=["--eval_every=25", "--eval_vote=final", "--sft_split=sft_careful", "--sft_steps=900"],
-    seeds=[0, 1, 2],
     variants={
         "dr_grpo": DR_GRPO,
         "dr_grpo_no_result": [*DR_GRPO, "--reward.use_result=false"],
         "grpo": [],
         "no_result": ["--reward.use_result=false"],
     },
-    jobs=2,  # 2 runs at once, 1 thread each (configs/lab_toy.py says why)
-    cache_dir="runs/lab_cache",
 )

@@ -1,4 +1,4 @@
-"""Single-turn vs multi-turn GRPO on the toy world's lookup questions (issue 15), 3 seeds, each from its own cold start.
+"""Single-turn vs multi-turn GRPO on the toy world's lookup questions, 3 seeds, each row from its own cold start.
 
     python -m sqlr1.lab --config configs/lab_tools.py            # OUT = runs/lab_tools: lab.md, lab.json, lab.png
 
@@ -14,15 +14,12 @@ The share of rollouts that query is in each multi_turn run's metrics.jsonl (quer
 
 from sqlr1.lab import LabConfig
 
-config = LabConfig(
+config = LabConfig(  # seeds 0, 1, 2, two runs at once (1 thread each): LabConfig's defaults
     name="lab_tools",
     base="configs/grpo_tiny_tools.py",
     base_overrides=["--eval_every=25", "--eval_vote=final"],
-    seeds=[0, 1, 2],
     variants={
         "multi_turn": [],
         "single_turn": ["--max_turns=0", "--sft_split=sft_tools_blind"],
     },
-    jobs=2,
-    cache_dir="runs/lab_cache",
 )

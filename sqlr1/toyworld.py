@@ -1,68 +1,23 @@
 """The toy world: a miniature, procedurally generated Spider plus a tiny Qwen2, for running SQL-R1 on a laptop CPU.
 
-    root/
-      database/<db_id>/<db_id>.sqlite    SQLite databases, 2-3 tables each, a few hundred rows
-      tables.json                        Spider schema records (original and natural names, keys)
-      train.json, dev.json               Spider question records: db_id, question, query + cot, difficulty
-      sft.json                           the train questions answered by an imperfect teacher (cold-start SFT data)
-      train_tools.json, dev_tools.json   the splits plus lookup questions (multi-turn rollouts, sqlr1/sql_env.py)
-      sft_tools.json                     sft.json plus lookup traces that query the database in <sql> first
-      sft_tools_blind.json               sft.json plus lookup traces that answer in one turn (the baseline)
-      sft_noisy.json                     sft.json with a fourth slip that fails: plural table names (the RL lab)
-      sft_careful.json                   sft.json whose careful answers often fail (the lab's result ablation)
-      tokenizer/                         byte-level BPE tokenizer.json + tokenizer_config.json (ChatML)
-      toyworld.json                      manifest: format version, seed and sizes (ensure_toyworld checks it)
+`python train.py --config configs/grpo_tiny.py` builds it and runs the whole pipeline (cold-start SFT -> GRPO on
+execution rewards -> evaluation) through the code paths of a 7B run: Spider loader, schema text from the SQLite
+file, ChatML, sandboxed execution, HF checkpoints. A world is Spider's layout (database/<db_id>/<db_id>.sqlite,
+tables.json, train.json, dev.json), a byte-level BPE tokenizer/, the manifest toyworld.json, and cold-start data:
+sft.json (an imperfect teacher, see teacher_answer), sft_noisy.json and sft_careful.json (the RL lab's, see
+teacher_plural_slip, teacher_careful_plural), and the *_tools splits (lookup questions for multi-turn rollouts).
 
-`python train.py --config configs/grpo_tiny.py` builds it, initialises a tiny Qwen2 with `init_model`, and runs the
-whole pipeline (cold-start SFT -> GRPO on execution rewards -> greedy and voting evaluation) through exactly the
-code paths of a 7B run: Spider loader, schema text from the SQLite file, ChatML, sandboxed execution, HF checkpoints.
-
-What is in it, and why:
-- Databases are generated from one vocabulary: entity nouns (tables), numeric attributes with value ranges,
-  categorical attributes with value lists, and label columns (name, title, ...). Every database has a foreign key
-  child.<parent>_id -> parent.<parent>_id, so JOIN questions exist everywhere. The train split deals the words
-  from a shuffled deck, so it uses every one of them.
-- Held-out (dev) databases are new combinations of the same vocabulary (no dev database has a train database's
-  tables) with their own rows (label values never occur in train), as Spider's dev databases are new combinations
-  of English words the pretrained model knows. Held-out execution accuracy (EX) therefore measures whether the
-  model learned to read the question and the schema and copy their names and values into SQL; only a few trivial
-  questions ("How many flights are there?") can repeat between splits (tests: <= 5 %).
-- Questions are templated with graded difficulty, the same template plan for every database (so dev is exactly as
-  hard a mix as train): easy = COUNT, filters with = > <, MIN/MAX/AVG/SUM; medium = projections with filters,
-  GROUP BY, ORDER BY ... LIMIT, filtered aggregates; hard = GROUP BY ... HAVING, JOINs, nested AVG subqueries.
-  Questions name tables (plural), columns and values literally, text values quoted as the SQL quotes them, so
-  copying suffices. Filter values are taken from
-  the data (thresholds from the middle of the distribution), and a question is kept only if its gold result is
-  non-empty (no NULL aggregate, no zero count) and, for ORDER BY ... LIMIT k, has no tie at the k-th row: plausible
-  wrong SQL (the other comparison, another column) then gives a different result, so execution rewards are
-  informative.
-- Each question carries a short templated reasoning trace (`cot`, <= ~25 tokens) for the SFT cold start.
-- Tokenizer: byte-level BPE like Qwen's (no normaliser, so decode(encode(x)) == x for any text) trained on the train
-  split plus the vocabulary, with Qwen's split regex changed in two places (TOY_SPLIT) so that every vocabulary word
-  is one token in each of its two spellings, " price" after a space and "price" after "(" or "." (Qwen's split would
-  make "(price" and ".price" tokens of their own), and " flights" is " flight" + "s". Copying a name from the
-  question into the SQL is then copying one token, which a 4-layer model learns within a few hundred SFT steps; with
-  names spelled in sub-word pieces (an earlier design) it had not learned to copy after 600. Label values
-  (pseudo-words) and numbers are spelled with syllable and digit pieces, as in Qwen. Special tokens: <|endoftext|>
-  (pad), <|im_start|>, <|im_end|> (eos). Unlike Qwen2.5 (which spells them with several tokens), <think>, </think>,
-  <answer>, </answer> are single added tokens here, as in Qwen3: cheaper on a CPU, and harmless to the code, which
-  works on text.
-- Lookup questions (the *_tools splits, for multi-turn rollouts): "What is the price of the album whose title
-  starts with 'zorb'?" names a row by a lower-case prefix of its label, while the gold SQL compares with the stored
-  value ('Zorbani'), so the value has to be read from the data: sft_tools' teacher first runs
-  `<sql>SELECT title FROM album WHERE title LIKE 'zorb%'</sql>`, reads the observation, then answers with `=`;
-  sft_tools_blind's teacher answers with the LIKE filter in one turn. They come from their own random streams and
-  leave the other files, the tokenizer included, exactly as they were.
-- A noisier cold start (sft_noisy.json, the RL lab's: configs/lab_toy.py): sft.json's traces with a fourth habit,
-  table names written as the questions write them, in the plural ("FROM flights"), which SQLite rejects. Its SFT
-  model's samples then fail to execute as often as real models' do on real benchmarks, and the execution and
-  result rewards have different work to do (see teacher_plural_slip).
-- A cold start whose right idea fails (sft_careful.json, configs/lab_ablation.py's): sft.json's traces, except that
-  where the teacher could have made a habitual mistake and did not, it writes the question's plural table names
-  with probability CAREFUL_PLURAL: the SFT model's right query often errors while its wrong habit always runs,
-  the tension in which SQL-R1's result reward is the one that pays for being right (see teacher_careful_plural).
-- Model: a 4-layer Qwen2 (GQA, RoPE, tied embeddings) whose vocabulary is padded to the next multiple of 64 above
-  the tokenizer size, like Qwen's 151,936 rows for 151,665 tokens, so the masking of padded rows runs for real.
+Why it is built this way:
+- Held-out databases recombine the train vocabulary with rows of their own (label values never occur in train), as
+  Spider's dev databases recombine English words the model knows: held-out EX measures whether the model reads the
+  question and the schema and copies their names and values into SQL.
+- Questions are templated (easy / medium / hard, the same plan for every database) and name tables, columns and
+  values literally, so copying suffices. A question is kept only if its gold result is non-empty and has no tie at
+  a LIMIT, so plausible wrong SQL gives another result and the execution reward is informative.
+- The tokenizer's split (TOY_SPLIT) makes every vocabulary word one token in each of its spellings, so copying a
+  name is copying one token, which a 4-layer model learns within a few hundred SFT steps.
+- The model is a 4-layer Qwen2 whose vocabulary is padded to a multiple of 64 (like Qwen's 151,936 rows for
+  151,665 tokens), so the masking of padded rows runs for real.
 """
 
 from __future__ import annotations
@@ -86,7 +41,7 @@ from sqlr1.sandbox import ExecResult
 from sqlr1.sql_env import OBS_CLOSE, OBS_OPEN, render
 from sqlr1.tokenizer import load_tokenizer
 
-FORMAT_VERSION = 5  # 3: the *_tools splits (lookup questions); 4: sft_noisy; 5: sft_careful
+FORMAT_VERSION = 5  # written to the manifest: ensure_toyworld rebuilds a world written in another format
 MANIFEST = "toyworld.json"
 TOOL_SPLITS = ("train_tools", "dev_tools", "sft_tools", "sft_tools_blind")
 # Everything build_toyworld writes at the top of a world: a rebuild may replace these, and only these.
@@ -95,7 +50,7 @@ GENERATED = frozenset({"database", "tables.json", "train.json", "dev.json", "sft
                        MANIFEST, *(f"{s}.json" for s in TOOL_SPLITS)})
 SYSTEM_MESSAGE = "You are a helpful assistant."
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
-REASONING_TOKENS = ("<think>", "</think>", "<answer>", "</answer>")
+REASONING_TOKENS = ("<think>", "</think>", "<answer>", "</answer>")  # one added token each, as in Qwen3
 # Qwen2's pre-tokenizer split (contractions, words, single digits, punctuation runs) with two changes that let a
 # name in the SQL be the very token the question uses: only a space may lead a word (Qwen's "(price" and ".price"
 # would be tokens other than " price"; here they are "(" + "price"), and a final "s" of a word of 4+ letters is a
@@ -737,7 +692,7 @@ def build_toyworld(
     for name, records in (("train", train), ("dev", dev), ("sft", sft)):
         write_json(root / f"{name}.json", records)
     write_json(root / "tables.json", [spider_schema(db) for db in train_dbs + dev_dbs])
-    noisy = random.Random(f"toyworld-{seed}-teacher-plural")  # its own stream: sft.json is unchanged
+    noisy = random.Random(f"toyworld-{seed}-teacher-plural")  # its own stream: sft.json does not depend on it
     write_json(root / "sft_noisy.json", [teacher_plural_slip(r, noisy) for r in sft])
     careful = random.Random(f"toyworld-{seed}-teacher-careful")
     write_json(root / "sft_careful.json", [teacher_careful_plural(g, t, careful) for g, t in zip(train, sft)])
@@ -746,7 +701,7 @@ def build_toyworld(
     texts += [f"Question: {r['question']}\n\n{r['cot']}\n\n```sql\n{r['query']}\n```\n" for r in train + sft]
     tok = train_tokenizer(texts, vocabulary_words(), vocab_size)
     write_tokenizer(tok, root / "tokenizer")
-    # the lookup family (after the tokenizer: it is trained on exactly what it was before the family existed)
+    # the lookup family, after the tokenizer, which is trained without it
     train_lookups = lookup_records(root, seed, "train", train_dbs, 3)
     dev_lookups = lookup_records(root, seed, "dev", dev_dbs, 6)
     write_json(root / "train_tools.json", train + [b for b, _, _ in train_lookups])

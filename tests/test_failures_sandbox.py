@@ -101,7 +101,7 @@ def test_a_killed_parent_leaves_no_process_and_no_traceback(db, tmp_path, how, q
         assert not left, f"still running {GONE_WITHIN} s after the parent died: {left}"
         assert "Traceback" not in stderr.read_text(), stderr.read_text()
     finally:
-        for pid in left:  # what the old code left behind, so that a failing run does not burn the CPU for hours
+        for pid in left:  # what a failing run left behind, so that it does not burn the CPU for hours
             os.kill(pid, signal.SIGKILL)
         if parent.poll() is None:
             parent.kill()
@@ -115,7 +115,7 @@ def test_a_script_without_main_guard_gets_one_error(db, tmp_path):
                             text=True, env=ENV, cwd=tmp_path, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=180)
-    except subprocess.TimeoutExpired:  # the old code: workers re-run the script, die, and are respawned forever
+    except subprocess.TimeoutExpired:  # the failure mode: workers re-run the script, die, and are respawned forever
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
         pytest.fail("the script did not stop: the pool keeps respawning workers that die at start-up")

@@ -130,7 +130,7 @@ def test_hostile_sql_is_contained(pool, db, name):
     elapsed = time.monotonic() - start
 
     assert result.status in ("error", "timeout"), (name, result)
-    assert elapsed < TIMEOUT + 1.0, (name, elapsed)  # liveness bound from the issue, not a speed claim
+    assert elapsed < TIMEOUT + 1.0, (name, elapsed)  # a liveness bound, not a speed claim
     assert hashlib.sha256(db.read_bytes()).hexdigest() == before_bytes
     assert sorted(os.listdir(folder)) == before_files
     assert sorted(os.listdir(".")) == cwd_files

@@ -197,7 +197,7 @@ def _bf16_rollout_case(recompute: bool, ratio_level: str = "token", fused: bool 
 def test_recomputed_old_logp_gives_ratio_exactly_one_before_the_update(ratio_level, fused):
     """bf16 autocast, one process: pi_old from the trainer's own forward (a no-grad forward before the update, or at
     ppo_epochs=1 the update's forward detached) -> rho == 1, nothing clipped by numerics; the bf16 sampler's
-    log-probs as pi_old (the old behaviour) give rho != 1. The mismatch is what gets logged."""
+    log-probs as pi_old (recompute_old_logp=False) give rho != 1. The mismatch is what gets logged."""
     fixed, mismatch = _bf16_rollout_case(recompute=True, ratio_level=ratio_level, fused=fused)
     assert fixed["ratio"] == 1.0 and fixed["kl_old"] == 0.0
     assert fixed["clip_low"] == 0.0 and fixed["clip_high"] == 0.0
