@@ -10,6 +10,9 @@ and restarted; a finished GRPO run whose command line has changed since (an edit
 (each run directory keeps its command line in lab_run.json). Ctrl-C ends every child's process group; the same
 command continues. Written after every finished run: OUT/lab.json, OUT/lab.md (the table) and OUT/lab.png.
 
+--config and base are looked up from the current folder, then from the repository, so a lab started elsewhere finds
+configs/...; out_dir, cache_dir and the run configs' paths (data_root) are relative to the current folder.
+
 Statistics over the n seeds of a variant: mean +- t_{0.975, n-1} * s / sqrt(n), s the sample standard deviation
 (Student's t); with n = 1 no interval is given. The gain over SFT is paired: d_s = EX_grpo(s) - EX_sft(s), then the
 same interval over the d_s.
@@ -44,7 +47,8 @@ from tqdm.auto import tqdm
 from sqlr1.config import _flat, config_dict, load_config, set_field
 from sqlr1.run import lock_run_dir, read_evals
 
-TRAIN_PY = Path(__file__).resolve().parents[1] / "train.py"
+ROOT = Path(__file__).resolve().parents[1]  # the repository: configs/... are found from anywhere
+TRAIN_PY = ROOT / "train.py"
 
 # Run-config fields the lab sets itself (neither base_overrides nor a variant may).
 LAB_CONTROLLED = ("seed", "model", "out_dir", "eval_init")
@@ -110,12 +114,23 @@ def fmt_ci(xs: list[float], digits: int = 3) -> str:
 # --------------------------------------------------------------------------------------------------- config
 
 
+def find_config(path: str | Path, what: str) -> str:
+    """`path` as given when it exists from the current folder, else its place in the repository (a relative path), so
+    that a lab started elsewhere finds configs/...; a FileNotFoundError saying where it looked otherwise."""
+    if Path(path).is_file():
+        return str(path)
+    if not Path(path).is_absolute() and (ROOT / path).is_file():
+        return str(ROOT / path)
+    where = str(Path.cwd())
+    if not Path(path).is_absolute() and Path.cwd().resolve() != ROOT:
+        where += f" or in the repository {ROOT}"
+    raise FileNotFoundError(f"{what} {path} not found in {where}")
+
+
 def load_lab(path: str | Path, overrides: list[str] = ()) -> LabConfig:
     """`config = LabConfig(...)` from a Python file, `--key=value` overrides applied (lists: comma-separated)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"lab config {path} not found (try configs/lab_toy.py)")
-    lab = runpy.run_path(str(path)).get("config")
+    path = find_config(path, "lab config")
+    lab = runpy.run_path(path).get("config")
     if not isinstance(lab, LabConfig):
         raise ValueError(f"{path} must define `config = LabConfig(...)` (found {type(lab).__name__})")
     for item in overrides:
@@ -132,8 +147,58 @@ def _key_of(item: str) -> str:
     return item.removeprefix("--").partition("=")[0]
 
 
-def validate(lab: LabConfig, source: str) -> None:
-    """Every check that can fail before anything runs: a ValueError / FileNotFoundError naming what to fix."""
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_strings(x) -> bool:
+    return isinstance(x, list) and all(isinstance(v, str) for v in x)
+
+
+# The labels of the lab's own runs and rows ("sft/seed0", "sft:<variant>/seed0"; rows "SFT", "SFT:<VARIANT>")
+RESERVED_NAMES = ("sft",)
+
+
+def _check_types(lab: LabConfig, source: str) -> None:
+    """Each field of the expected form, or a ValueError naming the field, its value and the form."""
+    forms = {
+        "name": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
+        "base": (lambda v: isinstance(v, str) and v != "", "a run config file, e.g. 'configs/grpo_tiny.py'"),
+        "base_overrides": (_is_strings, "a list of '--key=value' strings"),
+        "seeds": (lambda v: isinstance(v, list) and all(map(_is_int, v)), "a list of ints, e.g. [0, 1, 2]"),
+        "variants": (lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v),
+                     "a dict {name: list of '--key=value' strings}, e.g. {'grpo': []}"),
+        "out_dir": (lambda v: isinstance(v, str), "a folder ('' for runs/<name>)"),
+        "jobs": (_is_int, "an int >= 1"),
+        "cache_dir": (lambda v: isinstance(v, str) and v != "", "a folder, e.g. 'runs/lab_cache'"),
+    }
+    for f in dataclasses.fields(lab):
+        ok, form = forms[f.name]
+        if not ok(value := getattr(lab, f.name)):
+            raise ValueError(f"{source}: {f.name}={value!r}: expected {form}")
+    for name, overrides in lab.variants.items():
+        if not _is_strings(overrides):
+            raise ValueError(f"{source}: variants[{name!r}]={overrides!r}: expected a list of '--key=value' strings "
+                             "([] for the base config as it is)")
+
+
+def _unfit_row(cfg) -> str | None:
+    """Why a resolved run config cannot be a row of the lab (its SFT run, then its GRPO run), or None."""
+    if not cfg.eval_split:
+        return ("eval_split='': the lab compares held-out EX (each row's, and its SFT run's for the gain), so every "
+                "run evaluates; drop --eval_split=")
+    if cfg.sft_steps < 1:
+        return (f"sft_steps={cfg.sft_steps}: each row's GRPO stage starts from its seed's SFT run and is measured "
+                "against it, so sft_steps >= 1 (GRPO from a model without SFT: train.py --sft_steps=0 --model=...)")
+    if cfg.grpo_steps < 1:
+        return f"grpo_steps={cfg.grpo_steps}: must be >= 1"
+    return None
+
+
+def validate(lab: LabConfig, source: str) -> LabConfig:
+    """Every check that can fail before anything runs: a ValueError / FileNotFoundError naming what to fix.
+    Returns the lab with its base config located (find_config)."""
+    _check_types(lab, source)
     if not lab.seeds:
         raise ValueError(f"{source}: seeds is empty; give at least one seed, e.g. seeds=[0, 1, 2]")
     if len(set(lab.seeds)) != len(lab.seeds):
@@ -145,8 +210,9 @@ def validate(lab: LabConfig, source: str) -> None:
     for name in lab.variants:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
             raise ValueError(f"{source}: variant name {name!r}: use letters, digits, '_', '-', '.' (it names a folder)")
-    if not Path(lab.base).is_file():
-        raise FileNotFoundError(f"{source}: base config {lab.base} not found (try configs/grpo_tiny.py)")
+        if name.lower() in RESERVED_NAMES:
+            raise ValueError(f"{source}: variant name {name!r} is reserved for the lab's SFT runs and rows; rename it")
+    lab = dataclasses.replace(lab, base=find_config(lab.base, f"{source}: base config"))
     for item in lab.base_overrides:
         if _key_of(item) in LAB_CONTROLLED:
             raise ValueError(f"{source}: base_overrides sets {_key_of(item)}, which the lab sets itself")
@@ -154,20 +220,19 @@ def validate(lab: LabConfig, source: str) -> None:
         base = load_config(lab.base, lab.base_overrides)
     except ValueError as e:
         raise ValueError(f"{source}: base_overrides: {e}") from None
-    if not base.eval_split:
-        raise ValueError(f"{source}: the lab needs held-out evaluations: base config {lab.base} has eval_split=''")
-    if base.grpo_steps < 1 or base.sft_steps < 1:
-        raise ValueError(f"{source}: base config {lab.base} needs sft_steps >= 1 and grpo_steps >= 1 "
-                         f"(has {base.sft_steps}, {base.grpo_steps})")
+    if why := _unfit_row(base):
+        raise ValueError(f"{source}: base config {lab.base} with base_overrides: {why}")
     for name, overrides in lab.variants.items():
         for item in overrides:
             if _key_of(item) in LAB_CONTROLLED:
                 raise ValueError(f"{source}: variant {name!r} sets {_key_of(item)}, which the lab sets itself")
         try:
-            if load_config(lab.base, [*lab.base_overrides, *overrides]).grpo_steps < 1:
-                raise ValueError("grpo_steps must be >= 1")
+            cfg = load_config(lab.base, [*lab.base_overrides, *overrides])
         except ValueError as e:
             raise ValueError(f"{source}: variant {name!r}: {e}") from None
+        if why := _unfit_row(cfg):
+            raise ValueError(f"{source}: variant {name!r}: {why}")
+    return lab
 
 
 # ------------------------------------------------------------------------------------------------ SFT cache
@@ -483,8 +548,7 @@ def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, help="Python file defining `config = LabConfig(...)`")
     args, overrides = ap.parse_known_args(argv)
-    lab = load_lab(args.config, overrides)
-    validate(lab, args.config)
+    lab = validate(load_lab(args.config, overrides), args.config)
     out = Path(lab.out_dir or f"runs/{lab.name}")
     _prepare_world(lab.base, lab.base_overrides, lab.seeds)
     runs, sfts = plan(lab, out)

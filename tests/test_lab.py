@@ -68,7 +68,24 @@ def test_shipped_lab_configs_validate(path, monkeypatch):
                                                        "mean grpo.clip_high?"),
     ({"variants": {"bad": ["--grpo.loss_agg=sum"]}}, "variant 'bad': GRPOConfig.loss_agg='sum'"),
     ({"variants": {"x": ["--seed=3"]}}, "variant 'x' sets seed"),
-    ({"base": "configs/nope.py"}, "base config configs/nope.py not found"),
+    ({"base": "configs/nope.py"}, f"base config configs/nope.py not found in {ROOT}"),
+    # names the lab's own runs and rows use
+    ({"variants": {"grpo": [], "sft": []}}, "variant name 'sft' is reserved for the lab's SFT runs and rows"),
+    ({"variants": {"SFT": []}}, "variant name 'SFT' is reserved"),
+    # types: one line naming the field, its value and the expected form
+    ({"seeds": ["0", 0]}, "seeds=['0', 0]: expected a list of ints"),
+    ({"seeds": ["0", "1"]}, "seeds=['0', '1']: expected a list of ints"),
+    ({"seeds": 3}, "seeds=3: expected a list of ints"),
+    ({"jobs": "2"}, "jobs='2': expected an int >= 1"),
+    ({"variants": ["grpo"]}, "variants=['grpo']: expected a dict {name: list of '--key=value' strings}"),
+    ({"variants": {"grpo": None}}, "variants['grpo']=None: expected a list of '--key=value' strings"),
+    ({"base_overrides": "--sft_steps=10"}, "base_overrides='--sft_steps=10': expected a list of '--key=value'"),
+    ({"cache_dir": ""}, "cache_dir='': expected a folder"),
+    # a row without held-out EX, or without the SFT stage its gain is measured from
+    ({"variants": {"grpo": [], "no_eval": ["--eval_split="]}}, "variant 'no_eval': eval_split='': the lab compares "
+                                                               "held-out EX"),
+    ({"variants": {"grpo": [], "no_sft": ["--sft_steps=0"]}}, "variant 'no_sft': sft_steps=0: each row's GRPO stage "
+                                                              "starts from its seed's SFT run"),
 ])
 def test_bad_lab_config_is_one_error_line_and_creates_nothing(tmp_path, capsys, monkeypatch, fields, message):
     monkeypatch.chdir(ROOT)
@@ -78,6 +95,27 @@ def test_bad_lab_config_is_one_error_line_and_creates_nothing(tmp_path, capsys, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
     assert not out.exists() and not cache.exists() and not (tmp_path / "world").exists()
+
+
+def test_command_line_overrides_parse_to_the_fields_types(tmp_path):
+    cfg = write_lab(tmp_path / "lab.py", tmp_path / "world", tmp_path / "out", tmp_path / "cache")
+    labcfg = lab.load_lab(cfg, ["--seeds=0,1", "--jobs=1", "--name=m2"])
+    assert (labcfg.seeds, labcfg.jobs, labcfg.name) == ([0, 1], 1, "m2")
+
+
+def test_a_lab_started_outside_the_repository_finds_its_configs(tmp_path, monkeypatch):
+    """--config and base are found from the current folder, then from the repository: the shipped lab and a lab
+    config elsewhere with base="configs/grpo_tiny.py" validate, and their runs get a config file that exists."""
+    monkeypatch.chdir(tmp_path)
+    shipped = lab.validate(lab.load_lab("configs/lab_toy.py"), "configs/lab_toy.py")
+    assert Path(shipped.base) == ROOT / "configs/grpo_tiny.py"
+    cfg = write_lab(tmp_path / "lab.py", tmp_path / "world", tmp_path / "out", tmp_path / "cache")
+    labcfg = lab.validate(lab.load_lab(cfg), str(cfg))
+    runs, _ = lab.plan(labcfg, tmp_path / "out")
+    assert runs and all(Path(r.base) == ROOT / "configs/grpo_tiny.py" for r in runs)
+    with pytest.raises(FileNotFoundError, match=f"lab config configs/nope.py not found in {tmp_path} or in the "
+                                                f"repository {ROOT}"):
+        lab.load_lab("configs/nope.py")
 
 
 def test_bad_lab_config_exit_code_from_the_command_line(tmp_path):
