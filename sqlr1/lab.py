@@ -10,6 +10,11 @@ and restarted; a finished GRPO run whose command line has changed since (an edit
 (each run directory keeps its command line in lab_run.json). Ctrl-C ends every child's process group; the same
 command continues. Written after every finished run: OUT/lab.json, OUT/lab.md (the table) and OUT/lab.png.
 
+Labs never remove each other's runs: the lab holds OUT/lab.lock for its whole life (a second lab on OUT is refused,
+naming the first one's PID), and claims each SFT run of the shared cache (cache_dir/.sft-<key>.lock) before it checks,
+removes or starts it, so a lab (or sft_checkpoint) that needs an SFT run another one is making waits for it, then uses
+it. A cached SFT run whose final/ model is damaged (unreadable config.json, tokenizer or weights missing, weights
+truncated) is run again.
 --config and base are looked up from the current folder, then from the repository, so a lab started elsewhere finds
 configs/...; out_dir, cache_dir and the run configs' paths (data_root) are relative to the current folder.
 
@@ -28,6 +33,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import dataclasses
+import fcntl
 import hashlib
 import json
 import math
@@ -41,9 +47,12 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
+from safetensors import safe_open
 from tqdm.auto import tqdm
 
+from sqlr1.checkpoint import _weight_files, read_json
 from sqlr1.config import _flat, config_dict, load_config, set_field
 from sqlr1.run import lock_run_dir, read_evals
 
@@ -259,10 +268,80 @@ def sft_key(run_cfg_path: str | Path, overrides: list[str], seed: int) -> str:
 
 
 def run_finished(run_dir: Path, total_steps: int, evaluated: bool = True) -> bool:
-    """final/ written and (when the run evaluates: an eval_split) the evaluation after the last step recorded."""
+    """final/ written and (when the run evaluates: an eval_split) the evaluation after the last step recorded in a
+    metrics.jsonl that parses (an unreadable one is an unfinished run)."""
     if not (run_dir / "final" / "config.json").is_file():
         return False
-    return not evaluated or any(e["step"] == total_steps and "ex_voted" in e for e in read_evals(run_dir))
+    try:
+        evals = read_evals(run_dir)
+    except ValueError:  # json.JSONDecodeError, UnicodeDecodeError
+        return False
+    return not evaluated or any(e.get("step") == total_steps and "ex_voted" in e for e in evals)
+
+
+def damage(run_dir: Path) -> str | None:
+    """What makes a finished run's final/ model unusable, found without loading it (only headers are read): a
+    config.json that is not a JSON object, no tokenizer.json, weights missing, or a safetensors file whose header
+    cannot be read or does not cover the file (truncated); None when none of these. The lab runs a damaged cached SFT
+    run again instead of handing it to GRPO runs that would fail loading it."""
+    final = run_dir / "final"
+    try:
+        read_json(final / "config.json")
+        if not (final / "tokenizer.json").is_file():
+            return f"{final / 'tokenizer.json'} is missing"
+        files, _, listing = _weight_files(final)
+        for file in files:
+            if not file.is_file():
+                return f"{file} is listed in {listing} but missing"
+            try:
+                with safe_open(file, framework="pt") as f:
+                    f.keys()
+            except Exception as e:  # safetensors' own error type: a truncated or foreign file
+                return f"{file}: not a readable safetensors file ({e})"
+    except (OSError, ValueError) as e:
+        return str(e)
+    return None
+
+
+def _try_lock(path: Path, wait: bool = False) -> TextIO | None:
+    """An exclusive flock on `path` (created, our PID written in it) as an open file, held until it is closed or the
+    process ends however it ends (no stale lock); None when another process holds it (wait=True: wait for it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    f = path.open("a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+        f.close()
+        return None
+    f.truncate(0)
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
+
+
+def _holder(path: Path) -> str:
+    """The PID a held lock file names."""
+    try:
+        return path.read_text().strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def lock_lab(out: Path) -> TextIO:
+    """Hold out/lab.lock (see _try_lock) for the lab's life, before its first action: a second lab on the same folder
+    would remove runs the first has started but whose train.py has not yet locked its directory."""
+    path = out / "lab.lock"
+    lock = _try_lock(path)
+    if lock is None:
+        raise ValueError(f"{out} is in use by another lab (PID {_holder(path)}, holding {path}); wait for it to end "
+                         "or stop it, then rerun")
+    return lock
+
+
+def _claim_path(run_dir: Path) -> Path:
+    """The lock a lab or tool holds on a cached SFT run while it checks, removes or runs it: a hidden file next to the
+    run directory (which is removed and recreated under it), out of the way of globs like sft-*."""
+    return run_dir.with_name(f".{run_dir.name}.lock")
 
 
 def _prepare_world(run_cfg_path: str | Path, overrides: list[str], seeds: list[int] = ()) -> None:
@@ -288,16 +367,26 @@ def sft_checkpoint(run_cfg_path: str | Path, overrides: list[str], seed: int, ca
     cfg = load_config(run_cfg_path, sft_overrides(overrides, seed))
     run_dir = Path(cache_dir) / f"sft-{sft_key(run_cfg_path, overrides, seed)}"
     evaluated = bool(cfg.eval_split)
-    if not run_finished(run_dir, cfg.sft_steps, evaluated):
-        _clear(run_dir)
-        proc = _start(Run(f"sft/seed{seed}", run_dir, str(run_cfg_path), sft_overrides(overrides, seed), cfg.sft_steps),
-                      threads=max(1, _cores()), extra_args=[])
-        try:
-            rc = proc.wait()
-        finally:
-            _kill(proc)
-        if rc != 0 or not run_finished(run_dir, cfg.sft_steps, evaluated):
-            raise RuntimeError(f"SFT run failed (exit {rc}): see {run_dir / 'train.log'}")
+    claim = _try_lock(_claim_path(run_dir))
+    if claim is None:
+        print(f"{run_dir} is being made by another process (PID {_holder(_claim_path(run_dir))}); waiting for it",
+              file=sys.stderr)
+        claim = _try_lock(_claim_path(run_dir), wait=True)
+    with claim:
+        finished = run_finished(run_dir, cfg.sft_steps, evaluated)
+        why = damage(run_dir) if finished else None
+        if why:
+            print(f"{run_dir}: the cached SFT model is damaged ({why}); running it again", file=sys.stderr)
+        if not finished or why:
+            _clear(run_dir)
+            proc = _start(Run(f"sft/seed{seed}", run_dir, str(run_cfg_path), sft_overrides(overrides, seed),
+                              cfg.sft_steps), threads=max(1, _cores()), extra_args=[])
+            try:
+                rc = proc.wait()
+            finally:
+                _kill(proc)
+            if rc != 0 or not run_finished(run_dir, cfg.sft_steps, evaluated):
+                raise RuntimeError(f"SFT run failed (exit {rc}): see {run_dir / 'train.log'}")
     return run_dir / "final"
 
 
@@ -333,13 +422,15 @@ def _cores() -> int:
 
 
 def is_done(run: Run) -> bool:
-    """Finished (run_finished), and a GRPO run with the command line it would be started with now (its lab_run.json):
-    an edited variant, or a new SFT model (a changed cache key), makes it run again."""
+    """Finished (run_finished); an SFT run with an intact final/ model (damage), a GRPO run with the command line it
+    would be started with now (its lab_run.json): an edited variant, or a new SFT model (a changed cache key), makes it
+    run again."""
     if not run_finished(run.dir, run.total_steps):
         return False
+    if run.needs is None:
+        return damage(run.dir) is None
     recorded = run.dir / "lab_run.json"
-    return run.needs is None or (recorded.is_file() and json.loads(recorded.read_text()) == {"base": run.base,
-                                                                                          "args": run.args})
+    return recorded.is_file() and json.loads(recorded.read_text()) == {"base": run.base, "args": run.args}
 
 
 def _start(run: Run, threads: int, extra_args: list[str]) -> subprocess.Popen:
@@ -396,23 +487,54 @@ def plan(lab: LabConfig, out: Path) -> tuple[list[Run], dict[str, Run]]:
     return [*sfts.values(), *grpo], sfts
 
 
+def _claim_sft(run: Run, waiting: set[str]) -> TextIO | None:
+    """The claim on a cached SFT run (_claim_path) when no other process holds it, else None (said once per run)."""
+    claim = _try_lock(_claim_path(run.dir))
+    if claim is None and run.label not in waiting:
+        waiting.add(run.label)
+        tqdm.write(f"{run.label}: {run.dir} is being made by another process (PID {_holder(_claim_path(run.dir))}); "
+                   "waiting for it", file=sys.stderr)
+    return claim
+
+
 def execute(lab: LabConfig, out: Path, runs: list[Run], on_finished) -> None:
-    """Run what is not finished, `lab.jobs` at a time, each SFT before the GRPO runs that need it."""
+    """Run what is not finished, `lab.jobs` at a time, each SFT before the GRPO runs that need it.
+
+    An SFT run (in the shared cache) is claimed before it is checked, removed or started, and the claim is held until
+    it ends; one another process holds is waited for, then used as it left it (or run here when it did not finish).
+    """
     threads = max(1, _cores() // lab.jobs)
     extra_args = ["--sandbox_workers=1"] if lab.jobs > 1 else []  # not part of a run's identity (lab_run.json)
-    done = {r.label for r in runs if is_done(r)}
+    done = {r.label for r in runs if r.needs is not None and is_done(r)}  # SFT runs: checked once claimed
     pending = [r for r in runs if r.label not in done]
     running: dict[str, tuple[Run, subprocess.Popen]] = {}
+    claims, waiting = {}, set()  # SFT label -> its held claim; SFT runs said to be waited for
     bar = tqdm(total=len(runs), initial=len(done), desc=f"lab {lab.name}", unit="run", dynamic_ncols=True)
     try:
         while pending or running:
             for r in list(pending):
                 if len(running) >= lab.jobs:
                     break
-                if r.needs is None or r.needs in done:
-                    pending.remove(r)
-                    _clear(r.dir)  # an unfinished run starts over
-                    running[r.label] = (r, _start(r, threads, extra_args))
+                if r.needs is not None and r.needs not in done:
+                    continue
+                if r.needs is None:
+                    if (claim := _claim_sft(r, waiting)) is None:
+                        continue
+                    finished = run_finished(r.dir, r.total_steps)
+                    why = damage(r.dir) if finished else None
+                    if finished and why is None:
+                        claim.close()
+                        pending.remove(r)
+                        done.add(r.label)
+                        bar.update(1)
+                        continue
+                    if why:
+                        tqdm.write(f"{r.label}: the cached SFT model in {r.dir} is damaged ({why}); running it again",
+                                   file=sys.stderr)
+                    claims[r.label] = claim
+                pending.remove(r)
+                _clear(r.dir)  # an unfinished run starts over
+                running[r.label] = (r, _start(r, threads, extra_args))
             if bar.postfix != (names := ", ".join(running)):
                 bar.set_postfix_str(names)
             time.sleep(0.5)
@@ -421,6 +543,8 @@ def execute(lab: LabConfig, out: Path, runs: list[Run], on_finished) -> None:
                 if rc is None:
                     continue
                 del running[label]
+                if label in claims:
+                    claims.pop(label).close()
                 if rc != 0 or not run_finished(r.dir, r.total_steps):
                     raise RuntimeError(f"run {label} failed (exit {rc}): see {r.dir / 'train.log'}")
                 done.add(label)
@@ -429,6 +553,8 @@ def execute(lab: LabConfig, out: Path, runs: list[Run], on_finished) -> None:
     finally:
         for _, proc in running.values():
             _kill(proc)
+        for claim in claims.values():
+            claim.close()
         bar.close()
 
 
@@ -550,24 +676,25 @@ def main(argv: list[str]) -> int:
     args, overrides = ap.parse_known_args(argv)
     lab = validate(load_lab(args.config, overrides), args.config)
     out = Path(lab.out_dir or f"runs/{lab.name}")
-    _prepare_world(lab.base, lab.base_overrides, lab.seeds)
-    runs, sfts = plan(lab, out)
-    previous = out / "lab.json"  # a resumed lab adds its earlier invocations' wall time
-    started = time.time() - (json.loads(previous.read_text()).get("wall_s", 0.0) if previous.is_file() else 0.0)
+    with lock_lab(out):
+        _prepare_world(lab.base, lab.base_overrides, lab.seeds)
+        runs, sfts = plan(lab, out)
+        previous = out / "lab.json"  # a resumed lab adds its earlier invocations' wall time
+        started = time.time() - (json.loads(previous.read_text()).get("wall_s", 0.0) if previous.is_file() else 0.0)
 
-    def on_finished() -> None:
-        write_outputs(lab, out, runs, sfts, time.time() - started)
+        def on_finished() -> None:
+            write_outputs(lab, out, runs, sfts, time.time() - started)
 
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _interrupt)
-    try:
-        execute(lab, out, runs, on_finished)
-    except KeyboardInterrupt:
-        again = " ".join(["python -m sqlr1.lab", "--config", args.config, *overrides])
-        print(f"\ninterrupted: finished runs are kept in {out} and {lab.cache_dir}; continue with: {again}",
-              file=sys.stderr)
-        return 130
-    msg = write_outputs(lab, out, runs, sfts, time.time() - started)
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, _interrupt)
+        try:
+            execute(lab, out, runs, on_finished)
+        except KeyboardInterrupt:
+            again = " ".join(["python -m sqlr1.lab", "--config", args.config, *overrides])
+            print(f"\ninterrupted: finished runs are kept in {out} and {lab.cache_dir}; continue with: {again}",
+                  file=sys.stderr)
+            return 130
+        msg = write_outputs(lab, out, runs, sfts, time.time() - started)
     if msg:
         print(msg)
     print((out / "lab.md").read_text())
