@@ -31,6 +31,7 @@ files (its manifest toyworld.json and the question/trace files), so a rebuilt wo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import dataclasses
 import fcntl
@@ -40,6 +41,7 @@ import math
 import os
 import re
 import runpy
+import shlex
 import shutil
 import signal
 import subprocess
@@ -666,17 +668,52 @@ def write_outputs(lab: LabConfig, out: Path, runs: list[Run], sfts: dict[str, Ru
 # ------------------------------------------------------------------------------------------------------ main
 
 
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt  # SIGTERM / SIGHUP end the lab like Ctrl-C: children killed, how to continue printed
+@contextlib.contextmanager
+def _interrupts():
+    """SIGINT, SIGTERM and SIGHUP as one KeyboardInterrupt, wherever it lands; further ones are ignored while the lab
+    winds down (kills its children). Yields a list that holds the first signal's number once one came; the previous
+    handlers are restored on exit."""
+    caught: list[int] = []
+
+    def handler(signum, frame) -> None:
+        if not caught:
+            caught.append(signum)
+            raise KeyboardInterrupt
+
+    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = [signal.signal(sig, handler) for sig in signals]
+    try:
+        yield caught
+    finally:
+        for sig, old in zip(signals, previous):
+            signal.signal(sig, old)
 
 
 def main(argv: list[str]) -> int:
+    """The lab, 130 with one line saying how to continue when interrupted: whatever exception the interrupt became
+    (a KeyboardInterrupt raised inside an import can surface as another error, e.g. matplotlib's RuntimeError "Error
+    calling __set_name__"), the interrupt is what is reported."""
+    kept: list[str] = []  # where finished runs are, once known
+    with _interrupts() as caught:
+        try:
+            return _run(argv, kept)
+        except BaseException:
+            if not caught:
+                raise
+        where = f"finished runs are kept in {' and '.join(kept)}; " if kept else ""
+        print(f"\ninterrupted: {where}continue with: {shlex.join(['python', '-m', 'sqlr1.lab', *argv])}",
+              file=sys.stderr)
+        return 130
+
+
+def _run(argv: list[str], kept: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, help="Python file defining `config = LabConfig(...)`")
     args, overrides = ap.parse_known_args(argv)
     lab = validate(load_lab(args.config, overrides), args.config)
     out = Path(lab.out_dir or f"runs/{lab.name}")
     with lock_lab(out):
+        kept += [str(out), lab.cache_dir]
         _prepare_world(lab.base, lab.base_overrides, lab.seeds)
         runs, sfts = plan(lab, out)
         previous = out / "lab.json"  # a resumed lab adds its earlier invocations' wall time
@@ -685,15 +722,7 @@ def main(argv: list[str]) -> int:
         def on_finished() -> None:
             write_outputs(lab, out, runs, sfts, time.time() - started)
 
-        for sig in (signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, _interrupt)
-        try:
-            execute(lab, out, runs, on_finished)
-        except KeyboardInterrupt:
-            again = " ".join(["python -m sqlr1.lab", "--config", args.config, *overrides])
-            print(f"\ninterrupted: finished runs are kept in {out} and {lab.cache_dir}; continue with: {again}",
-                  file=sys.stderr)
-            return 130
+        execute(lab, out, runs, on_finished)
         msg = write_outputs(lab, out, runs, sfts, time.time() - started)
     if msg:
         print(msg)

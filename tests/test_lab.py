@@ -1,9 +1,10 @@
 """The RL lab (sqlr1/lab.py) on a micro toy world: 2 variants x 2 seeds, a few SFT and GRPO steps per run.
 
-One lab (a module fixture) is started as a subprocess, interrupted with SIGINT once its first GRPO run is in lab.json,
-and re-run to completion; while its SFT runs are under way, a second lab on its folder and a third one sharing its SFT
-cache (started outside the repository) are started too. The tests then read its cache, run directories and outputs.
-Plus the statistics on known numbers and the one-line errors of bad lab configs.
+One lab (a module fixture) is started as a subprocess, interrupted with SIGINT once its first GRPO run is in lab.json
+and its next runs are under way, and re-run to completion; while its SFT runs are under way, a second lab on its
+folder and a third one sharing its SFT cache (started outside the repository) are started too. The tests then read
+its cache, run directories and outputs. Plus the statistics on known numbers and the one-line errors of bad lab
+configs.
 """
 
 import json
@@ -200,12 +201,13 @@ def micro_lab(tmp_path_factory):
         sharer = subprocess.Popen([sys.executable, "-m", "sqlr1.lab", "--config", str(sharer_cfg)], cwd=other,
                                   env=env, stdout=subprocess.DEVNULL, stderr=err)
 
-    # 2) interrupted once its first GRPO run is recorded in lab.json
-    def first_result():
-        groups.update(_children_of(proc.pid))
-        return _results(out)
+    # 2) interrupted once its first GRPO run is recorded in lab.json and its next runs are under way
+    def first_result_and_runs_under_way():
+        live = _children_of(proc.pid)
+        groups.update(live)
+        return (first := _results(out)) and live and first
 
-    first = _wait_for(first_result, proc, "no GRPO run finished")
+    first = _wait_for(first_result_and_runs_under_way, proc, "no GRPO run finished with others under way")
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=60)
     interrupted = {"rc": proc.returncode, "stderr": stderr, "groups": groups, "first": first}
@@ -372,6 +374,40 @@ def test_a_damaged_cached_sft_model_is_run_again(micro_lab):
             in res.stderr)
     assert lab.damage(sft1) is None and (sft1 / "metrics.jsonl").stat().st_mtime_ns != stamp
     assert len(grpo) == 2 and {p: p.stat().st_mtime_ns for p in grpo} == grpo
+
+
+# Ctrl-C landing inside a class's __set_name__ while matplotlib.pyplot is imported (the lab's plot), where Python
+# turns the KeyboardInterrupt into a RuntimeError: matplotlib's descriptor is wrapped to send the SIGINT itself, at
+# that point, so the test does not depend on timing.
+SIGINT_INSIDE_MATPLOTLIB = """
+import os, signal, sys
+
+from matplotlib import _api
+
+original = _api.deprecate_privatize_attribute.__set_name__
+
+
+def set_name(self, owner, name):
+    _api.deprecate_privatize_attribute.__set_name__ = original
+    os.kill(os.getpid(), signal.SIGINT)
+    return original(self, owner, name)
+
+
+_api.deprecate_privatize_attribute.__set_name__ = set_name
+from sqlr1 import lab
+
+sys.exit(lab.cli(sys.argv[1:]))
+"""
+
+
+def test_an_interrupt_inside_matplotlibs_import_is_the_interrupt(micro_lab):
+    """The lab (every run finished) writes its outputs and imports matplotlib for lab.png; the SIGINT lands in that
+    import: the one interrupt line and exit 130, not the RuntimeError it became."""
+    res = subprocess.run([sys.executable, "-c", SIGINT_INSIDE_MATPLOTLIB, "--config", str(micro_lab["cfg"])], cwd=ROOT,
+                         env=micro_lab["env"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 130, res.stderr[-3000:]
+    assert res.stderr.strip().splitlines()[-1].startswith(f"interrupted: finished runs are kept in {micro_lab['out']}")
+    assert "error:" not in res.stderr and "Traceback" not in res.stderr
 
 
 def test_an_edited_variant_runs_again_and_only_it(micro_lab):
