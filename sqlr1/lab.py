@@ -10,6 +10,14 @@ and restarted; a finished GRPO run whose command line has changed since (an edit
 (each run directory keeps its command line in lab_run.json). Ctrl-C ends every child's process group; the same
 command continues. Written after every finished run: OUT/lab.json, OUT/lab.md (the table) and OUT/lab.png.
 
+Labs never remove each other's runs: the lab holds OUT/lab.lock for its whole life (a second lab on OUT is refused,
+naming the first one's PID), and claims each SFT run of the shared cache (cache_dir/.sft-<key>.lock) before it checks,
+removes or starts it, so a lab (or sft_checkpoint) that needs an SFT run another one is making waits for it, then uses
+it. A cached SFT run whose final/ model is damaged (unreadable config.json, tokenizer or weights missing, weights
+truncated) is run again.
+--config and base are looked up from the current folder, then from the repository, so a lab started elsewhere finds
+configs/...; out_dir, cache_dir and the run configs' paths (data_root) are relative to the current folder.
+
 Statistics over the n seeds of a variant: mean +- t_{0.975, n-1} * s / sqrt(n), s the sample standard deviation
 (Student's t); with n = 1 no interval is given. The gain over SFT is paired: d_s = EX_grpo(s) - EX_sft(s), then the
 same interval over the d_s.
@@ -23,14 +31,17 @@ files (its manifest toyworld.json and the question/trace files), so a rebuilt wo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import dataclasses
+import fcntl
 import hashlib
 import json
 import math
 import os
 import re
 import runpy
+import shlex
 import shutil
 import signal
 import subprocess
@@ -38,13 +49,17 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
+from safetensors import safe_open
 from tqdm.auto import tqdm
 
+from sqlr1.checkpoint import _weight_files, read_json
 from sqlr1.config import _flat, config_dict, load_config, set_field
 from sqlr1.run import lock_run_dir, read_evals
 
-TRAIN_PY = Path(__file__).resolve().parents[1] / "train.py"
+ROOT = Path(__file__).resolve().parents[1]  # the repository: configs/... are found from anywhere
+TRAIN_PY = ROOT / "train.py"
 
 # Run-config fields the lab sets itself (neither base_overrides nor a variant may).
 LAB_CONTROLLED = ("seed", "model", "out_dir", "eval_init")
@@ -110,12 +125,23 @@ def fmt_ci(xs: list[float], digits: int = 3) -> str:
 # --------------------------------------------------------------------------------------------------- config
 
 
+def find_config(path: str | Path, what: str) -> str:
+    """`path` as given when it exists from the current folder, else its place in the repository (a relative path), so
+    that a lab started elsewhere finds configs/...; a FileNotFoundError saying where it looked otherwise."""
+    if Path(path).is_file():
+        return str(path)
+    if not Path(path).is_absolute() and (ROOT / path).is_file():
+        return str(ROOT / path)
+    where = str(Path.cwd())
+    if not Path(path).is_absolute() and Path.cwd().resolve() != ROOT:
+        where += f" or in the repository {ROOT}"
+    raise FileNotFoundError(f"{what} {path} not found in {where}")
+
+
 def load_lab(path: str | Path, overrides: list[str] = ()) -> LabConfig:
     """`config = LabConfig(...)` from a Python file, `--key=value` overrides applied (lists: comma-separated)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"lab config {path} not found (try configs/lab_toy.py)")
-    lab = runpy.run_path(str(path)).get("config")
+    path = find_config(path, "lab config")
+    lab = runpy.run_path(path).get("config")
     if not isinstance(lab, LabConfig):
         raise ValueError(f"{path} must define `config = LabConfig(...)` (found {type(lab).__name__})")
     for item in overrides:
@@ -132,8 +158,58 @@ def _key_of(item: str) -> str:
     return item.removeprefix("--").partition("=")[0]
 
 
-def validate(lab: LabConfig, source: str) -> None:
-    """Every check that can fail before anything runs: a ValueError / FileNotFoundError naming what to fix."""
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_strings(x) -> bool:
+    return isinstance(x, list) and all(isinstance(v, str) for v in x)
+
+
+# The labels of the lab's own runs and rows ("sft/seed0", "sft:<variant>/seed0"; rows "SFT", "SFT:<VARIANT>")
+RESERVED_NAMES = ("sft",)
+
+
+def _check_types(lab: LabConfig, source: str) -> None:
+    """Each field of the expected form, or a ValueError naming the field, its value and the form."""
+    forms = {
+        "name": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
+        "base": (lambda v: isinstance(v, str) and v != "", "a run config file, e.g. 'configs/grpo_tiny.py'"),
+        "base_overrides": (_is_strings, "a list of '--key=value' strings"),
+        "seeds": (lambda v: isinstance(v, list) and all(map(_is_int, v)), "a list of ints, e.g. [0, 1, 2]"),
+        "variants": (lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v),
+                     "a dict {name: list of '--key=value' strings}, e.g. {'grpo': []}"),
+        "out_dir": (lambda v: isinstance(v, str), "a folder ('' for runs/<name>)"),
+        "jobs": (_is_int, "an int >= 1"),
+        "cache_dir": (lambda v: isinstance(v, str) and v != "", "a folder, e.g. 'runs/lab_cache'"),
+    }
+    for f in dataclasses.fields(lab):
+        ok, form = forms[f.name]
+        if not ok(value := getattr(lab, f.name)):
+            raise ValueError(f"{source}: {f.name}={value!r}: expected {form}")
+    for name, overrides in lab.variants.items():
+        if not _is_strings(overrides):
+            raise ValueError(f"{source}: variants[{name!r}]={overrides!r}: expected a list of '--key=value' strings "
+                             "([] for the base config as it is)")
+
+
+def _unfit_row(cfg) -> str | None:
+    """Why a resolved run config cannot be a row of the lab (its SFT run, then its GRPO run), or None."""
+    if not cfg.eval_split:
+        return ("eval_split='': the lab compares held-out EX (each row's, and its SFT run's for the gain), so every "
+                "run evaluates; drop --eval_split=")
+    if cfg.sft_steps < 1:
+        return (f"sft_steps={cfg.sft_steps}: each row's GRPO stage starts from its seed's SFT run and is measured "
+                "against it, so sft_steps >= 1 (GRPO from a model without SFT: train.py --sft_steps=0 --model=...)")
+    if cfg.grpo_steps < 1:
+        return f"grpo_steps={cfg.grpo_steps}: must be >= 1"
+    return None
+
+
+def validate(lab: LabConfig, source: str) -> LabConfig:
+    """Every check that can fail before anything runs: a ValueError / FileNotFoundError naming what to fix.
+    Returns the lab with its base config located (find_config)."""
+    _check_types(lab, source)
     if not lab.seeds:
         raise ValueError(f"{source}: seeds is empty; give at least one seed, e.g. seeds=[0, 1, 2]")
     if len(set(lab.seeds)) != len(lab.seeds):
@@ -145,8 +221,9 @@ def validate(lab: LabConfig, source: str) -> None:
     for name in lab.variants:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
             raise ValueError(f"{source}: variant name {name!r}: use letters, digits, '_', '-', '.' (it names a folder)")
-    if not Path(lab.base).is_file():
-        raise FileNotFoundError(f"{source}: base config {lab.base} not found (try configs/grpo_tiny.py)")
+        if name.lower() in RESERVED_NAMES:
+            raise ValueError(f"{source}: variant name {name!r} is reserved for the lab's SFT runs and rows; rename it")
+    lab = dataclasses.replace(lab, base=find_config(lab.base, f"{source}: base config"))
     for item in lab.base_overrides:
         if _key_of(item) in LAB_CONTROLLED:
             raise ValueError(f"{source}: base_overrides sets {_key_of(item)}, which the lab sets itself")
@@ -154,20 +231,19 @@ def validate(lab: LabConfig, source: str) -> None:
         base = load_config(lab.base, lab.base_overrides)
     except ValueError as e:
         raise ValueError(f"{source}: base_overrides: {e}") from None
-    if not base.eval_split:
-        raise ValueError(f"{source}: the lab needs held-out evaluations: base config {lab.base} has eval_split=''")
-    if base.grpo_steps < 1 or base.sft_steps < 1:
-        raise ValueError(f"{source}: base config {lab.base} needs sft_steps >= 1 and grpo_steps >= 1 "
-                         f"(has {base.sft_steps}, {base.grpo_steps})")
+    if why := _unfit_row(base):
+        raise ValueError(f"{source}: base config {lab.base} with base_overrides: {why}")
     for name, overrides in lab.variants.items():
         for item in overrides:
             if _key_of(item) in LAB_CONTROLLED:
                 raise ValueError(f"{source}: variant {name!r} sets {_key_of(item)}, which the lab sets itself")
         try:
-            if load_config(lab.base, [*lab.base_overrides, *overrides]).grpo_steps < 1:
-                raise ValueError("grpo_steps must be >= 1")
+            cfg = load_config(lab.base, [*lab.base_overrides, *overrides])
         except ValueError as e:
             raise ValueError(f"{source}: variant {name!r}: {e}") from None
+        if why := _unfit_row(cfg):
+            raise ValueError(f"{source}: variant {name!r}: {why}")
+    return lab
 
 
 # ------------------------------------------------------------------------------------------------ SFT cache
@@ -194,10 +270,80 @@ def sft_key(run_cfg_path: str | Path, overrides: list[str], seed: int) -> str:
 
 
 def run_finished(run_dir: Path, total_steps: int, evaluated: bool = True) -> bool:
-    """final/ written and (when the run evaluates: an eval_split) the evaluation after the last step recorded."""
+    """final/ written and (when the run evaluates: an eval_split) the evaluation after the last step recorded in a
+    metrics.jsonl that parses (an unreadable one is an unfinished run)."""
     if not (run_dir / "final" / "config.json").is_file():
         return False
-    return not evaluated or any(e["step"] == total_steps and "ex_voted" in e for e in read_evals(run_dir))
+    try:
+        evals = read_evals(run_dir)
+    except ValueError:  # json.JSONDecodeError, UnicodeDecodeError
+        return False
+    return not evaluated or any(e.get("step") == total_steps and "ex_voted" in e for e in evals)
+
+
+def damage(run_dir: Path) -> str | None:
+    """What makes a finished run's final/ model unusable, found without loading it (only headers are read): a
+    config.json that is not a JSON object, no tokenizer.json, weights missing, or a safetensors file whose header
+    cannot be read or does not cover the file (truncated); None when none of these. The lab runs a damaged cached SFT
+    run again instead of handing it to GRPO runs that would fail loading it."""
+    final = run_dir / "final"
+    try:
+        read_json(final / "config.json")
+        if not (final / "tokenizer.json").is_file():
+            return f"{final / 'tokenizer.json'} is missing"
+        files, _, listing = _weight_files(final)
+        for file in files:
+            if not file.is_file():
+                return f"{file} is listed in {listing} but missing"
+            try:
+                with safe_open(file, framework="pt") as f:
+                    f.keys()
+            except Exception as e:  # safetensors' own error type: a truncated or foreign file
+                return f"{file}: not a readable safetensors file ({e})"
+    except (OSError, ValueError) as e:
+        return str(e)
+    return None
+
+
+def _try_lock(path: Path, wait: bool = False) -> TextIO | None:
+    """An exclusive flock on `path` (created, our PID written in it) as an open file, held until it is closed or the
+    process ends however it ends (no stale lock); None when another process holds it (wait=True: wait for it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    f = path.open("a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+        f.close()
+        return None
+    f.truncate(0)
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
+
+
+def _holder(path: Path) -> str:
+    """The PID a held lock file names."""
+    try:
+        return path.read_text().strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def lock_lab(out: Path) -> TextIO:
+    """Hold out/lab.lock (see _try_lock) for the lab's life, before its first action: a second lab on the same folder
+    would remove runs the first has started but whose train.py has not yet locked its directory."""
+    path = out / "lab.lock"
+    lock = _try_lock(path)
+    if lock is None:
+        raise ValueError(f"{out} is in use by another lab (PID {_holder(path)}, holding {path}); wait for it to end "
+                         "or stop it, then rerun")
+    return lock
+
+
+def _claim_path(run_dir: Path) -> Path:
+    """The lock a lab or tool holds on a cached SFT run while it checks, removes or runs it: a hidden file next to the
+    run directory (which is removed and recreated under it), out of the way of globs like sft-*."""
+    return run_dir.with_name(f".{run_dir.name}.lock")
 
 
 def _prepare_world(run_cfg_path: str | Path, overrides: list[str], seeds: list[int] = ()) -> None:
@@ -223,16 +369,26 @@ def sft_checkpoint(run_cfg_path: str | Path, overrides: list[str], seed: int, ca
     cfg = load_config(run_cfg_path, sft_overrides(overrides, seed))
     run_dir = Path(cache_dir) / f"sft-{sft_key(run_cfg_path, overrides, seed)}"
     evaluated = bool(cfg.eval_split)
-    if not run_finished(run_dir, cfg.sft_steps, evaluated):
-        _clear(run_dir)
-        proc = _start(Run(f"sft/seed{seed}", run_dir, str(run_cfg_path), sft_overrides(overrides, seed), cfg.sft_steps),
-                      threads=max(1, _cores()), extra_args=[])
-        try:
-            rc = proc.wait()
-        finally:
-            _kill(proc)
-        if rc != 0 or not run_finished(run_dir, cfg.sft_steps, evaluated):
-            raise RuntimeError(f"SFT run failed (exit {rc}): see {run_dir / 'train.log'}")
+    claim = _try_lock(_claim_path(run_dir))
+    if claim is None:
+        print(f"{run_dir} is being made by another process (PID {_holder(_claim_path(run_dir))}); waiting for it",
+              file=sys.stderr)
+        claim = _try_lock(_claim_path(run_dir), wait=True)
+    with claim:
+        finished = run_finished(run_dir, cfg.sft_steps, evaluated)
+        why = damage(run_dir) if finished else None
+        if why:
+            print(f"{run_dir}: the cached SFT model is damaged ({why}); running it again", file=sys.stderr)
+        if not finished or why:
+            _clear(run_dir)
+            proc = _start(Run(f"sft/seed{seed}", run_dir, str(run_cfg_path), sft_overrides(overrides, seed),
+                              cfg.sft_steps), threads=max(1, _cores()), extra_args=[])
+            try:
+                rc = proc.wait()
+            finally:
+                _kill(proc)
+            if rc != 0 or not run_finished(run_dir, cfg.sft_steps, evaluated):
+                raise RuntimeError(f"SFT run failed (exit {rc}): see {run_dir / 'train.log'}")
     return run_dir / "final"
 
 
@@ -268,13 +424,15 @@ def _cores() -> int:
 
 
 def is_done(run: Run) -> bool:
-    """Finished (run_finished), and a GRPO run with the command line it would be started with now (its lab_run.json):
-    an edited variant, or a new SFT model (a changed cache key), makes it run again."""
+    """Finished (run_finished); an SFT run with an intact final/ model (damage), a GRPO run with the command line it
+    would be started with now (its lab_run.json): an edited variant, or a new SFT model (a changed cache key), makes it
+    run again."""
     if not run_finished(run.dir, run.total_steps):
         return False
+    if run.needs is None:
+        return damage(run.dir) is None
     recorded = run.dir / "lab_run.json"
-    return run.needs is None or (recorded.is_file() and json.loads(recorded.read_text()) == {"base": run.base,
-                                                                                          "args": run.args})
+    return recorded.is_file() and json.loads(recorded.read_text()) == {"base": run.base, "args": run.args}
 
 
 def _start(run: Run, threads: int, extra_args: list[str]) -> subprocess.Popen:
@@ -331,23 +489,54 @@ def plan(lab: LabConfig, out: Path) -> tuple[list[Run], dict[str, Run]]:
     return [*sfts.values(), *grpo], sfts
 
 
+def _claim_sft(run: Run, waiting: set[str]) -> TextIO | None:
+    """The claim on a cached SFT run (_claim_path) when no other process holds it, else None (said once per run)."""
+    claim = _try_lock(_claim_path(run.dir))
+    if claim is None and run.label not in waiting:
+        waiting.add(run.label)
+        tqdm.write(f"{run.label}: {run.dir} is being made by another process (PID {_holder(_claim_path(run.dir))}); "
+                   "waiting for it", file=sys.stderr)
+    return claim
+
+
 def execute(lab: LabConfig, out: Path, runs: list[Run], on_finished) -> None:
-    """Run what is not finished, `lab.jobs` at a time, each SFT before the GRPO runs that need it."""
+    """Run what is not finished, `lab.jobs` at a time, each SFT before the GRPO runs that need it.
+
+    An SFT run (in the shared cache) is claimed before it is checked, removed or started, and the claim is held until
+    it ends; one another process holds is waited for, then used as it left it (or run here when it did not finish).
+    """
     threads = max(1, _cores() // lab.jobs)
     extra_args = ["--sandbox_workers=1"] if lab.jobs > 1 else []  # not part of a run's identity (lab_run.json)
-    done = {r.label for r in runs if is_done(r)}
+    done = {r.label for r in runs if r.needs is not None and is_done(r)}  # SFT runs: checked once claimed
     pending = [r for r in runs if r.label not in done]
     running: dict[str, tuple[Run, subprocess.Popen]] = {}
+    claims, waiting = {}, set()  # SFT label -> its held claim; SFT runs said to be waited for
     bar = tqdm(total=len(runs), initial=len(done), desc=f"lab {lab.name}", unit="run", dynamic_ncols=True)
     try:
         while pending or running:
             for r in list(pending):
                 if len(running) >= lab.jobs:
                     break
-                if r.needs is None or r.needs in done:
-                    pending.remove(r)
-                    _clear(r.dir)  # an unfinished run starts over
-                    running[r.label] = (r, _start(r, threads, extra_args))
+                if r.needs is not None and r.needs not in done:
+                    continue
+                if r.needs is None:
+                    if (claim := _claim_sft(r, waiting)) is None:
+                        continue
+                    finished = run_finished(r.dir, r.total_steps)
+                    why = damage(r.dir) if finished else None
+                    if finished and why is None:
+                        claim.close()
+                        pending.remove(r)
+                        done.add(r.label)
+                        bar.update(1)
+                        continue
+                    if why:
+                        tqdm.write(f"{r.label}: the cached SFT model in {r.dir} is damaged ({why}); running it again",
+                                   file=sys.stderr)
+                    claims[r.label] = claim
+                pending.remove(r)
+                _clear(r.dir)  # an unfinished run starts over
+                running[r.label] = (r, _start(r, threads, extra_args))
             if bar.postfix != (names := ", ".join(running)):
                 bar.set_postfix_str(names)
             time.sleep(0.5)
@@ -356,6 +545,8 @@ def execute(lab: LabConfig, out: Path, runs: list[Run], on_finished) -> None:
                 if rc is None:
                     continue
                 del running[label]
+                if label in claims:
+                    claims.pop(label).close()
                 if rc != 0 or not run_finished(r.dir, r.total_steps):
                     raise RuntimeError(f"run {label} failed (exit {rc}): see {r.dir / 'train.log'}")
                 done.add(label)
@@ -364,6 +555,8 @@ def execute(lab: LabConfig, out: Path, runs: list[Run], on_finished) -> None:
     finally:
         for _, proc in running.values():
             _kill(proc)
+        for claim in claims.values():
+            claim.close()
         bar.close()
 
 
@@ -475,35 +668,62 @@ def write_outputs(lab: LabConfig, out: Path, runs: list[Run], sfts: dict[str, Ru
 # ------------------------------------------------------------------------------------------------------ main
 
 
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt  # SIGTERM / SIGHUP end the lab like Ctrl-C: children killed, how to continue printed
+@contextlib.contextmanager
+def _interrupts():
+    """SIGINT, SIGTERM and SIGHUP as one KeyboardInterrupt, wherever it lands; further ones are ignored while the lab
+    winds down (kills its children). Yields a list that holds the first signal's number once one came; the previous
+    handlers are restored on exit."""
+    caught: list[int] = []
+
+    def handler(signum, frame) -> None:
+        if not caught:
+            caught.append(signum)
+            raise KeyboardInterrupt
+
+    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = [signal.signal(sig, handler) for sig in signals]
+    try:
+        yield caught
+    finally:
+        for sig, old in zip(signals, previous):
+            signal.signal(sig, old)
 
 
 def main(argv: list[str]) -> int:
+    """The lab, 130 with one line saying how to continue when interrupted: whatever exception the interrupt became
+    (a KeyboardInterrupt raised inside an import can surface as another error, e.g. matplotlib's RuntimeError "Error
+    calling __set_name__"), the interrupt is what is reported."""
+    kept: list[str] = []  # where finished runs are, once known
+    with _interrupts() as caught:
+        try:
+            return _run(argv, kept)
+        except BaseException:
+            if not caught:
+                raise
+        where = f"finished runs are kept in {' and '.join(kept)}; " if kept else ""
+        print(f"\ninterrupted: {where}continue with: {shlex.join(['python', '-m', 'sqlr1.lab', *argv])}",
+              file=sys.stderr)
+        return 130
+
+
+def _run(argv: list[str], kept: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, help="Python file defining `config = LabConfig(...)`")
     args, overrides = ap.parse_known_args(argv)
-    lab = load_lab(args.config, overrides)
-    validate(lab, args.config)
+    lab = validate(load_lab(args.config, overrides), args.config)
     out = Path(lab.out_dir or f"runs/{lab.name}")
-    _prepare_world(lab.base, lab.base_overrides, lab.seeds)
-    runs, sfts = plan(lab, out)
-    previous = out / "lab.json"  # a resumed lab adds its earlier invocations' wall time
-    started = time.time() - (json.loads(previous.read_text()).get("wall_s", 0.0) if previous.is_file() else 0.0)
+    with lock_lab(out):
+        kept += [str(out), lab.cache_dir]
+        _prepare_world(lab.base, lab.base_overrides, lab.seeds)
+        runs, sfts = plan(lab, out)
+        previous = out / "lab.json"  # a resumed lab adds its earlier invocations' wall time
+        started = time.time() - (json.loads(previous.read_text()).get("wall_s", 0.0) if previous.is_file() else 0.0)
 
-    def on_finished() -> None:
-        write_outputs(lab, out, runs, sfts, time.time() - started)
+        def on_finished() -> None:
+            write_outputs(lab, out, runs, sfts, time.time() - started)
 
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _interrupt)
-    try:
         execute(lab, out, runs, on_finished)
-    except KeyboardInterrupt:
-        again = " ".join(["python -m sqlr1.lab", "--config", args.config, *overrides])
-        print(f"\ninterrupted: finished runs are kept in {out} and {lab.cache_dir}; continue with: {again}",
-              file=sys.stderr)
-        return 130
-    msg = write_outputs(lab, out, runs, sfts, time.time() - started)
+        msg = write_outputs(lab, out, runs, sfts, time.time() - started)
     if msg:
         print(msg)
     print((out / "lab.md").read_text())
