@@ -71,7 +71,7 @@ SFT_EXCLUDED = frozenset({
     "name", "out_dir", "grpo_steps", "prompts_per_step", "group_size", "grad_accum_no_sync", "shared_prefix",
     "recompute_old_logp", "ppo_epochs", "lr", "temperature", "top_p", "top_k", "eval_every", "eval_init",
     "eval_vote", "sandbox_workers", "save_every", "keep_last", "log_samples", "wandb_project", "compile",
-    "max_bad_steps", "drop_empty_gold", "query_cost",
+    "max_bad_steps", "drop_empty_gold", "query_cost", "dist_timeout",
 })
 SFT_EXCLUDED_GROUPS = ("grpo.", "reward.")
 SFT_KEPT_IN_GROUPS = frozenset({"reward.mode", "reward.timeout"})
