@@ -9,11 +9,13 @@ thousands of times per training step. `Sandbox` is a pool of worker processes th
   few schema-reading pragmas. Python's sqlite3 runs one statement at most: `SELECT 1; DROP TABLE t` is an error and
   nothing runs. Text that is not valid UTF-8 is an error, or with text_errors="ignore" (Spider's test-suite rule)
   loses its undecodable bytes.
-* committed state only: SQLite's own locking and WAL index give each query (its own read transaction) the latest
-  commit, also on a connection a worker keeps open, and never a writer's unfinished pages. A query waits for a
-  writer's commit up to its deadline (busy timeout), then is a timeout naming the file. Where a read-only
-  connection cannot get a committed state (a crashed writer's hot journal, a WAL database whose -shm file cannot be
-  created) the query is an error that names the file and what to do. This costs a few lock calls per query.
+* committed state only: no `immutable=1`, so SQLite's locks and WAL index let each query read the database as
+  committed at some moment during its `execute_many` call, never a writer's unfinished pages. A query waits for a
+  writer's commit up to its deadline (busy timeout), then is a timeout naming the file. Where a read-only connection
+  cannot get a committed state (a crashed writer's hot journal, a WAL database whose -shm file cannot be created)
+  the query is an error that names the file and what to do. Queries in a row on one database share one read
+  transaction for up to READ_SPAN: ~8 system calls (locks, change checks) per run instead of per query, and a
+  writer waiting for readers to leave waits that long at most, plus the query under way.
 * deadlines: a SQLite progress handler interrupts a query at its deadline inside the worker; a worker that has not
   answered by deadline + `grace` (a single C-level operation the handler cannot interrupt) is killed and respawned.
 * bounded: SQLite's heap is capped (`PRAGMA hard_heap_limit`), the worker's address space too (`RLIMIT_AS`), text
@@ -67,6 +69,7 @@ MAX_CHUNK = 64  # queries per message to a worker
 CONNECTIONS_PER_WORKER = 32  # open read-only connections a worker keeps (LRU)
 PROGRESS_OPS = 1000  # SQLite VM instructions between two deadline checks
 FETCH_ROWS = 64  # rows fetched between two size checks (a batch too big for memory fails with MemoryError)
+READ_SPAN = 0.01  # seconds one read transaction may serve consecutive queries on a database (a writer's longest wait)
 
 # Pragmas that only read the schema. Anything else (writable_schema, journal_mode, query_only=0, ...) is denied.
 READ_PRAGMAS = frozenset({"table_info", "table_xinfo", "index_list", "index_info", "index_xinfo", "foreign_key_list"})
@@ -179,8 +182,10 @@ class _Executor:
     """Runs queries inside one worker process: a small LRU of read-only connections, one deadline at a time.
 
     A connection is kept per (database, timeout): its busy timeout, how long a query waits for a writer's commit,
-    is the query's deadline. Each query is its own read transaction (autocommit, and its cursor is done with when
-    `run` returns), so a kept connection reads the latest commit, not the snapshot of an earlier query."""
+    is the query's deadline. Consecutive queries of a chunk on one connection share a read transaction (one lock
+    and change check instead of one per query) for at most READ_SPAN seconds; it ends with the chunk, so each
+    query reads a commit no older than the `execute_many` call, and a kept connection holds no snapshot between
+    chunks."""
 
     def __init__(self, max_rows: int, max_bytes: int):
         self.max_rows = max_rows
@@ -188,9 +193,42 @@ class _Executor:
         self.deadline = math.inf
         self.result_bytes = 0
         self.connections: OrderedDict[tuple[str, float], sqlite3.Connection] = OrderedDict()
+        self.reading: tuple[str, float] | None = None  # the connection whose read transaction is open
+        self.reading_until = 0.0
+        self.own_statement = False  # our BEGIN / COMMIT, which the authorizer lets through
 
     def _past_deadline(self) -> bool:
         return time.monotonic() > self.deadline
+
+    def _authorize(self, action: int, arg1: str | None, arg2: str | None, db_name: str | None,
+                   source: str | None) -> int:
+        if self.own_statement and action == sqlite3.SQLITE_TRANSACTION:
+            return sqlite3.SQLITE_OK
+        return _authorize(action, arg1, arg2, db_name, source)
+
+    def _own(self, conn: sqlite3.Connection, sql: str) -> None:
+        self.own_statement = True
+        try:
+            conn.execute(sql)
+        finally:
+            self.own_statement = False
+
+    def _read_on(self, key: tuple[str, float]) -> sqlite3.Connection:
+        """The connection for key, inside a read transaction (the open one if it is key's and not past its span)."""
+        if self.reading is not None and (self.reading != key or time.monotonic() > self.reading_until):
+            self.end_read()
+        conn = self.connect(*key)
+        if self.reading is None:
+            self._own(conn, "BEGIN")
+            self.reading, self.reading_until = key, time.monotonic() + READ_SPAN
+        return conn
+
+    def end_read(self) -> None:
+        """End the open read transaction, if any (SQLite may have ended it already, after some errors)."""
+        conn = self.connections.get(self.reading) if self.reading is not None else None
+        self.reading = None
+        if conn is not None and conn.in_transaction:
+            self._own(conn, "COMMIT")
 
     def connect(self, db_path: str, timeout: float) -> sqlite3.Connection:
         key = (db_path, timeout)
@@ -206,7 +244,7 @@ class _Executor:
         conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, self.max_bytes)  # randomblob(1e9) -> "string or blob too big"
         if hasattr(conn, "enable_load_extension"):
             conn.enable_load_extension(False)
-        conn.set_authorizer(_authorize)
+        conn.set_authorizer(self._authorize)
         conn.set_progress_handler(self._past_deadline, PROGRESS_OPS)
         self.connections[key] = conn
         if len(self.connections) > CONNECTIONS_PER_WORKER:
@@ -223,7 +261,7 @@ class _Executor:
         self.deadline = time.monotonic() + timeout
         self.result_bytes = 0
         try:
-            conn = self.connect(db_path, timeout)
+            conn = self._read_on((db_path, timeout))
             try:
                 return self._fetch(conn, sql, row_limit)
             except sqlite3.OperationalError as e:
@@ -355,6 +393,7 @@ def _worker_main(conn, heartbeat, max_rows: int, max_bytes: int, memory_mb: int,
                 answer_bytes += executor.result_bytes
                 if answer_bytes > max_bytes:  # answer now (memory stays ~2 x max_bytes); the rest goes back later
                     break
+            executor.end_read()
             conn.send_bytes(marshal.dumps(answers))
     except (EOFError, BrokenPipeError, ConnectionResetError):
         pass

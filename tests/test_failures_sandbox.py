@@ -320,3 +320,28 @@ def test_a_read_only_folder_reads_rollback_databases_and_names_a_wal_one(tmp_pat
     assert ok == "[(10,)]"
     assert refused.startswith(f"error database {wal} is in WAL mode") and "journal_mode=DELETE" in refused
     assert schema.startswith(f"database {wal} is in WAL mode")
+
+
+def test_a_writer_waits_for_one_query_not_for_a_whole_chunk(tmp_path, writer):
+    """Queries in a row on one database share a read transaction, for READ_SPAN seconds at most: a writer of a
+    rollback-journal database (whose commit needs every reader gone) waits for about one query, not for the chunk.
+    The writer's own lock retries add up to 0.1 s."""
+    db = ten_rows(tmp_path / "busy.sqlite", "delete")
+    slow = ("SELECT count(*) FROM t, (WITH RECURSIVE c(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM c WHERE i < {n}) "
+            "SELECT i FROM c)")
+    w = writer(db)
+    with Sandbox(num_workers=1, timeout=30.0) as sandbox:
+        n, took = 1000, 0.0
+        while took < 0.1:  # a query that reads t for 0.1 s or more on this machine
+            n *= 2
+            start = time.monotonic()
+            sandbox.execute_many([(db, slow.format(n=n))])
+            took = time.monotonic() - start
+        reader = threading.Thread(target=sandbox.execute_many, args=([(db, slow.format(n=n))] * 16,))
+        reader.start()  # a first chunk of 8 queries
+        time.sleep(2 * took)
+        start = time.monotonic()
+        w.run("INSERT INTO t VALUES (10)")
+        waited = time.monotonic() - start
+        reader.join()
+    assert waited < 4 * took, (waited, took)  # a transaction for the whole chunk: about 6 x took
