@@ -69,7 +69,7 @@ MAX_CHUNK = 64  # queries per message to a worker
 CONNECTIONS_PER_WORKER = 32  # open read-only connections a worker keeps (LRU)
 PROGRESS_OPS = 1000  # SQLite VM instructions between two deadline checks
 FETCH_ROWS = 64  # rows fetched between two size checks (a batch too big for memory fails with MemoryError)
-READ_SPAN = 0.01  # seconds one read transaction may serve consecutive queries on a database (a writer's longest wait)
+READ_SPAN = 0.01  # seconds one read transaction may serve queries in a row on a database (bounds a writer's wait)
 
 # Pragmas that only read the schema. Anything else (writable_schema, journal_mode, query_only=0, ...) is denied.
 READ_PRAGMAS = frozenset({"table_info", "table_xinfo", "index_list", "index_info", "index_xinfo", "foreign_key_list"})
@@ -193,7 +193,7 @@ class _Executor:
         self.deadline = math.inf
         self.result_bytes = 0
         self.connections: OrderedDict[tuple[str, float], sqlite3.Connection] = OrderedDict()
-        self.reading: tuple[str, float] | None = None  # the connection whose read transaction is open
+        self.reading: tuple[str, float] | None = None  # the key of the connection whose read transaction is open
         self.reading_until = 0.0
         self.own_statement = False  # our BEGIN / COMMIT, which the authorizer lets through
 
