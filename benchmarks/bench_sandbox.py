@@ -2,7 +2,9 @@
 
 (a) raw execution: the Spider dev gold queries (those whose database is present) executed 8 times each, in
     round-robin order, through `Sandbox.execute_many` (no result cache, no de-duplication) vs a serial loop of
-    `sqlite3.connect(mode=ro).execute(sql).fetchall()` that keeps one connection per database.
+    `sqlite3.connect(mode=ro).execute(sql).fetchall()` that keeps one connection per database. Both read the
+    committed state; a serial loop with `immutable=1` (no locks and no change checks: it can read stale or
+    half-written data, so the sandbox does not use it) shows what that costs.
 (b) one GRPO step: 64 prompts x 8 rollouts that repeat each other as real rollouts do, scored by
     `reward.score_batch` (one execute_many, de-duplication, gold cache) vs the same parsing / comparison / reward
     code with every pred and gold executed serially. Cold (empty gold cache) and warm (golds already cached).
@@ -147,7 +149,7 @@ def main() -> None:
     n = len(work)
     print(f"\n(a) raw execution: {len(gold)} Spider dev gold queries x 8 = {n}, no result cache, no de-duplication")
     print(f"  serial sqlite3                    {n / t_serial:9.0f} queries/s")
-    print(f"  serial sqlite3, immutable=1       {n / t_immutable:9.0f} queries/s")
+    print(f"  serial sqlite3, immutable=1       {n / t_immutable:9.0f} queries/s   (unsafe: no locks)")
     print(f"  Sandbox.execute_many              {n / t_pool:9.0f} queries/s")
     print(f"  ratio vs serial                   {t_serial / t_pool:9.2f}x   (target >= 1.5x)")
     print(f"  ratio vs serial immutable=1       {t_immutable / t_pool:9.2f}x")

@@ -323,10 +323,27 @@ def _quoted(name: str) -> str:
 
 
 def _connect_read_only(db_path: str) -> sqlite3.Connection:
+    """A read-only connection inside one read transaction: everything read through it comes from one commit, the
+    committed state the sandbox reads too. A database that cannot give one (locked past 5 s, a hot journal, WAL in
+    a read-only folder) or is not SQLite is refused by name."""
+    from sqlr1.sandbox import committed_read_problem, read_only_uri
+
     path = Path(db_path)
     if not path.is_file():
         raise FileNotFoundError(f"database {path} not found")
-    return sqlite3.connect(f"file:{urllib.parse.quote(str(path.resolve()))}?mode=ro", uri=True)
+    lock_wait = 5.0  # seconds to wait for a writer's commit
+    conn = None
+    try:
+        conn = sqlite3.connect(read_only_uri(path.resolve()), uri=True, timeout=lock_wait, isolation_level=None)
+        conn.execute("BEGIN")
+        conn.execute("SELECT count(*) FROM sqlite_master").fetchall()  # the read transaction starts here
+        return conn
+    except sqlite3.Error as e:
+        if conn is not None:
+            conn.close()
+        problem = committed_read_problem(e, db_path, lock_wait)
+        raise ValueError(problem[1] if problem else
+                         f"database {db_path}: cannot read its schema ({e}); is it an SQLite file?") from None
 
 
 def _example_values(conn: sqlite3.Connection, table: str, column: str, k: int) -> list:

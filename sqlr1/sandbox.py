@@ -3,13 +3,19 @@
 Every reward and every evaluation number comes from running model-written SQL against SQLite databases,
 thousands of times per training step. `Sandbox` is a pool of worker processes that does this safely:
 
-* read-only and contained: databases are opened with the URI `mode=ro&immutable=1` (immutable: no locks, no
-  journal files, no change check per query, about 1.2x faster; so a database must not change while a pool runs),
-  `PRAGMA query_only`, no attached databases (`SQLITE_LIMIT_ATTACHED = 0`, which also stops `VACUUM INTO`),
-  extension loading off, and an authorizer that allows only SELECT, column reads, recursive CTEs, functions other
-  than `load_extension` and `fts3_tokenizer`, and a few schema-reading pragmas. Python's sqlite3 runs one
-  statement at most: `SELECT 1; DROP TABLE t` is an error and nothing runs. Text that is not valid UTF-8 is an
-  error, or with text_errors="ignore" (Spider's test-suite rule) loses its undecodable bytes.
+* read-only and contained: databases are opened with the URI `mode=ro`, `PRAGMA query_only`, no attached databases
+  (`SQLITE_LIMIT_ATTACHED = 0`, which also stops `VACUUM INTO`), extension loading off, and an authorizer that
+  allows only SELECT, column reads, recursive CTEs, functions other than `load_extension` and `fts3_tokenizer`, and a
+  few schema-reading pragmas. Python's sqlite3 runs one statement at most: `SELECT 1; DROP TABLE t` is an error and
+  nothing runs. Text that is not valid UTF-8 is an error, or with text_errors="ignore" (Spider's test-suite rule)
+  loses its undecodable bytes.
+* committed state only: no `immutable=1`, so SQLite's locks and WAL index let each query read the database as
+  committed at some moment during its `execute_many` call, never a writer's unfinished pages. A query waits for a
+  writer's commit up to its deadline (busy timeout), then is a timeout naming the file. Where a read-only connection
+  cannot get a committed state (a crashed writer's hot journal, a WAL database whose -shm file cannot be created)
+  the query is an error that names the file and what to do. Queries in a row on one database share one read
+  transaction for up to READ_SPAN: ~8 system calls (locks, change checks) per run instead of per query, and a
+  writer waiting for readers to leave waits that long at most, plus the query under way.
 * deadlines: a SQLite progress handler interrupts a query at its deadline inside the worker; a worker that has not
   answered by deadline + `grace` (a single C-level operation the handler cannot interrupt) is killed and respawned.
 * bounded: SQLite's heap is capped (`PRAGMA hard_heap_limit`), the worker's address space too (`RLIMIT_AS`), text
@@ -63,6 +69,7 @@ MAX_CHUNK = 64  # queries per message to a worker
 CONNECTIONS_PER_WORKER = 32  # open read-only connections a worker keeps (LRU)
 PROGRESS_OPS = 1000  # SQLite VM instructions between two deadline checks
 FETCH_ROWS = 64  # rows fetched between two size checks (a batch too big for memory fails with MemoryError)
+READ_SPAN = 0.01  # seconds one read transaction may serve queries in a row on a database (bounds a writer's wait)
 
 # Pragmas that only read the schema. Anything else (writable_schema, journal_mode, query_only=0, ...) is denied.
 READ_PRAGMAS = frozenset({"table_info", "table_xinfo", "index_list", "index_info", "index_xinfo", "foreign_key_list"})
@@ -110,6 +117,47 @@ def resolve_db(db_root: str | Path, db_id: str) -> Path:
     return path
 
 
+def read_only_uri(db_path: str | Path) -> str:
+    """The URI a database is read through: read-only, under SQLite's locks and WAL index (so: committed state)."""
+    return f"file:{urllib.parse.quote(str(db_path))}?mode=ro"
+
+
+# What Python 3.10 (no `sqlite_errorname`) reports for the errors committed_read_problem explains.
+_ERROR_NAMES = {"database is locked": "SQLITE_BUSY", "attempt to write a readonly database": "SQLITE_READONLY",
+                "unable to open database file": "SQLITE_CANTOPEN"}
+
+
+def committed_read_problem(error: sqlite3.Error, db_path: str | Path, waited: float) -> tuple[str, str] | None:
+    """(status, message) when `error` means a read-only connection could not get the committed state of `db_path`
+    (after waiting `waited` seconds for locks): one line naming the file, what is going on and what to do. None for
+    any other error (the query's own, a missing file, ...)."""
+    name = getattr(error, "sqlite_errorname", None) or _ERROR_NAMES.get(str(error), "")
+    if name.startswith("SQLITE_BUSY"):
+        return "timeout", (f"database {db_path} is locked by a process writing it: no committed state could be read "
+                           f"within {waited:g} s; run the query again once that write is done")
+    if not name.startswith(("SQLITE_READONLY", "SQLITE_CANTOPEN")):
+        return None
+    if name == "SQLITE_READONLY_ROLLBACK" or name == "SQLITE_READONLY" and os.path.exists(f"{db_path}-journal"):
+        return "error", (f"database {db_path} has a hot journal {db_path}-journal: a writer stopped mid-transaction, "
+                         f"and a read-only connection cannot roll its half-written pages back; open the database once "
+                         f"with write access (e.g. `sqlite3 {db_path} 'PRAGMA quick_check'`) to restore its last commit")
+    if _is_wal(db_path):
+        return "error", (f"database {db_path} is in WAL mode, and reading it needs {db_path}-shm and -wal files that "
+                         f"cannot be created or opened here (a read-only folder?); make its folder writable for this "
+                         f"user, or take it out of WAL mode once: `sqlite3 {db_path} 'PRAGMA journal_mode=DELETE'`")
+    return None
+
+
+def _is_wal(db_path: str | Path) -> bool:
+    """Whether the file's header marks a WAL database (file format read/write versions 2)."""
+    try:
+        with open(db_path, "rb") as f:
+            header = f.read(20)
+    except OSError:
+        return False
+    return header[:16] == b"SQLite format 3\x00" and header[18] == 2
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Worker side
 # --------------------------------------------------------------------------------------------------------------
@@ -131,34 +179,74 @@ def _authorize(action: int, arg1: str | None, arg2: str | None, db_name: str | N
 
 
 class _Executor:
-    """Runs queries inside one worker process: a small LRU of read-only connections, one deadline at a time."""
+    """Runs queries inside one worker process: a small LRU of read-only connections, one deadline at a time.
+
+    A connection is kept per (database, timeout): its busy timeout, how long a query waits for a writer's commit,
+    is the query's deadline. Consecutive queries of a chunk on one connection share a read transaction (one lock
+    and change check instead of one per query) for at most READ_SPAN seconds; it ends with the chunk, so each
+    query reads a commit no older than the `execute_many` call, and a kept connection holds no snapshot between
+    chunks."""
 
     def __init__(self, max_rows: int, max_bytes: int):
         self.max_rows = max_rows
         self.max_bytes = max_bytes
         self.deadline = math.inf
         self.result_bytes = 0
-        self.connections: OrderedDict[str, sqlite3.Connection] = OrderedDict()
+        self.connections: OrderedDict[tuple[str, float], sqlite3.Connection] = OrderedDict()
+        self.reading: tuple[str, float] | None = None  # the key of the connection whose read transaction is open
+        self.reading_until = 0.0
+        self.own_statement = False  # our BEGIN / COMMIT, which the authorizer lets through
 
     def _past_deadline(self) -> bool:
         return time.monotonic() > self.deadline
 
-    def connect(self, db_path: str) -> sqlite3.Connection:
-        conn = self.connections.get(db_path)
+    def _authorize(self, action: int, arg1: str | None, arg2: str | None, db_name: str | None,
+                   source: str | None) -> int:
+        if self.own_statement and action == sqlite3.SQLITE_TRANSACTION:
+            return sqlite3.SQLITE_OK
+        return _authorize(action, arg1, arg2, db_name, source)
+
+    def _own(self, conn: sqlite3.Connection, sql: str) -> None:
+        self.own_statement = True
+        try:
+            conn.execute(sql)
+        finally:
+            self.own_statement = False
+
+    def _read_on(self, key: tuple[str, float]) -> sqlite3.Connection:
+        """The connection for key, inside a read transaction (the open one if it is key's and not past its span)."""
+        if self.reading is not None and (self.reading != key or time.monotonic() > self.reading_until):
+            self.end_read()
+        conn = self.connect(*key)
+        if self.reading is None:
+            self._own(conn, "BEGIN")
+            self.reading, self.reading_until = key, time.monotonic() + READ_SPAN
+        return conn
+
+    def end_read(self) -> None:
+        """End the open read transaction, if any (SQLite may have ended it already, after some errors)."""
+        conn = self.connections.get(self.reading) if self.reading is not None else None
+        self.reading = None
+        if conn is not None and conn.in_transaction:
+            self._own(conn, "COMMIT")
+
+    def connect(self, db_path: str, timeout: float) -> sqlite3.Connection:
+        key = (db_path, timeout)
+        conn = self.connections.get(key)
         if conn is not None:
-            self.connections.move_to_end(db_path)
+            self.connections.move_to_end(key)
             return conn
-        uri = f"file:{urllib.parse.quote(db_path)}?mode=ro&immutable=1"
-        conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+        conn = sqlite3.connect(read_only_uri(db_path), uri=True, timeout=timeout, isolation_level=None,
+                               check_same_thread=False)
         conn.execute("PRAGMA query_only = 1")
         conn.execute("PRAGMA temp_store = MEMORY")  # sorts and temp b-trees count against the heap limit, not disk
         conn.setlimit(sqlite3.SQLITE_LIMIT_ATTACHED, 0)  # no ATTACH, and so no VACUUM INTO
         conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, self.max_bytes)  # randomblob(1e9) -> "string or blob too big"
         if hasattr(conn, "enable_load_extension"):
             conn.enable_load_extension(False)
-        conn.set_authorizer(_authorize)
+        conn.set_authorizer(self._authorize)
         conn.set_progress_handler(self._past_deadline, PROGRESS_OPS)
-        self.connections[db_path] = conn
+        self.connections[key] = conn
         if len(self.connections) > CONNECTIONS_PER_WORKER:
             self.connections.popitem(last=False)[1].close()
         return conn
@@ -173,7 +261,7 @@ class _Executor:
         self.deadline = time.monotonic() + timeout
         self.result_bytes = 0
         try:
-            conn = self.connect(db_path)
+            conn = self._read_on((db_path, timeout))
             try:
                 return self._fetch(conn, sql, row_limit)
             except sqlite3.OperationalError as e:
@@ -185,6 +273,8 @@ class _Executor:
                 finally:
                     conn.text_factory = str
         except sqlite3.OperationalError as e:
+            if problem := committed_read_problem(e, db_path, timeout):
+                return ExecResult(problem[0], error=problem[1])
             if self._past_deadline():
                 return ExecResult("timeout", error=f"query exceeded {timeout:g} s")
             return ExecResult("error", error=str(e))
@@ -303,6 +393,7 @@ def _worker_main(conn, heartbeat, max_rows: int, max_bytes: int, memory_mb: int,
                 answer_bytes += executor.result_bytes
                 if answer_bytes > max_bytes:  # answer now (memory stays ~2 x max_bytes); the rest goes back later
                     break
+            executor.end_read()
             conn.send_bytes(marshal.dumps(answers))
     except (EOFError, BrokenPipeError, ConnectionResetError):
         pass
@@ -344,7 +435,8 @@ class Sandbox:
 
     `timeout` is the default per-query deadline in seconds; `grace` is how long after it a silent worker is killed.
     `gold_cache` keeps results of reference (gold) queries for the pool's lifetime, i.e. one run; it is filled by
-    `evaluate.score_pairs` unless that is given its own cache.
+    `evaluate.score_pairs` unless that is given its own cache. A cached gold is its database as it was when the gold
+    first ran: a run's databases are expected not to change (where they do, give score_pairs `gold_cache={}`).
     """
 
     def __init__(self, num_workers: int | None = None, timeout: float = 30.0, max_rows: int = 100_000,

@@ -1,5 +1,7 @@
 """The sandbox's failure paths with real processes: a parent killed mid-query leaves no process behind and no
-traceback, and a script without a `__main__` guard gets one error instead of a respawn loop."""
+traceback, a script without a `__main__` guard gets one error instead of a respawn loop, and databases that another
+process writes (WAL commits not yet checkpointed, a writer holding a transaction, a writer that crashed, a WAL file in
+a folder the reader cannot write) are read in their committed state or refused by name, never stale or half-written."""
 
 import math
 import os
@@ -7,11 +9,13 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
+from sqlr1.data import schema_text, table_names
 from sqlr1.sandbox import Sandbox
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,6 +29,7 @@ RUNAWAY = {  # queries that run for hours: one the progress handler could stop (
 
 PARENT = """
 import sys
+from sqlr1.data import schema_text, table_names
 from sqlr1.sandbox import Sandbox
 
 if __name__ == "__main__":
@@ -35,6 +40,7 @@ if __name__ == "__main__":
 
 UNGUARDED = """
 import sys
+from sqlr1.data import schema_text, table_names
 from sqlr1.sandbox import Sandbox
 
 sandbox = Sandbox(num_workers=2, timeout=5)
@@ -135,3 +141,218 @@ def test_numbers_that_cannot_work_are_refused_by_name(db):
             with pytest.raises(ValueError, match="timeout"):
                 sandbox.execute_many([(db, "SELECT 1")], timeout=timeout)
         assert sandbox.execute_many([(db, "SELECT 1")])[0].rows == [(1,)]
+
+
+# ----------------------------------------------------------------------------------------- databases being written
+
+WRITER = """
+import sqlite3, sys
+conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+for line in sys.stdin:
+    try:
+        conn.execute(line)
+        print("ok", flush=True)
+    except sqlite3.Error as e:
+        print(f"error: {e}", flush=True)
+"""
+SPILL = [  # an uncommitted transaction too big for a 10-page cache: its pages reach the database file itself
+    "PRAGMA cache_size = 10", "BEGIN IMMEDIATE", "DELETE FROM t", "INSERT INTO t VALUES (-1)", "CREATE TABLE pad (b)",
+    "INSERT INTO pad SELECT randomblob(4000) FROM (WITH RECURSIVE c(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM c "
+    "WHERE i < 200) SELECT i FROM c)"]
+COUNT = "SELECT count(*), min(x) FROM t"
+
+
+class Writer:
+    """Another process with its own connection to `db`, running one statement per line, in order (so it can hold
+    a transaction open between calls)."""
+
+    def __init__(self, db: Path):
+        self.proc = subprocess.Popen([sys.executable, "-c", WRITER, str(db)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+
+    def run(self, *statements: str) -> None:
+        for sql in statements:
+            self.proc.stdin.write(sql + "\n")
+            self.proc.stdin.flush()
+            reply = self.proc.stdout.readline()
+            assert reply == "ok\n", (sql, reply)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self.proc.stdin.close()
+        self.proc.stdout.close()
+
+
+def ten_rows(path: Path, journal_mode: str) -> Path:
+    """t(x) holding 0..9, plus a row of invalid UTF-8 in bad(txt); closed cleanly (a WAL file is checkpointed)."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute(f"PRAGMA journal_mode = {journal_mode}")
+    conn.execute("CREATE TABLE t (x INTEGER)")
+    conn.execute("INSERT INTO t SELECT value FROM json_each('[0, 1, 2, 3, 4, 5, 6, 7, 8, 9]')")
+    conn.execute("CREATE TABLE bad (txt TEXT)")
+    conn.execute("INSERT INTO bad VALUES (CAST(x'fffe41' AS TEXT))")
+    conn.close()
+    return path
+
+
+@pytest.fixture
+def writer():
+    writers = []
+
+    def start(db: Path) -> Writer:
+        writers.append(Writer(db))
+        return writers[-1]
+
+    yield start
+    for w in writers:
+        w.close()
+
+
+def test_wal_commits_not_yet_checkpointed_are_read(tmp_path, writer):
+    """A WAL database whose writer keeps it open: 15 committed rows and a table live only in the -wal file, and an
+    uncommitted transaction is open. Queries and the prompt's schema read the commits, not the open transaction."""
+    db = ten_rows(tmp_path / "wal.sqlite", "wal")
+    w = writer(db)
+    w.run("PRAGMA wal_autocheckpoint = 0", "INSERT INTO t SELECT x + 10 FROM t", "INSERT INTO t SELECT 20 FROM t LIMIT 5",
+          "CREATE TABLE late (y)", "INSERT INTO late VALUES ('committed')")
+    w.run("BEGIN IMMEDIATE", "INSERT INTO t SELECT -x FROM t")  # a live writer's open transaction: not to be seen
+    assert Path(f"{db}-wal").stat().st_size > 0  # the 15 rows and the table are committed in the WAL file only
+    with Sandbox(num_workers=1, timeout=2.0) as sandbox:
+        start = time.monotonic()
+        count, late = sandbox.execute_many([(db, COUNT), (db, "SELECT y FROM late")])
+        assert time.monotonic() - start < 1.0  # a WAL reader does not wait for the writer
+        assert count.rows == [(25, 0)] and late.rows == [("committed",)], (count, late)
+        assert "late" in table_names(db) and "CREATE TABLE late" in schema_text(db)  # the prompt's schema agrees
+        w.run("COMMIT")
+        assert sandbox.execute_many([(db, COUNT)])[0].rows == [(50, -20)]
+
+
+@pytest.mark.parametrize("journal_mode", ["delete", "wal"])
+def test_a_kept_connection_reads_each_new_commit(tmp_path, writer, journal_mode):
+    """A worker keeps its connections open across queries and calls; each query still reads the latest commit,
+    also after a query that stopped early (row_limit, an undecodable row, a row cap)."""
+    db = ten_rows(tmp_path / f"{journal_mode}.sqlite", journal_mode)
+    w = writer(db)
+    w.run("PRAGMA wal_autocheckpoint = 0")
+    with Sandbox(num_workers=1, timeout=2.0, max_rows=5) as sandbox:
+        for k in range(3):
+            first = sandbox.execute_many([(db, "SELECT x FROM t")], row_limit=1)[0]
+            stopped = sandbox.execute_many([(db, "SELECT x FROM t"), (db, "SELECT txt FROM bad")])
+            [count] = sandbox.execute_many([(db, COUNT)])
+            assert first.truncated and [r.status for r in stopped] == ["error", "error"]
+            assert count.rows == [(10 + 5 * k, 0)], (k, count)
+            w.run("INSERT INTO t SELECT x + 100 FROM t LIMIT 5")
+
+
+def test_a_writer_holding_a_transaction_is_waited_out_never_read_half_done(tmp_path, writer):
+    """Rollback-journal database: the writer's uncommitted pages are already in the file. A query waits for the
+    commit up to its deadline, then reads the committed state; past the deadline it is a timeout naming the file."""
+    db = ten_rows(tmp_path / "live.sqlite", "delete")
+    w = writer(db)
+    w.run(*SPILL)
+    with Sandbox(num_workers=1, timeout=5.0) as sandbox:
+        [locked] = sandbox.execute_many([(db, COUNT)], timeout=0.5)
+        assert locked.status == "timeout" and locked.rows == [], locked
+        assert str(db) in locked.error and "locked" in locked.error
+        threading.Timer(0.3, w.run, args=("INSERT INTO t VALUES (-2)", "COMMIT")).start()
+        start = time.monotonic()
+        [after] = sandbox.execute_many([(db, COUNT)])
+        assert after.rows == [(2, -2)] and time.monotonic() - start >= 0.3, after
+
+
+def test_a_crashed_writers_hot_journal_is_refused_by_name(tmp_path, writer):
+    db = ten_rows(tmp_path / "crashed.sqlite", "delete")
+    w = writer(db)
+    w.run(*SPILL)
+    w.proc.kill()  # the writer dies mid-transaction: its half-written pages stay in the file, the journal beside it
+    w.proc.wait()
+    with Sandbox(num_workers=1, timeout=2.0) as sandbox:
+        [hot] = sandbox.execute_many([(db, COUNT)])
+        assert hot.status == "error" and hot.rows == [], hot
+        assert f"{db}-journal" in hot.error and "write access" in hot.error
+        with pytest.raises(ValueError, match=f"{db}-journal"):
+            schema_text(db)
+        sqlite3.connect(db).execute("PRAGMA quick_check").close()  # what the message says: this rolls back
+        assert sandbox.execute_many([(db, COUNT)])[0].rows == [(10, 0)]
+
+
+READ_ONLY_FOLDER = """
+import ctypes, os, sys
+
+if os.geteuid() == 0 and "DROPPED" not in os.environ:  # root ignores permissions: drop that power, start again
+    for cap in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, out of the bounding set: gone after exec
+        if ctypes.CDLL(None).prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            sys.exit("cannot drop capabilities")
+    os.environ["DROPPED"] = "1"
+    os.execv(sys.executable, sys.orig_argv)
+
+from sqlr1.data import schema_text
+from sqlr1.sandbox import Sandbox
+
+if __name__ == "__main__":
+    plain, wal = sys.argv[1:]
+    with Sandbox(num_workers=1, timeout=2.0) as sandbox:
+        ok, refused = sandbox.execute_many([(plain, "SELECT count(*) FROM t"), (wal, "SELECT count(*) FROM t")])
+    print(ok.rows)
+    print(refused.status, refused.error)
+    try:
+        schema_text(wal)
+    except ValueError as e:
+        print(e)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux permissions and capabilities")
+def test_a_read_only_folder_reads_rollback_databases_and_names_a_wal_one(tmp_path):
+    """Spider / BIRD copies (rollback journal) read fine from a read-only file in a read-only folder. A WAL database
+    there cannot be read in its committed state (SQLite must create its -shm file): refused, naming the file. As
+    root, the reading process first gives up the capabilities that ignore file permissions."""
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    plain, wal = ten_rows(folder / "plain.sqlite", "delete"), ten_rows(folder / "wal.sqlite", "wal")
+    for path in (plain, wal):
+        path.chmod(0o444)
+    folder.chmod(0o555)
+    try:
+        proc = subprocess.run([sys.executable, "-c", READ_ONLY_FOLDER, str(plain), str(wal)], capture_output=True,
+                              text=True, env=ENV, cwd=tmp_path, timeout=120)
+    finally:
+        folder.chmod(0o755)  # so that pytest can remove it
+    if "cannot drop capabilities" in proc.stderr:
+        pytest.skip("running as root without CAP_SETPCAP: file permissions cannot be made to apply")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(os.listdir(folder)) == ["plain.sqlite", "wal.sqlite"]
+    ok, refused, schema = proc.stdout.splitlines()
+    assert ok == "[(10,)]"
+    assert refused.startswith(f"error database {wal} is in WAL mode") and "journal_mode=DELETE" in refused
+    assert schema.startswith(f"database {wal} is in WAL mode")
+
+
+def test_a_writer_waits_for_one_query_not_for_a_whole_chunk(tmp_path, writer):
+    """Queries in a row on one database share a read transaction, for READ_SPAN seconds at most: a writer of a
+    rollback-journal database (whose commit needs every reader gone) waits for about one query, not for the chunk.
+    The writer's own lock retries add up to 25 ms."""
+    db = ten_rows(tmp_path / "busy.sqlite", "delete")
+    slow = ("SELECT count(*) FROM t, (WITH RECURSIVE c(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM c WHERE i < {n}) "
+            "SELECT i FROM c)")
+    w = writer(db)
+    with Sandbox(num_workers=1, timeout=30.0) as sandbox:
+
+        def query_time(n: int) -> float:
+            start = time.monotonic()
+            sandbox.execute_many([(db, slow.format(n=n))])
+            return time.monotonic() - start
+
+        n = 20_000
+        n = int(n * 0.05 / query_time(n))  # a query that reads t for about 50 ms on this machine
+        took = query_time(n)
+        reader = threading.Thread(target=sandbox.execute_many, args=([(db, slow.format(n=n))] * 24,))
+        reader.start()  # a first chunk of 12 queries
+        time.sleep(2 * took)
+        start = time.monotonic()
+        w.run("INSERT INTO t VALUES (10)")
+        waited = time.monotonic() - start
+        reader.join()
+    assert waited < 4 * took, (waited, took)  # a transaction for the whole chunk: about 10 x took

@@ -88,6 +88,8 @@ HOSTILE = {
     "reindex": "REINDEX",
     "analyze": "ANALYZE",
     "begin": "BEGIN IMMEDIATE",
+    "commit": "COMMIT",  # the worker's own read transaction is open: still not the query's to end
+    "rollback": "ROLLBACK",
     "savepoint": "SAVEPOINT s",
     "vacuum": "VACUUM",
     "vacuum_into": "VACUUM INTO '{folder}/copy.sqlite'",
