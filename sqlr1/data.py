@@ -23,13 +23,12 @@ import functools
 import json
 import re
 import sqlite3
-import urllib.parse
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from sqlr1.sandbox import Sandbox
+from sqlr1.sandbox import Sandbox, committed_read_problem, read_only_uri
 from sqlr1.tokenizer import Tokenizer
 
 # ----------------------------------------------------------------------------------------------------- prompts
@@ -326,8 +325,6 @@ def _connect_read_only(db_path: str) -> sqlite3.Connection:
     """A read-only connection inside one read transaction: everything read through it comes from one commit, the
     committed state the sandbox reads too. A database that cannot give one (locked past 5 s, a hot journal, WAL in
     a read-only folder) or is not SQLite is refused by name."""
-    from sqlr1.sandbox import committed_read_problem, read_only_uri
-
     path = Path(db_path)
     if not path.is_file():
         raise FileNotFoundError(f"database {path} not found")
