@@ -3,11 +3,17 @@
 import pytest
 import torch
 
+from sqlr1.checkpoint import config_to_hf
 from sqlr1.model import ModelConfig, Qwen2
-from sqlr1.sampling import generate
+from sqlr1.sampling import SamplingParams, generate
 
 VOCAB = 96  # the "tokenizer" vocabulary; the model has 128 embedding rows (Qwen-style padding)
 PROMPTS = [[3, 17, 42, 8, 5], [60, 2], [11, 12, 13, 14, 15, 16, 17, 18, 19], [7]]
+
+
+def gen(model: Qwen2, prompts: list[list[int]], num_samples: int = 1, share_prefix: bool = True, **params):
+    """generate() with the sampling parameters as keywords."""
+    return generate(model, prompts, num_samples, SamplingParams(**params), share_prefix=share_prefix)
 
 
 def tiny_model(seed: int = 0, std: float = 0.3, tie: bool = True) -> Qwen2:
@@ -36,7 +42,7 @@ def uncached_greedy(model: Qwen2, prompt: list[int], n: int, vocab_size: int) ->
 
 
 def test_greedy_equals_uncached_argmax(model):
-    out = generate(model, PROMPTS, max_new_tokens=20, temperature=0, vocab_size=VOCAB)
+    out = gen(model, PROMPTS, max_new_tokens=20, temperature=0, vocab_size=VOCAB)
     assert out.prompt_index == [0, 1, 2, 3]
     assert out.finish_reason == ["length"] * 4
     for prompt, tokens in zip(PROMPTS, out.tokens):
@@ -45,7 +51,7 @@ def test_greedy_equals_uncached_argmax(model):
 
 def test_greedy_equals_transformers(model):
     transformers = pytest.importorskip("transformers")
-    hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**model.config.to_hf()))
+    hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**config_to_hf(model.config)))
     state = {("" if k.startswith("lm_head") else "model.") + k: v for k, v in model.state_dict().items()}
     hf.load_state_dict(state, strict=True)
     hf.eval()
@@ -57,14 +63,14 @@ def test_greedy_equals_transformers(model):
             input_ids=ids, attention_mask=attention_mask, do_sample=False, max_new_tokens=16, min_new_tokens=16,
             eos_token_id=None, pad_token_id=0,
         )[:, L:]
-    ours = generate(model, PROMPTS, max_new_tokens=16, temperature=0)  # full vocabulary, like HF
+    ours = gen(model, PROMPTS, max_new_tokens=16, temperature=0)  # full vocabulary, like HF
     assert ours.tokens == ref.tolist()
 
 
 @pytest.mark.parametrize("top_k, top_p", [(0, 1.0), (10, 0.8)])
 def test_logprobs_equal_teacher_forced(model, top_k, top_p):
     T = 0.7
-    out = generate(
+    out = gen(
         model, PROMPTS, num_samples=3, max_new_tokens=12, temperature=T, top_k=top_k, top_p=top_p,
         stop_ids=[4, 9], vocab_size=VOCAB, seed=1,
     )
@@ -78,7 +84,7 @@ def test_logprobs_equal_teacher_forced(model, top_k, top_p):
 
 
 def test_greedy_logprob_uses_temperature_one(model):
-    out = generate(model, PROMPTS[:1], max_new_tokens=6, temperature=0, vocab_size=VOCAB)
+    out = gen(model, PROMPTS[:1], max_new_tokens=6, temperature=0, vocab_size=VOCAB)
     ids = torch.tensor([PROMPTS[0] + out.tokens[0]])
     with torch.no_grad():
         ref, _ = model.token_logprobs(ids, start=len(PROMPTS[0]) - 1, temperature=1.0, vocab_size=VOCAB)
@@ -86,9 +92,9 @@ def test_greedy_logprob_uses_temperature_one(model):
 
 
 def test_mixed_length_batch_equals_each_prompt_alone(model):
-    batch = generate(model, PROMPTS, max_new_tokens=15, temperature=0, vocab_size=VOCAB)
+    batch = gen(model, PROMPTS, max_new_tokens=15, temperature=0, vocab_size=VOCAB)
     for prompt, tokens, logprobs in zip(PROMPTS, batch.tokens, batch.logprobs):
-        alone = generate(model, [prompt], max_new_tokens=15, temperature=0, vocab_size=VOCAB)
+        alone = gen(model, [prompt], max_new_tokens=15, temperature=0, vocab_size=VOCAB)
         assert alone.tokens[0] == tokens
         torch.testing.assert_close(torch.tensor(alone.logprobs[0]), torch.tensor(logprobs), atol=1e-4, rtol=0)
 
@@ -96,25 +102,25 @@ def test_mixed_length_batch_equals_each_prompt_alone(model):
 def test_seeded_samples_do_not_depend_on_other_prompts(model):
     # Same number of prompts (the documented guarantee), different contents and lengths around prompt 1.
     kwargs = dict(num_samples=4, max_new_tokens=15, temperature=1.0, top_p=0.9, vocab_size=VOCAB, seed=7)
-    a = generate(model, [PROMPTS[0], PROMPTS[2], PROMPTS[1]], **kwargs)
-    b = generate(model, [[5] * 30, PROMPTS[2], [1, 2, 3]], **kwargs)
+    a = gen(model, [PROMPTS[0], PROMPTS[2], PROMPTS[1]], **kwargs)
+    b = gen(model, [[5] * 30, PROMPTS[2], [1, 2, 3]], **kwargs)
     assert a.tokens[4:8] == b.tokens[4:8]
     assert a.tokens[0:4] != b.tokens[0:4]  # the other prompts did change (the test can fail)
 
 
 def test_same_seed_same_samples_other_seed_differs(model):
     kwargs = dict(num_samples=4, max_new_tokens=10, temperature=1.0, vocab_size=VOCAB)
-    a = generate(model, PROMPTS, seed=3, **kwargs)
-    assert generate(model, PROMPTS, seed=3, **kwargs) == a
-    assert generate(model, PROMPTS, seed=4, **kwargs).tokens != a.tokens
+    a = gen(model, PROMPTS, seed=3, **kwargs)
+    assert gen(model, PROMPTS, seed=3, **kwargs) == a
+    assert gen(model, PROMPTS, seed=4, **kwargs).tokens != a.tokens
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.3])
 def test_prefix_shared_equals_unshared(model, temperature):
     kwargs = dict(num_samples=5, max_new_tokens=20, temperature=temperature, top_k=40, top_p=0.95,
                   stop_ids=[4, 9, 33], vocab_size=VOCAB, seed=11)
-    shared = generate(model, PROMPTS, share_prefix=True, **kwargs)
-    unshared = generate(model, PROMPTS, share_prefix=False, **kwargs)
+    shared = gen(model, PROMPTS, share_prefix=True, **kwargs)
+    unshared = gen(model, PROMPTS, share_prefix=False, **kwargs)
     assert shared.tokens == unshared.tokens
     assert shared.finish_reason == unshared.finish_reason
     for a, b in zip(shared.logprobs, unshared.logprobs):
@@ -129,16 +135,16 @@ def test_padded_vocab_ids_never_sampled(temperature):
     with torch.no_grad():  # padded head rows: large random vectors, so their logits dominate
         model.lm_head.weight[VOCAB:] = torch.randn(128 - VOCAB, 64, generator=torch.Generator().manual_seed(1)) * 5
     kwargs = dict(num_samples=3, max_new_tokens=10, temperature=temperature, seed=0)
-    full = generate(model, PROMPTS, **kwargs)
+    full = gen(model, PROMPTS, **kwargs)
     assert sum(t >= VOCAB for row in full.tokens for t in row) > 0.9 * sum(map(len, full.tokens))  # premise
-    restricted = generate(model, PROMPTS, vocab_size=VOCAB, **kwargs)
+    restricted = gen(model, PROMPTS, vocab_size=VOCAB, **kwargs)
     assert all(t < VOCAB for row in restricted.tokens for t in row)
 
 
 def test_stop_tokens_truncate_greedy(model):
     free = [uncached_greedy(model, p, 20, VOCAB) for p in PROMPTS]
     stop = free[0][6]  # first greedy row reaches it at step <= 6, other rows at other steps or never
-    out = generate(model, PROMPTS, max_new_tokens=20, temperature=0, stop_ids=[stop], vocab_size=VOCAB,
+    out = gen(model, PROMPTS, max_new_tokens=20, temperature=0, stop_ids=[stop], vocab_size=VOCAB,
                    check_every=3)
     for ref, tokens, logprobs, reason in zip(free, out.tokens, out.logprobs, out.finish_reason):
         if stop in ref:
@@ -152,9 +158,9 @@ def test_stop_tokens_truncate_greedy(model):
 def test_compaction_equals_no_compaction(model):
     kwargs = dict(num_samples=6, max_new_tokens=40, temperature=1.0, stop_ids=[4, 9, 33, 50],
                   vocab_size=VOCAB, seed=5)
-    every_step = generate(model, PROMPTS, check_every=1, **kwargs)
-    sometimes = generate(model, PROMPTS, check_every=7, **kwargs)
-    never = generate(model, PROMPTS, check_every=1000, **kwargs)
+    every_step = gen(model, PROMPTS, check_every=1, **kwargs)
+    sometimes = gen(model, PROMPTS, check_every=7, **kwargs)
+    never = gen(model, PROMPTS, check_every=1000, **kwargs)
     lengths = [len(t) for t in every_step.tokens]
     assert len(set(lengths)) > 3 and {"stop", "length"} == set(every_step.finish_reason)  # rows end at many steps
     for other in (sometimes, never):
@@ -169,9 +175,9 @@ def test_compaction_equals_no_compaction(model):
 
 
 def test_top_k_one_and_tiny_top_p_equal_greedy(model):
-    greedy = generate(model, PROMPTS, max_new_tokens=12, temperature=0, vocab_size=VOCAB)
+    greedy = gen(model, PROMPTS, max_new_tokens=12, temperature=0, vocab_size=VOCAB)
     for kwargs in (dict(top_k=1), dict(top_p=1e-6)):
-        out = generate(model, PROMPTS, num_samples=2, max_new_tokens=12, temperature=1.0, vocab_size=VOCAB,
+        out = gen(model, PROMPTS, num_samples=2, max_new_tokens=12, temperature=1.0, vocab_size=VOCAB,
                        seed=0, **kwargs)
         assert out.tokens == [t for t in greedy.tokens for _ in range(2)]
         for a, b in zip(out.logprobs[::2], greedy.logprobs):
@@ -183,26 +189,26 @@ def test_samples_follow_the_truncated_distribution():
     prompt, T, n = [5, 6, 7], 0.8, 4000
     with torch.no_grad():
         p = (model(torch.tensor([prompt]))[0, -1, :VOCAB] / T).softmax(-1)
-    out = generate(model, [prompt], num_samples=n, max_new_tokens=1, temperature=T, vocab_size=VOCAB, seed=2)
+    out = gen(model, [prompt], num_samples=n, max_new_tokens=1, temperature=T, vocab_size=VOCAB, seed=2)
     freq = torch.bincount(torch.tensor([t[0] for t in out.tokens]), minlength=VOCAB).float() / n
     assert (freq - p).abs().max() < 4 * (p * (1 - p) / n).sqrt().max()  # within 4 standard errors
     top8 = set(p.topk(8).indices.tolist())
-    out = generate(model, [prompt], num_samples=500, max_new_tokens=1, temperature=T, top_k=8, vocab_size=VOCAB,
+    out = gen(model, [prompt], num_samples=500, max_new_tokens=1, temperature=T, top_k=8, vocab_size=VOCAB,
                    seed=2)
     assert {t[0] for t in out.tokens} == top8
     sorted_p, order = p.sort(descending=True)
     nucleus = set(order[: int((sorted_p.cumsum(0) < 0.5).sum()) + 1].tolist())
-    out = generate(model, [prompt], num_samples=500, max_new_tokens=1, temperature=T, top_p=0.5, vocab_size=VOCAB,
+    out = gen(model, [prompt], num_samples=500, max_new_tokens=1, temperature=T, top_p=0.5, vocab_size=VOCAB,
                    seed=2)
     assert {t[0] for t in out.tokens} == nucleus
 
 
 def test_restores_training_mode(model):
     model.train()
-    generate(model, PROMPTS[:1], max_new_tokens=2)
+    gen(model, PROMPTS[:1], max_new_tokens=2)
     assert model.training
     model.eval()
-    generate(model, PROMPTS[:1], max_new_tokens=2)
+    gen(model, PROMPTS[:1], max_new_tokens=2)
     assert not model.training
 
 
@@ -228,15 +234,15 @@ def test_restores_training_mode(model):
 def test_bad_input_raises_value_error(model, kwargs, argument):
     kwargs = {"prompts": [[1, 2, 3]], "max_new_tokens": 4, **kwargs}
     with pytest.raises(ValueError, match=argument):
-        generate(model, **kwargs)
+        gen(model, **kwargs)
 
 
 def test_compiled_decode_step_gives_same_results(model):
     # ~25 s on 2 cores with a cold inductor cache (compaction makes the batch size change: one dynamic recompile).
     kwargs = dict(num_samples=3, max_new_tokens=16, stop_ids=[4, 9, 33], vocab_size=VOCAB, seed=0, check_every=2)
     for temperature in (0.0, 1.0):
-        eager = generate(model, PROMPTS, temperature=temperature, **kwargs)
-        compiled = generate(model, PROMPTS, temperature=temperature, compile=True, **kwargs)
+        eager = gen(model, PROMPTS, temperature=temperature, **kwargs)
+        compiled = gen(model, PROMPTS, temperature=temperature, compile=True, **kwargs)
         assert compiled.tokens == eager.tokens
         assert compiled.finish_reason == eager.finish_reason
 
@@ -271,8 +277,8 @@ def test_compiled_decode_builds_a_bounded_number_of_graphs(model, monkeypatch):
     try:
         for kw in calls:
             kw = dict(max_new_tokens=16, stop_ids=stops, vocab_size=VOCAB, seed=0, check_every=1, **kw)
-            eager = generate(model, **kw)
-            compiled = generate(model, compile=True, **kw)
+            eager = gen(model, **kw)
+            compiled = gen(model, compile=True, **kw)
             assert (compiled.tokens, compiled.finish_reason) == (eager.tokens, eager.finish_reason)
             torch.testing.assert_close(compiled.logprobs, eager.logprobs, atol=1e-5, rtol=0)
             if len(kw["prompts"]) == 4:  # one row outlives all others: the live batch reaches 1
