@@ -1,28 +1,18 @@
-"""GRPO and friends as pure tensor functions: group advantages, the clipped policy loss, KL, aggregation.
+"""GRPO as pure tensor functions: group-relative advantages and the clipped objective with its KL penalty.
 
-The objective (DeepSeekMath, Shao et al. 2024; SQL-R1 uses it unchanged), for G completions o_i per prompt q:
+For G completions o_i of a prompt q (DeepSeekMath, Shao et al. 2024; SQL-R1 uses it unchanged):
 
-    A_i      = (r_i - mean(r_1..r_G)) / (std(r_1..r_G) + eps)
-    rho_i,t  = pi(o_i,t | q, o_i,<t) / pi_old(o_i,t | q, o_i,<t)
-    J        = E[ agg_{i,t} ( min(rho_i,t A_i, clip(rho_i,t, 1 - eps_low, 1 + eps_high) A_i) - beta D_KL,t ) ]
-    D_KL,t   = pi_ref/pi - log(pi_ref/pi) - 1                 (the k3 estimator, unbiased and >= 0)
+    A_i     = (r_i - mean(r_1..r_G)) / (std(r_1..r_G) + eps)
+    rho_i,t = pi(o_i,t | q, o_i,<t) / pi_old(o_i,t | q, o_i,<t)
+    J       = 1/N sum_i,t [ min(rho_i,t A_i, clip(rho_i,t, 1 - eps_low, 1 + eps_high) A_i) - beta k3_i,t ]
+    k3_i,t  = pi_ref/pi - log(pi_ref/pi) - 1                      (the KL estimator: unbiased, >= 0)
 
-Variants selected by `GRPOConfig` (each a published one-line change):
-- DAPO (Yu et al. 2025): eps_high > eps_low ("clip-higher"), token-mean aggregation, dropping groups whose rewards
-  are all equal (`keep_groups`, the filter form of dynamic sampling).
-- Dr.GRPO (Liu et al. 2025): no std division (adv_scale="none") and a constant length normaliser L
-  (loss_agg="seq-mean-token-sum-norm"), removing the length and difficulty biases of plain GRPO.
-- GSPO (Zheng et al. 2025): one importance ratio per sequence, s_i = exp(mean_t log rho_i,t) (ratio_level="sequence").
-- TIS (Yao et al. 2025): the rollout engine's log-probs differ from the trainer's numerically; each token's
-  policy-gradient term is weighted by the capped ratio min(pi_old / pi_sampler, C) (`tis_weights`, tis_cap=C).
-
-Aggregation is defined for ONE optimisation step, whatever the micro-batching: `loss_norm` counts the step's
-denominators over all micro-batches and ranks first, and `policy_loss` returns each micro-batch's additive share.
-Dividing by a per-micro-batch count instead silently reweights tokens whenever lengths differ between micro-batches.
-
-Adding an algorithm: write its function here (tensors in, scalar loss + metric sums out, equation in the docstring),
-add a value to the matching `GRPOConfig` switch (checked in `__post_init__`), and branch on it where the existing
-variants branch. Nothing outside this module changes.
+N counts the completion tokens of the whole optimisation step, over every micro-batch and rank (`loss_norm`), so a
+micro-batch's `policy_loss` is its additive share of J whatever the split. `policy_loss` is that reference; every
+variant is a small function behind one `GRPOConfig` switch: Dr.GRPO's unscaled advantages and constant normaliser
+(adv_scale, loss_agg), DAPO's clip-higher (clip_high) and group filter (`train_rows`), GSPO's sequence ratio
+(`sequence_ratio`), truncated importance sampling (`tis_weights`) and the entropy bonus (`entropy_bonus`).
+A new algorithm is a new function here and a switch: nothing outside this module changes.
 """
 
 from __future__ import annotations
@@ -37,18 +27,18 @@ from torch import Tensor
 ADV_SCALES = ("group", "batch", "none")
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 RATIO_LEVELS = ("token", "sequence")
+Reduce = Callable[[Tensor], Tensor]  # an elementwise SUM over ranks (identity in one process)
 
 
 @dataclass
 class GRPOConfig:
     """The algorithm's knobs. Defaults: SQL-R1 / DeepSeekMath GRPO with token-mean aggregation.
 
-    std_unbiased=True uses Bessel's correction (torch.std's default, as in the TRL and verl GRPO implementations).
-    With G=8 that std is sqrt(8/7) = 1.069x the population std, so advantages are ~6.5% smaller than with False.
-    For GSPO use much smaller clip ranges (the paper: eps_low=3e-4, eps_high=4e-4): s_i is a per-token geometric mean.
+    std_unbiased: Bessel's correction, as torch.std, TRL and verl (with G = 8 advantages ~6.5 % smaller than the
+    population std's). For GSPO use much smaller clip ranges (the paper: 3e-4 / 4e-4): s_i is a geometric mean.
     """
 
-    adv_scale: str = "group"  # "group": std of the group | "batch": std of the whole batch | "none": Dr.GRPO
+    adv_scale: str = "group"  # "group": std of the group | "batch": std of the whole step | "none": Dr.GRPO
     std_unbiased: bool = True
     adv_eps: float = 1e-6
     std_floor: float = 0.0  # std := max(std, std_floor): bounds |A| for nearly constant groups
@@ -69,12 +59,40 @@ class GRPOConfig:
         for name in ("adv_eps", "std_floor", "clip_low", "clip_high", "kl_coef", "entropy_coef"):
             if not 0 <= getattr(self, name) < math.inf:  # NaN fails too
                 raise ValueError(f"GRPOConfig.{name}={getattr(self, name)} must be finite and >= 0")
-        if not (self.tis_cap == 0 or 1 <= self.tis_cap < math.inf):  # NaN fails too
+        if not (self.tis_cap == 0 or 1 <= self.tis_cap < math.inf):
             raise ValueError(f"GRPOConfig.tis_cap={self.tis_cap}: use 0 (off) or a finite cap C >= 1 (e.g. 2); "
                              "C < 1 would down-weight tokens where sampler and trainer agree")
         if not (self.clip_low < 1 and self.max_log_ratio > 0):
             raise ValueError(f"GRPOConfig: need clip_low < 1 and max_log_ratio > 0 (got {self.clip_low}, "
                              f"{self.max_log_ratio})")
+
+
+@dataclass
+class LossInputs:
+    """What the objective reads of one micro-batch: per-token tensors [B, T] (advantages [B] or [B, T]).
+
+    mask is the explicit completion mask (1 on every token that counts, 0 on padding and observations), never
+    derived from token ids: Qwen's stop token may equal the pad id. Values at masked positions are ignored."""
+
+    logp: Tensor  # log pi_theta, with grad
+    old_logp: Tensor  # log pi_old
+    advantages: Tensor
+    mask: Tensor
+    ref_logp: Tensor | None = None  # log pi_ref (beta > 0)
+    entropy: Tensor | None = None  # H_t of pi_theta
+    sampler_logp: Tensor | None = None  # the rollout engine's log-probs of the same tokens
+
+
+@dataclass
+class LossNorm:
+    """Denominators of ONE optimisation step, counted over all its micro-batches and ranks before the first."""
+
+    num_tokens: float  # sum of the completion mask over the step
+    num_seqs: float  # completions with at least one unmasked token
+    max_len: float  # Dr.GRPO's constant L: the configured maximum response length in tokens
+
+
+# ------------------------------------------------------------------------------------------------- advantages
 
 
 def _groups(rewards: Tensor, group_size: int) -> Tensor:
@@ -87,106 +105,77 @@ def _groups(rewards: Tensor, group_size: int) -> Tensor:
     return rewards.reshape(-1, group_size)
 
 
-def group_advantages(
-    rewards: Tensor, group_size: int, cfg: GRPOConfig, world_reduce: Callable[[Tensor], Tensor] | None = None
-) -> tuple[Tensor, dict]:
-    """Outcome advantages A_i, one per completion, for rewards [N] laid out group after group (N = n_prompts * G).
+def group_advantages(rewards: Tensor, group_size: int, cfg: GRPOConfig,
+                     world_reduce: Reduce | None = None) -> tuple[Tensor, dict]:
+    """A_i for rewards [N] laid out group after group (N = prompts x G); returns (A [N] fp32, stats):
 
         group: A_i = (r_i - mean_g) / (max(std_g, std_floor) + eps)      (GRPO, SQL-R1)
-        batch: A_i = (r_i - mean_g) / (max(std_batch, std_floor) + eps)  (group baseline, batch scale)
-        none:  A_i =  r_i - mean_g                                        (Dr.GRPO)
+        batch: A_i = (r_i - mean_g) / (max(std_step, std_floor) + eps)   (std over the step: pass world_reduce)
+        none:  A_i =  r_i - mean_g                                         (Dr.GRPO)
 
-    A singleton group (G=1) has no baseline to compare with: r_i - mean_g = 0, so A_i = 0 (its std, undefined with
-    Bessel's correction, is taken as 0). Groups whose rewards are all equal likewise get A = 0 and count in
-    `frac_zero_std`. std_batch is over the whole step: with several ranks (each holding whole groups) pass
-    world_reduce, an elementwise SUM over ranks as in `loss_norm`. Returns (A [N] fp32, stats of python floats).
-    """
+    A group whose rewards are all equal (or a singleton) gets A = 0 and counts in `frac_zero_std`."""
     g = _groups(rewards, group_size).float()
     centred = g - g.mean(dim=1, keepdim=True)
     correction = 1 if cfg.std_unbiased else 0
-    if cfg.adv_scale == "none":
-        adv = centred
-    else:
-        if cfg.adv_scale == "group":
-            std = g.std(dim=1, keepdim=True, correction=correction) if group_size > 1 else g.new_zeros(g.shape[0], 1)
-        else:
-            std = _step_std(g.reshape(-1), correction, world_reduce or (lambda t: t))
+    adv = centred
+    if cfg.adv_scale == "group":
+        std = g.std(dim=1, keepdim=True, correction=correction) if group_size > 1 else g.new_zeros(g.shape[0], 1)
         adv = centred / (std.clamp(min=cfg.std_floor) + cfg.adv_eps)
-    zero_std = g.amax(dim=1) == g.amin(dim=1)
-    stats = {
-        "reward_mean": g.mean().item(),
-        "reward_std": g.std(correction=correction).item() if g.numel() > 1 else 0.0,
-        "frac_zero_std": zero_std.float().mean().item(),
-        "adv_abs_mean": adv.abs().mean().item(),
-    }
+    elif cfg.adv_scale == "batch":
+        std = _step_std(g.reshape(-1), correction, world_reduce or (lambda t: t))
+        adv = centred / (std.clamp(min=cfg.std_floor) + cfg.adv_eps)
+    stats = {"frac_zero_std": (g.amax(dim=1) == g.amin(dim=1)).float().mean().item(),
+             "adv_abs_mean": adv.abs().mean().item()}
     return adv.reshape(-1), stats
 
 
-def _step_std(r: Tensor, correction: int, world_reduce: Callable[[Tensor], Tensor]) -> Tensor:
-    """std of all the step's rewards, this rank's r [n] among them: two passes (count and sum for the mean, then
-    the squared deviations from it), each one SUM over ranks. 0 when the step has a single reward."""
+def _step_std(r: Tensor, correction: int, world_reduce: Reduce) -> Tensor:
+    """std of all the step's rewards (this rank's r [n] among them), two SUMs over ranks; 0 for a single reward."""
     count_and_sum = world_reduce(torch.stack([r.new_tensor(float(r.numel())), r.sum()]))
     n, mean = count_and_sum[0], count_and_sum[1] / count_and_sum[0]
     squares = world_reduce((r - mean).square().sum())
     return (squares / (n - correction)).sqrt() if n > 1 else r.new_zeros(())
 
 
-def keep_groups(rewards: Tensor, group_size: int, cfg: GRPOConfig) -> Tensor:
-    """DAPO dynamic sampling (filter form): bool [N], True for completions whose group's rewards are not all equal.
-
-    Such groups have A = 0 for every member, so they only dilute the token average. All True when
-    cfg.drop_zero_std_groups is off. Equality is exact (max == min), not std < tolerance.
-    """
-    g = _groups(rewards, group_size)
+def train_rows(rewards: Tensor, group_size: int, cfg: GRPOConfig,
+               world_reduce: Reduce | None = None) -> tuple[list[int], list[float]]:
+    """The completions a step trains on, with their weights: all of them at 1 (GRPO), or with DAPO's dynamic sampling
+    (filter form, drop_zero_std_groups) those whose group's rewards differ (the others have A = 0 and only dilute
+    the token mean). Over ranks (world_reduce): a rank left with none keeps one completion at weight 0, so its
+    collectives match the others'; when no rank has any, the step trains nothing: ([], [])."""
     if not cfg.drop_zero_std_groups:
-        return torch.ones(rewards.shape, dtype=torch.bool, device=rewards.device)
-    return (g.amax(dim=1) > g.amin(dim=1)).repeat_interleave(group_size)
+        return list(range(rewards.numel())), [1.0] * rewards.numel()
+    g = _groups(rewards, group_size)
+    keep = (g.amax(dim=1) > g.amin(dim=1)).repeat_interleave(group_size).nonzero().flatten().tolist()
+    if int((world_reduce or (lambda t: t))(torch.tensor(len(keep)))) == 0:  # the same answer on every rank
+        return [], []
+    return (keep, [1.0] * len(keep)) if keep else ([0], [0.0])
 
 
-@dataclass
-class LossNorm:
-    """Denominators of ONE optimisation step, counted before its micro-batch loop over all micro-batches and ranks.
-
-    With these, sum over micro-batches and ranks of `policy_loss(...)[0]` is exactly the full-batch loss. DDP/FSDP
-    AVERAGE gradients over ranks, so the trainer multiplies each returned loss by world_size before backward.
-    """
-
-    num_tokens: float  # sum of the completion mask over the step
-    num_seqs: float  # completions with at least one unmasked token
-    max_len: float  # Dr.GRPO's constant L: the configured maximum response length in tokens
+# ------------------------------------------------------------------------------------------------- the loss
 
 
-def loss_norm(masks: list[Tensor], max_len: int, world_reduce: Callable[[Tensor], Tensor] | None = None) -> LossNorm:
-    """Count the step's tokens and sequences from the completion masks [B_k, T_k] of this rank's micro-batches.
-
-    world_reduce, if given, must return the elementwise SUM of a tensor over ranks (e.g. a wrapper around
-    torch.distributed.all_reduce). Rows whose mask is all zero (padding rows, dropped groups) are not sequences.
-    """
+def loss_norm(masks: list[Tensor], max_len: int, world_reduce: Reduce | None = None) -> LossNorm:
+    """Count the step's tokens and sequences from the completion masks [B_k, T_k] of this rank's micro-batches and,
+    with world_reduce (an elementwise SUM over ranks), of every rank's. All-zero rows (padding, fillers) are not
+    sequences."""
     if not masks:
         raise ValueError("masks is empty: pass the completion masks of every micro-batch of the step")
     if max_len <= 0:
         raise ValueError(f"max_len={max_len} must be the positive maximum response length in tokens")
-    device = masks[0].device
     tokens = sum(m.double().sum() for m in masks)
     seqs = sum((m.double().sum(dim=-1) > 0).double().sum() for m in masks)
-    counts = torch.stack([tokens.to(device), seqs.to(device)])
-    if world_reduce is not None:
-        counts = world_reduce(counts)
-    num_tokens, num_seqs = counts.tolist()
+    counts = torch.stack([tokens.to(masks[0].device), seqs.to(masks[0].device)])
+    num_tokens, num_seqs = (world_reduce(counts) if world_reduce is not None else counts).tolist()
     if num_tokens <= 0:
         raise ValueError("masks: the step has no completion tokens (all masks are zero); nothing to train on")
     return LossNorm(num_tokens=num_tokens, num_seqs=num_seqs, max_len=float(max_len))
 
 
-def _check(name: str, x: Tensor | None, shape: torch.Size) -> None:
-    if x is not None and x.shape != shape:
-        raise ValueError(f"{name} has shape {tuple(x.shape)}, expected {tuple(shape)} like logp [B, T]")
-
-
 def aggregate(per_token: Tensor, mask: Tensor, cfg: GRPOConfig, norm: LossNorm) -> Tensor:
-    """This micro-batch's share of the step loss, from finite per-token losses l [B, T] and mask weights m [B, T]:
+    """This micro-batch's share of the step's mean of per-token losses l [B, T] under mask weights m [B, T]:
 
-        token-mean:              sum_{i,t} m l / num_tokens                        (DAPO)
+        token-mean:              sum_{i,t} m l / num_tokens                        (DAPO, SQL-R1's recipe)
         seq-mean-token-mean:     sum_i (sum_t m l / sum_t m) / num_seqs            (GRPO as in DeepSeekMath)
         seq-mean-token-sum-norm: sum_i (sum_t m l / max_len) / num_seqs            (Dr.GRPO)
     """
@@ -198,154 +187,93 @@ def aggregate(per_token: Tensor, mask: Tensor, cfg: GRPOConfig, norm: LossNorm) 
     return (masked.sum(dim=1) / norm.max_len).sum() / norm.num_seqs
 
 
-def tis_weights(old_logp: Tensor, sampler_logp: Tensor, cap: float) -> Tensor:
-    """Truncated importance-sampling weights (Yao et al. 2025), detached, [B, T]:
+def policy_loss(x: LossInputs, cfg: GRPOConfig, norm: LossNorm) -> tuple[Tensor, dict]:
+    """This micro-batch's share of -J (module docstring), and metric sums (`finalize_metrics`):
 
-        w_t = min(pi_old(o_t) / pi_sampler(o_t), C) = min(exp(log pi_old,t - log pi_sampler,t), C)
-
-    pi_old is the trainer's own forward at the rollout's weights, pi_sampler the rollout engine's (KV-cached, bf16)
-    probability of the same token. The completions were drawn from pi_sampler, so w_t corrects the policy gradient
-    towards pi_old; the cap C bounds its variance. The log-ratio is clamped to +-20 before exp (masked garbage).
+        l_t = -min(rho_t A, clip(rho_t, 1 - eps_low, 1 + eps_high) A) + beta k3_t,   aggregated by `aggregate`
     """
+    _check(x, cfg)
+    w = x.mask.to(x.logp.dtype)
+    log_ratio = torch.where(w != 0, x.logp - x.old_logp.detach(), 0.0).clamp(-cfg.max_log_ratio, cfg.max_log_ratio)
+    ratio = sequence_ratio(x, log_ratio) if cfg.ratio_level == "sequence" else torch.exp(log_ratio)
+    adv = x.advantages[:, None] if x.advantages.dim() == 1 else x.advantages
+    per_token = -torch.min(ratio * adv, ratio.clamp(1 - cfg.clip_low, 1 + cfg.clip_high) * adv)
+    metrics = {"tokens": w.sum(), "seqs": (w.sum(dim=1) > 0).to(w.dtype).sum()}
+    if cfg.tis_cap > 0:
+        tis = torch.where(w != 0, tis_weights(x.old_logp, x.sampler_logp, cfg.tis_cap), 0.0)
+        per_token = per_token * tis
+        metrics["tis_weight_sum"] = (w * tis).sum()
+    if x.ref_logp is not None:
+        delta = torch.where(w != 0, x.ref_logp.detach() - x.logp, 0.0).clamp(-cfg.max_log_ratio, cfg.max_log_ratio)
+        k3 = torch.exp(delta) - delta - 1
+        per_token = per_token + cfg.kl_coef * k3 if cfg.kl_coef > 0 else per_token
+        metrics["kl_ref_sum"] = (w * k3).sum()
+    if x.entropy is not None:
+        bonus = entropy_bonus(x)
+        per_token = per_token - cfg.entropy_coef * bonus if cfg.entropy_coef > 0 else per_token
+        metrics["entropy_sum"] = (w * bonus).sum()
+    metrics.update(clip_low_sum=(w * ((ratio < 1 - cfg.clip_low) & (adv < 0))).sum(),
+                   clip_high_sum=(w * ((ratio > 1 + cfg.clip_high) & (adv > 0))).sum(),
+                   ratio_sum=(w * ratio).sum(), kl_old_sum=(w * 0.5 * log_ratio**2).sum())  # k2 of KL(pi_old||pi)
+    return aggregate(per_token, w, cfg, norm), {k: v.detach() for k, v in metrics.items()}
+
+
+# -------------------------------------------------------------------------------------------------- variants
+
+
+def sequence_ratio(x: LossInputs, log_ratio: Tensor) -> Tensor:
+    """GSPO (Zheng et al. 2025), ratio_level="sequence": rho_t = sg[s_i] pi_t / sg[pi_t], s_i = exp(mean_t log rho_t).
+    Its value is s_i at every token and d rho_t / d log pi_t = s_i: with seq-mean-token-mean aggregation and one A
+    per sequence, GSPO's objective min(s_i A_i, clip(s_i) A_i) over sequences, in value and gradient."""
+    w = x.mask.to(log_ratio.dtype)
+    seq_log_ratio = (w * log_ratio).sum(dim=1, keepdim=True) / w.sum(dim=1, keepdim=True).clamp(min=1e-12)
+    logp = torch.where(w != 0, x.logp, 0.0)
+    return torch.exp(seq_log_ratio.detach() + logp - logp.detach())
+
+
+def tis_weights(old_logp: Tensor, sampler_logp: Tensor, cap: float) -> Tensor:
+    """Truncated importance sampling (Yao et al. 2025), tis_cap = C: the policy-gradient term of token t is weighted
+    by w_t = min(pi_old(o_t) / pi_sampler(o_t), C), detached: the completions were drawn by the rollout engine
+    (KV-cached, bf16), whose probabilities differ numerically from the trainer's pi_old."""
     if cap < 1 or not math.isfinite(cap):
         raise ValueError(f"tis_weights: cap={cap} must be a finite C >= 1")
-    _check("sampler_logp", sampler_logp, old_logp.shape)
+    _same_shape("sampler_logp", sampler_logp, old_logp.shape)
     return torch.exp((old_logp - sampler_logp).detach().clamp(-20.0, 20.0)).clamp(max=cap)
 
 
-def rollout_mismatch(old_logp: Tensor, sampler_logp: Tensor, mask: Tensor, cfg: GRPOConfig) -> dict[str, Tensor]:
-    """How far the rollout engine is from the trainer before any update, as SUMS over this micro-batch [B, T]:
-
-        log rho_sampler,t = log pi_old,t - log pi_sampler,t        (0 if both computed the same numbers)
-        mismatch_abs_log_rho = sum_t m_t |log rho_sampler,t|
-        mismatch_tokens_out  = sum_t m_t [rho_sampler,t outside [1 - eps_low, 1 + eps_high]]
-        mismatch_seqs_out    = sum_i [exp(mean_t log rho_sampler,i,t) outside the band]   (GSPO's s_i)
-
-    plus the counts mismatch_tokens and mismatch_seqs. Were pi_sampler used as pi_old, these tokens (sequences for
-    ratio_level="sequence") would be clipped by numerics alone. Add over micro-batches and ranks, then
-    `finalize_mismatch`.
-    """
-    _check("sampler_logp", sampler_logp, old_logp.shape)
-    _check("mask", mask, old_logp.shape)
-    valid = mask != 0
-    w = mask.to(torch.float64)
-    log_rho = torch.where(valid, old_logp.double() - sampler_logp.double(), 0.0)
-    lo, hi = math.log1p(-cfg.clip_low), math.log1p(cfg.clip_high)
-    seq_w = w.sum(dim=1)
-    seq_log_rho = (w * log_rho).sum(dim=1) / seq_w.clamp(min=1e-12)
-    seqs = seq_w > 0
-    return {
-        "mismatch_tokens": w.sum(),
-        "mismatch_seqs": seqs.double().sum(),
-        "mismatch_abs_log_rho": (w * log_rho.abs()).sum(),
-        "mismatch_tokens_out": (w * ((log_rho < lo) | (log_rho > hi))).sum(),
-        "mismatch_seqs_out": (seqs & ((seq_log_rho < lo) | (seq_log_rho > hi))).double().sum(),
-    }
+def entropy_bonus(x: LossInputs) -> Tensor:
+    """The entropy term H_t (entropy_coef c_H: l_t -= c_H H_t), 0 at masked positions."""
+    return torch.where(x.mask != 0, x.entropy, 0.0)
 
 
-def finalize_mismatch(summed: dict) -> dict[str, float]:
-    """Sums from `rollout_mismatch` (over micro-batches and ranks) -> mean |log rho_sampler| per token and the
-    fractions of tokens and of sequences outside the clip band."""
-    tokens, seqs = max(float(summed["mismatch_tokens"]), 1e-12), max(float(summed["mismatch_seqs"]), 1e-12)
-    return {"mismatch_abs_log_rho": float(summed["mismatch_abs_log_rho"]) / tokens,
-            "mismatch_clip_frac_tokens": float(summed["mismatch_tokens_out"]) / tokens,
-            "mismatch_clip_frac_seqs": float(summed["mismatch_seqs_out"]) / seqs}
+# --------------------------------------------------------------------------------------------------- helpers
 
 
-def policy_loss(
-    logp: Tensor,
-    old_logp: Tensor,
-    ref_logp: Tensor | None,
-    advantages: Tensor,
-    mask: Tensor,
-    cfg: GRPOConfig,
-    norm: LossNorm,
-    entropy: Tensor | None = None,
-    sampler_logp: Tensor | None = None,
-) -> tuple[Tensor, dict]:
-    """Clipped surrogate + k3 KL - entropy bonus, aggregated as this micro-batch's share of the step loss.
+def _same_shape(name: str, t: Tensor | None, shape: torch.Size) -> None:
+    if t is not None and t.shape != shape:
+        raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(shape)} like logp [B, T]")
 
-    logp (with grad), old_logp (sampling policy), ref_logp, entropy, mask: [B, T]; advantages: [B] or [B, T].
-    The mask is the explicit completion mask (1 on every generated token, stop token included); it is never
-    derived from token ids, since Qwen's stop token <|im_end|> may equal the pad id. Values at masked positions
-    are ignored, even inf/nan.
 
-        l_t = -w_t min(rho_t A, clip(rho_t, 1 - eps_low, 1 + eps_high) A) + beta k3_t - c_H H_t
-        k3_t = exp(log pi_ref - log pi) - (log pi_ref - log pi) - 1
-
-    w_t = 1, or with cfg.tis_cap = C > 0 the truncated importance weight min(exp(old_logp - sampler_logp), C) of
-    `tis_weights` (sampler_logp [B, T] is then required): it multiplies the policy-gradient term only.
-
-    ratio_level="token": rho_t = exp(clamp(logp_t - old_logp_t, +-max_log_ratio)).
-    ratio_level="sequence" (GSPO-token): rho_t = sg[s_i] * pi_t / sg[pi_t], s_i = exp(mean_t log(pi_t/pi_old,t)):
-    its value is s_i for every token and d rho_t / d logp_t = s_i, i.e. the token-level gradient with rho_t
-    replaced by s_i. With loss_agg="seq-mean-token-mean" and A per sequence this equals GSPO's sequence objective
-    min(s_i A_i, clip(s_i) A_i) averaged over sequences, in value and gradient; clipping zeroes whole sequences.
-
-    Returns (loss, metrics): metrics are 0-d detached tensors holding SUMS over this micro-batch (mask-weighted
-    counts and values, plus "tokens" and "seqs"); add them over micro-batches and ranks, then `finalize_metrics`.
-    """
-    shape = logp.shape
-    if logp.dim() != 2:
-        raise ValueError(f"logp must be [B, T], got shape {tuple(shape)}")
-    for name, x in (("old_logp", old_logp), ("ref_logp", ref_logp), ("mask", mask), ("entropy", entropy),
-                    ("sampler_logp", sampler_logp)):
-        _check(name, x, shape)
-    if advantages.shape == shape[:1]:
-        advantages = advantages[:, None]
-    elif advantages.shape != shape:
-        raise ValueError(f"advantages has shape {tuple(advantages.shape)}, expected [B]={shape[0]} or {tuple(shape)}")
-    if cfg.kl_coef > 0 and ref_logp is None:
-        raise ValueError("ref_logp is None but GRPOConfig.kl_coef > 0: pass reference log-probs or set kl_coef=0")
-    if cfg.entropy_coef > 0 and entropy is None:
-        raise ValueError("entropy is None but GRPOConfig.entropy_coef > 0: use token_logprobs(with_entropy=True)")
-    if cfg.tis_cap > 0 and sampler_logp is None:
-        raise ValueError("sampler_logp is None but GRPOConfig.tis_cap > 0: pass the rollout engine's log-probs")
-
-    valid = mask != 0
-    w = mask.to(logp.dtype)
-    log_ratio = torch.where(valid, logp - old_logp.detach(), 0.0).clamp(-cfg.max_log_ratio, cfg.max_log_ratio)
-    if cfg.ratio_level == "sequence":
-        seq_log_ratio = (w * log_ratio).sum(dim=1, keepdim=True) / w.sum(dim=1, keepdim=True).clamp(min=1e-12)
-        lp = torch.where(valid, logp, 0.0)
-        ratio = torch.exp(seq_log_ratio.detach() + lp - lp.detach())
-    else:
-        ratio = torch.exp(log_ratio)
-    clipped = ratio.clamp(1 - cfg.clip_low, 1 + cfg.clip_high)
-    per_token = -torch.min(ratio * advantages, clipped * advantages)
-
-    metrics = {"tokens": w.sum(), "seqs": (w.sum(dim=1) > 0).to(w.dtype).sum()}
-    if cfg.tis_cap > 0:
-        tis = torch.where(valid, tis_weights(old_logp, sampler_logp, cfg.tis_cap), 0.0)
-        per_token = per_token * tis
-        metrics["tis_weight_sum"] = (w * tis).sum()
-    if ref_logp is not None:
-        delta = torch.where(valid, ref_logp.detach() - logp, 0.0).clamp(-cfg.max_log_ratio, cfg.max_log_ratio)
-        k3 = torch.exp(delta) - delta - 1
-        if cfg.kl_coef > 0:
-            per_token = per_token + cfg.kl_coef * k3
-        metrics["kl_ref_sum"] = (w * k3).sum()
-    if entropy is not None:
-        ent = torch.where(valid, entropy, 0.0)
-        if cfg.entropy_coef > 0:
-            per_token = per_token - cfg.entropy_coef * ent
-        metrics["entropy_sum"] = (w * ent).sum()
-    loss = aggregate(per_token, w, cfg, norm)
-
-    metrics["clip_low_sum"] = (w * ((ratio < 1 - cfg.clip_low) & (advantages < 0))).sum()
-    metrics["clip_high_sum"] = (w * ((ratio > 1 + cfg.clip_high) & (advantages > 0))).sum()
-    metrics["ratio_sum"] = (w * ratio).sum()
-    metrics["kl_old_sum"] = (w * 0.5 * log_ratio**2).sum()  # k2 estimate of KL(pi_old || pi)
-    return loss, {k: v.detach() for k, v in metrics.items()}
+def _check(x: LossInputs, cfg: GRPOConfig) -> None:
+    """Shapes and the inputs a switched-on term needs, each a clear error."""
+    if x.logp.dim() != 2:
+        raise ValueError(f"logp must be [B, T], got shape {tuple(x.logp.shape)}")
+    for name in ("old_logp", "mask", "ref_logp", "entropy", "sampler_logp"):
+        _same_shape(name, getattr(x, name), x.logp.shape)
+    if x.advantages.shape not in (x.logp.shape[:1], x.logp.shape):
+        raise ValueError(f"advantages has shape {tuple(x.advantages.shape)}, expected [B]={x.logp.shape[0]} or "
+                         f"{tuple(x.logp.shape)}")
+    for needed, name, hint in ((cfg.kl_coef > 0, "ref_logp", "pass reference log-probs or set kl_coef=0"),
+                               (cfg.entropy_coef > 0, "entropy", "use token_logprobs(with_entropy=True)"),
+                               (cfg.tis_cap > 0, "sampler_logp", "pass the rollout engine's log-probs")):
+        if needed and getattr(x, name) is None:
+            raise ValueError(f"{name} is None but its term is on in GRPOConfig: {hint}")
 
 
 def finalize_metrics(summed: dict) -> dict[str, float]:
-    """Turn metric sums (added over micro-batches and ranks) into token means.
-
-    Keys: clip_low / clip_high (fraction of tokens clipped on the active side), ratio (mean rho), kl_old (k2 estimate
-    of KL(pi_old || pi)), kl_ref (k3 vs the reference; only if ref_logp was given), entropy (true H_t; only if given),
-    plus the totals tokens and seqs.
-    """
+    """Metric sums (added over micro-batches and ranks) -> token means: clip_low / clip_high (fraction clipped on the
+    active side), ratio (mean rho), kl_old (k2 of KL(pi_old || pi)), kl_ref, entropy, tis_weight when computed;
+    plus the totals tokens and seqs."""
     tokens = float(summed["tokens"])
     out = {"tokens": tokens, "seqs": float(summed["seqs"])}
     for key, value in summed.items():
@@ -354,7 +282,34 @@ def finalize_metrics(summed: dict) -> dict[str, float]:
     return out
 
 
+def rollout_mismatch(old_logp: Tensor, sampler_logp: Tensor, mask: Tensor, cfg: GRPOConfig) -> dict[str, Tensor]:
+    """How far the rollout engine is from the trainer before any update, as sums over a micro-batch [B, T]:
+    log rho_s,t = log pi_old,t - log pi_sampler,t; mismatch_abs_log_rho = sum_t m |log rho_s,t|; the tokens (and
+    sequences, by GSPO's s_i) outside the clip band, which pi_sampler as pi_old would clip by numerics alone; and the
+    counts mismatch_tokens, mismatch_seqs. Add over micro-batches and ranks, then `finalize_mismatch`."""
+    _same_shape("sampler_logp", sampler_logp, old_logp.shape)
+    _same_shape("mask", mask, old_logp.shape)
+    w = mask.to(torch.float64)
+    log_rho = torch.where(mask != 0, old_logp.double() - sampler_logp.double(), 0.0)
+    lo, hi = math.log1p(-cfg.clip_low), math.log1p(cfg.clip_high)
+    seq_w = w.sum(dim=1)
+    seq_log_rho = (w * log_rho).sum(dim=1) / seq_w.clamp(min=1e-12)
+    seqs = seq_w > 0
+    return {"mismatch_tokens": w.sum(), "mismatch_seqs": seqs.double().sum(),
+            "mismatch_abs_log_rho": (w * log_rho.abs()).sum(),
+            "mismatch_tokens_out": (w * ((log_rho < lo) | (log_rho > hi))).sum(),
+            "mismatch_seqs_out": (seqs & ((seq_log_rho < lo) | (seq_log_rho > hi))).double().sum()}
+
+
+def finalize_mismatch(summed: dict) -> dict[str, float]:
+    """Sums from `rollout_mismatch` -> mean |log rho_s| per token, fractions of tokens and sequences out of band."""
+    tokens, seqs = max(float(summed["mismatch_tokens"]), 1e-12), max(float(summed["mismatch_seqs"]), 1e-12)
+    return {"mismatch_abs_log_rho": float(summed["mismatch_abs_log_rho"]) / tokens,
+            "mismatch_clip_frac_tokens": float(summed["mismatch_tokens_out"]) / tokens,
+            "mismatch_clip_frac_seqs": float(summed["mismatch_seqs_out"]) / seqs}
+
+
 def sft_loss(logp: Tensor, mask: Tensor, norm: LossNorm) -> Tensor:
-    """Cold-start SFT share of the step loss: -sum_{i,t} m log pi(y_t) / num_tokens (same normalisation as RL)."""
-    _check("mask", mask, logp.shape)
+    """Cold-start SFT share of the step loss: -sum_{i,t} m log pi(y_t) / num_tokens (the RL normalisation)."""
+    _same_shape("mask", mask, logp.shape)
     return -torch.where(mask != 0, logp * mask.to(logp.dtype), 0.0).sum() / norm.num_tokens

@@ -11,19 +11,25 @@ import torch.multiprocessing as mp
 
 from sqlr1.grpo import (
     GRPOConfig,
+    LossInputs,
     LossNorm,
     finalize_metrics,
     finalize_mismatch,
     group_advantages,
-    keep_groups,
     loss_norm,
     policy_loss,
     rollout_mismatch,
     sft_loss,
     tis_weights,
+    train_rows,
 )
 
 AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+
+
+def grpo_loss(logp, old, ref, adv, mask, cfg, norm, entropy=None, sampler_logp=None):
+    """policy_loss with the micro-batch's tensors as arguments."""
+    return policy_loss(LossInputs(logp, old, adv, mask, ref, entropy, sampler_logp), cfg, norm)
 
 
 # ---------------------------------------------------------------- advantages
@@ -37,7 +43,6 @@ def test_group_advantages_unbiased_and_population():
         expected = [c / (math.sqrt(var) + 1e-6) for c in centred] + [0.0] * 4
         torch.testing.assert_close(adv, torch.tensor(expected), rtol=1e-6, atol=1e-7)
         assert stats["frac_zero_std"] == 0.5
-        assert stats["reward_mean"] == pytest.approx(3.75)
 
 
 def test_batch_and_none_scales_and_std_floor():
@@ -69,16 +74,20 @@ def test_bad_shapes_and_config_name_the_argument():
         GRPOConfig(loss_agg="sum")
     x = torch.zeros(2, 3)
     with pytest.raises(ValueError, match="old_logp"):
-        policy_loss(x, torch.zeros(2, 4), None, torch.zeros(2), x, GRPOConfig(kl_coef=0), LossNorm(1, 1, 3))
+        grpo_loss(x, torch.zeros(2, 4), None, torch.zeros(2), x, GRPOConfig(kl_coef=0), LossNorm(1, 1, 3))
     with pytest.raises(ValueError, match="ref_logp"):
-        policy_loss(x, x, None, torch.zeros(2), x, GRPOConfig(kl_coef=0.1), LossNorm(1, 1, 3))
+        grpo_loss(x, x, None, torch.zeros(2), x, GRPOConfig(kl_coef=0.1), LossNorm(1, 1, 3))
 
 
-def test_keep_groups_drops_exactly_zero_variance_groups():
+def test_dapo_filter_keeps_exactly_the_groups_whose_rewards_differ():
     rewards = torch.tensor([1.0, 1, 1, 0, 1, 0, 0.3, 0.3, 0.3, 0, 0, 1e-7])
-    keep = keep_groups(rewards, 3, GRPOConfig(drop_zero_std_groups=True))
-    assert keep.tolist() == [False] * 3 + [True] * 3 + [False] * 3 + [True] * 3
-    assert keep_groups(rewards, 3, GRPOConfig()).all()
+    rows, weights = train_rows(rewards, 3, GRPOConfig(drop_zero_std_groups=True))
+    assert rows == [3, 4, 5, 9, 10, 11] and weights == [1.0] * 6
+    assert train_rows(rewards, 3, GRPOConfig()) == (list(range(12)), [1.0] * 12)
+    equal = torch.tensor([2.0] * 6)
+    assert train_rows(equal, 3, GRPOConfig(drop_zero_std_groups=True)) == ([], [])  # the step trains nothing
+    other_rank_kept_some = lambda t: t + 3  # world_reduce: another rank kept 3 completions
+    assert train_rows(equal, 3, GRPOConfig(drop_zero_std_groups=True), other_rank_kept_some) == ([0], [0.0])
 
 
 # ---------------------------------------------------------------- policy loss, hand-computed
@@ -107,7 +116,7 @@ def test_loss_matches_hand_computation(agg):
     logp, old, adv, mask = tiny_case()
     norm = loss_norm([mask], max_len=4)
     assert (norm.num_tokens, norm.num_seqs) == (5, 2)
-    loss, metrics = policy_loss(logp, old, None, adv, mask, GRPOConfig(kl_coef=0.0, loss_agg=agg), norm)
+    loss, metrics = grpo_loss(logp, old, None, adv, mask, GRPOConfig(kl_coef=0.0, loss_agg=agg), norm)
     assert loss.item() == pytest.approx(HAND[agg], rel=1e-12)
     means = finalize_metrics(metrics)
     assert means["clip_low"] == pytest.approx(1 / 5) and means["clip_high"] == pytest.approx(1 / 5)
@@ -125,7 +134,7 @@ def test_k3_kl_and_entropy_terms_by_hand():
     delta[0, 0], delta[1, 2], delta[0, 2] = math.log(2), math.log(4), 50.0
     ref = logp.detach() + delta
     cfg = GRPOConfig(kl_coef=0.1, entropy_coef=0.01)
-    loss, metrics = policy_loss(logp, old, ref, adv, mask, cfg, loss_norm([mask], 4), entropy=ent)
+    loss, metrics = grpo_loss(logp, old, ref, adv, mask, cfg, loss_norm([mask], 4), entropy=ent)
     kl_sum = 4 - 3 * math.log(2)
     assert loss.item() == pytest.approx(HAND["token-mean"] + 0.1 * kl_sum / 5 - 0.01 * 15 / 5, rel=1e-12)
     means = finalize_metrics(metrics)
@@ -138,7 +147,7 @@ def test_k3_kl_and_entropy_terms_by_hand():
 
 def test_clipped_side_has_exactly_zero_gradient():
     logp, old, adv, mask = tiny_case()
-    loss, _ = policy_loss(logp, old, None, adv, mask, GRPOConfig(kl_coef=0.0), loss_norm([mask], 4))
+    loss, _ = grpo_loss(logp, old, None, adv, mask, GRPOConfig(kl_coef=0.0), loss_norm([mask], 4))
     loss.backward()
     # d l_t / d logp_t = -A rho_t / N inside the clip region (or on the unclipped side), 0 where clipped.
     expected = torch.tensor([[-0.7 / 5, 0.0, 0.0], [0.0, 2.0 / 5, 2 * 1.3 / 5]], dtype=torch.float64)
@@ -151,7 +160,7 @@ def test_clip_higher_is_asymmetric():
     logp = torch.tensor([[math.log(1.25)], [math.log(0.75)]], dtype=torch.float64, requires_grad=True)
     mask = torch.ones(2, 1, dtype=torch.float64)
     cfg = GRPOConfig(kl_coef=0.0, clip_low=0.2, clip_high=0.28)  # DAPO: 1.25 < 1.28 is inside, 0.75 < 0.8 is not
-    loss, metrics = policy_loss(logp, old, None, torch.tensor([1.0, -1.0]), mask, cfg, loss_norm([mask], 1))
+    loss, metrics = grpo_loss(logp, old, None, torch.tensor([1.0, -1.0]), mask, cfg, loss_norm([mask], 1))
     loss.backward()
     assert loss.item() == pytest.approx((-1.25 + 0.8) / 2)
     assert logp.grad[0, 0] != 0 and logp.grad[1, 0] == 0
@@ -163,7 +172,7 @@ def test_log_ratio_is_clamped():
     logp = torch.tensor([[3.0, 0.0]], dtype=torch.float64, requires_grad=True)  # log rho = 3 > max_log_ratio = 2
     mask = torch.ones(1, 2, dtype=torch.float64)
     cfg = GRPOConfig(kl_coef=0.0, max_log_ratio=2.0)
-    loss, _ = policy_loss(logp, old, None, torch.tensor([-1.0]), mask, cfg, loss_norm([mask], 2))
+    loss, _ = grpo_loss(logp, old, None, torch.tensor([-1.0]), mask, cfg, loss_norm([mask], 2))
     loss.backward()
     assert loss.item() == pytest.approx((math.exp(2) + 1) / 2)  # A<0, unclipped side: -rho A with rho = e^2
     assert logp.grad[0, 0] == 0 and logp.grad[0, 1] != 0
@@ -181,7 +190,7 @@ def test_mask_is_explicit_stop_token_equal_to_pad_still_counts(ratio_level):
         garbage[1, 3] = float("nan")
     logp = old.clone().requires_grad_()
     cfg = GRPOConfig(kl_coef=0.1, entropy_coef=0.01, ratio_level=ratio_level)
-    loss, _ = policy_loss(logp, old, ref, torch.tensor([1.0, -1.0]), mask, cfg, loss_norm([mask], 4), ent)
+    loss, _ = grpo_loss(logp, old, ref, torch.tensor([1.0, -1.0]), mask, cfg, loss_norm([mask], 4), ent)
     loss.backward()
     assert logp.grad[0, 2] != 0 and logp.grad[1, 1] != 0  # stop tokens (id == pad id) are trained on
     assert torch.isfinite(loss) and torch.isfinite(logp.grad).all() and logp.grad[1, 2:].eq(0).all()
@@ -220,7 +229,7 @@ def microbatch_loss(leaf, old, ref, ent, adv, mask, cfg, splits, norm=None):
     for (r, t), m in zip(pieces, masks):
         n = norm if norm is not None else loss_norm([m], 9)  # norm=None: the naive per-micro-batch normaliser
         args = (leaf[r, :t], old[r, :t], ref[r, :t], adv[r], m, cfg, n, ent[r, :t])
-        total = total + policy_loss(*args)[0] / (1 if norm is not None else len(pieces))
+        total = total + grpo_loss(*args)[0] / (1 if norm is not None else len(pieces))
     return total
 
 
@@ -320,7 +329,7 @@ def test_gspo_at_ratio_one_matches_token_level(agg, per_token_adv):
     for level in ("token", "sequence"):
         leaf = logp.clone().requires_grad_()
         cfg = GRPOConfig(ratio_level=level, loss_agg=agg, kl_coef=0.0)
-        loss, metrics = policy_loss(leaf, logp, None, adv, mask, cfg, loss_norm([mask], 9))
+        loss, metrics = grpo_loss(leaf, logp, None, adv, mask, cfg, loss_norm([mask], 9))
         loss.backward()
         assert metrics["ratio_sum"].item() == pytest.approx(mask.sum().item())  # every ratio is 1
         grads.append(leaf.grad)
@@ -331,7 +340,7 @@ def test_gspo_token_equals_sequence_objective():
     logp, old, _, _, adv, mask = random_step(seed=2)
     cfg = GRPOConfig(ratio_level="sequence", loss_agg="seq-mean-token-mean", kl_coef=0.0, clip_low=0.5, clip_high=0.5)
     leaf = logp.clone().requires_grad_()
-    loss, _ = policy_loss(leaf, old, None, adv, mask, cfg, loss_norm([mask], 9))
+    loss, _ = grpo_loss(leaf, old, None, adv, mask, cfg, loss_norm([mask], 9))
     loss.backward()
     direct_leaf = logp.clone().requires_grad_()  # GSPO eq.: -mean_i min(s_i A_i, clip(s_i) A_i), no stop-gradient
     s = torch.exp(((direct_leaf - old) * mask).sum(1) / mask.sum(1))
@@ -348,7 +357,7 @@ def test_gspo_clipping_zeroes_whole_sequences():
     logp = torch.tensor([[0.5, -0.5, 0.04, 0.0], [0.5, 0.5, 0.5, 0.5]], dtype=torch.float64).requires_grad_()
     mask = torch.ones(2, 4, dtype=torch.float64)
     cfg = GRPOConfig(ratio_level="sequence", kl_coef=0.0)
-    loss, metrics = policy_loss(logp, old, None, torch.tensor([1.0, 1.0]), mask, cfg, loss_norm([mask], 4))
+    loss, metrics = grpo_loss(logp, old, None, torch.tensor([1.0, 1.0]), mask, cfg, loss_norm([mask], 4))
     loss.backward()
     assert (logp.grad[0] != 0).all() and (logp.grad[1] == 0).all()
     assert metrics["clip_high_sum"].item() == 4
@@ -378,7 +387,7 @@ def test_tis_multiplies_only_the_policy_gradient_term():
     adv = torch.tensor([1.5], dtype=torch.float64)
     cfg = GRPOConfig(kl_coef=0.1, clip_low=0.2, clip_high=0.2, tis_cap=2.0)
     norm = loss_norm([mask], max_len=4)
-    loss, metrics = policy_loss(logp, old, ref, adv, mask, cfg, norm, sampler_logp=sampler)
+    loss, metrics = grpo_loss(logp, old, ref, adv, mask, cfg, norm, sampler_logp=sampler)
     rho = torch.exp(logp.detach() - old)
     pg = -torch.min(rho * 1.5, rho.clamp(0.8, 1.2) * 1.5)
     w = torch.tensor([[math.exp(0.5), math.exp(-0.2), 2.0]], dtype=torch.float64)
@@ -390,10 +399,10 @@ def test_tis_multiplies_only_the_policy_gradient_term():
     unclipped = torch.tensor([[1.0, 1.0, 0.0]], dtype=torch.float64)  # rho_3 = e^0.3 > 1.2 with A > 0: clipped
     grad = (-w * 1.5 * rho * unclipped + 0.1 * (1 - delta.exp())) / 3
     torch.testing.assert_close(logp.grad, grad)
-    off, _ = policy_loss(logp, old, ref, adv, mask, GRPOConfig(kl_coef=0.1, clip_low=0.2, clip_high=0.2), norm)
+    off, _ = grpo_loss(logp, old, ref, adv, mask, GRPOConfig(kl_coef=0.1, clip_low=0.2, clip_high=0.2), norm)
     assert off.item() == pytest.approx(((pg + 0.1 * k3).sum() / 3).item(), rel=1e-12)
     with pytest.raises(ValueError, match="sampler_logp"):
-        policy_loss(logp, old, ref, adv, mask, cfg, norm)
+        grpo_loss(logp, old, ref, adv, mask, cfg, norm)
 
 
 def test_tis_cap_is_validated():
