@@ -1,21 +1,20 @@
-"""torch.distributed plumbing for train.py: torchrun environment, FSDP2 sharding, weight gathering.
+"""torch.distributed for train.py: torchrun's environment, the run's models, FSDP2 sharding, weight copies.
 
 One process (`python train.py`) and many (`torchrun --nproc_per_node=8 train.py`, or multi-node via torchrun's
-rendezvous) run the same code. With WORLD_SIZE > 1 the policy is sharded with FSDP2 `fully_shard` per decoder
-block plus the root (embeddings, final norm, head); master weights stay fp32 and compute runs in `compute_dtype`
-through FSDP's MixedPrecisionPolicy. Rollouts use a separate full (unsharded) copy of the weights in
-`compute_dtype` on every rank, refreshed from the policy before each step's rollouts and each evaluation
-(`copy_full_weights`): one all-gather of the model per use. The copy holds memory only while it is used: `free_weights` releases its storage
-after the rollouts / evaluation and `copy_full_weights` re-allocates it. The dry run (sqlr1/dryrun.py) chose this:
-at 7B on 8 ranks a copy kept through the policy update (15 GB per GPU in bf16) would make the update the peak.
+rendezvous) run the same code. A run holds three copies of the weights (`Models`): the fp32 master policy, sharded
+with FSDP2 over ranks (`fully_shard` per decoder block, then the root; compute in the compute dtype through FSDP's
+MixedPrecisionPolicy); the frozen reference in the compute dtype, sharded too; and the rollout copy, full and in the
+compute dtype on every rank, filled from the policy only while it samples (`rollout_weights`: one all-gather of bf16
+shards per use, freed after; kept through the update it would make the update the peak at 7B).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +22,7 @@ import torch.distributed as dist
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
 
+from sqlr1.config import DTYPES, TrainConfig
 from sqlr1.model import Qwen2
 
 
@@ -161,6 +161,53 @@ def copy_full_weights(src: torch.nn.Module, dst: torch.nn.Module) -> None:
         d.copy_(_full(p.detach().to(d.dtype)))
 
 
+@dataclass
+class Models:
+    """The run's copies of the weights: the fp32 master policy (sharded over ranks), the frozen reference (beta > 0;
+    sharded too) and the rollout copy (the policy itself in one fp32 process); `autocast` is the compute dtype
+    around the policy's forward in one process (FSDP's MixedPrecisionPolicy does it when sharded)."""
+
+    policy: Qwen2
+    ref: Qwen2 | None
+    rollout: Qwen2
+    autocast: contextlib.AbstractContextManager
+
+
+def build_models(cfg: TrainConfig, d: Dist, load: Callable[[torch.dtype], Qwen2], mesh=None) -> Models:
+    """`load(dtype)` each model, sharding each before the next one loads (one full model on a device at a time).
+    mesh: the DeviceMesh to shard over (None: every rank; the dry run makes one outside its fake tensors)."""
+    dtype, sharded = DTYPES[cfg.dtype], d.world_size > 1
+    policy = load(torch.float32)
+    policy.gradient_checkpointing = cfg.gradient_checkpointing
+    if sharded:
+        shard(policy, dtype, mesh=mesh)
+    ref = None
+    if cfg.grpo_steps and cfg.grpo.kl_coef > 0:  # beta = 0: no reference model at all
+        ref = load(dtype).requires_grad_(False)
+        if sharded:
+            shard(ref, dtype, trainable=False, mesh=mesh)
+    rollout = policy
+    if sharded or dtype != torch.float32:
+        rollout = load(dtype)
+        free_weights(rollout)  # filled by rollout_weights when it samples
+    single = not sharded and dtype != torch.float32
+    return Models(policy, ref, rollout, torch.autocast(d.device.type, dtype=dtype) if single else contextlib.nullcontext())
+
+
+@contextlib.contextmanager
+def rollout_weights(models: Models) -> Iterator[Qwen2]:
+    """The model to sample from with the policy's current weights (on-policy): the rollout copy, filled for the
+    duration and freed after, or the policy itself."""
+    if models.rollout is models.policy:
+        yield models.policy
+        return
+    copy_full_weights(models.policy, models.rollout)
+    try:
+        yield models.rollout
+    finally:
+        free_weights(models.rollout)
+
+
 def cores_per_local_rank() -> int:
     """This process's share of the node's cores: usable cores // LOCAL_WORLD_SIZE (torchrun sets it), at least 1.
 
@@ -176,6 +223,12 @@ def all_reduce(x: torch.Tensor, op: str = "sum") -> torch.Tensor:
     if dist.is_initialized():
         dist.all_reduce(x, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
     return x
+
+
+def reduce_sums(sums: dict) -> dict:
+    """Each value of {name: number} summed over ranks (one collective, float64)."""
+    keys = sorted(sums)
+    return dict(zip(keys, all_reduce(torch.tensor([float(sums[k]) for k in keys], dtype=torch.float64)).tolist()))
 
 
 def all_gather_objects(obj) -> list:

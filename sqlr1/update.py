@@ -1,67 +1,91 @@
-"""The policy update shared by SFT and GRPO: AdamW, the micro-batch loop, the optimizer step.
+"""The update of one optimisation step: forward, loss and backward over its micro-batches, then one AdamW step.
 
-One optimisation step = forward + backward over the step's micro-batches (gradients accumulate), then one clipped
-AdamW step. train.py calls these for both stages; the dry run (sqlr1/dryrun.py) runs the very same functions under
-fake tensors to measure their memory at full scale.
+What is backpropagated for micro-batch k on rank r, in `accumulate_gradients`:
+
+    world_size * J_k,r       J_k,r = its tokens' share of the step's objective (grpo.policy_loss or grpo.sft_loss)
+
+with the share's denominator N counted over the whole step, every micro-batch and rank, before the first forward
+(`grpo.loss_norm`): the sum over k and r is the step's objective however the step is split, and the world_size
+factor turns FSDP's gradient average over ranks back into that sum.
+
+pi_old, the policy that sampled, is the trainer's own forward at the rollout's weights (recompute_old_logp: rho = 1
+exactly before the update): the first pass's forward, detached, when the batch is used once (ppo_epochs = 1, as
+TRL does), else one no-grad forward before the first pass (as verl does); with recompute_old_logp=false it is the
+sampler's log-probs. Each phase (reference, old logp, update, optimizer) is announced to `phases`: train.py times
+them, the dry run (sqlr1/dryrun.py) measures their memory.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from sqlr1 import distributed
-from sqlr1.batch import MicroBatch, Sequence, collate, split_micro_batches
+from sqlr1.batch import MicroBatch, TrainSequence, collate, split_micro_batches
 from sqlr1.config import TrainConfig
-from sqlr1.grpo import policy_loss, rollout_mismatch, sft_loss
+from sqlr1.distributed import Dist, Models
+from sqlr1.grpo import LossInputs, finalize_metrics, finalize_mismatch, loss_norm, policy_loss, rollout_mismatch, sft_loss
+
+Phases = Callable[[str], contextlib.AbstractContextManager]
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, lr: float, total_steps: int):
-    """AdamW on fp32 master weights, with constant or linear-warmup + cosine learning rate."""
-    opt = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=lr, betas=cfg.adam_betas, eps=cfg.adam_eps,
-        weight_decay=cfg.weight_decay,
-    )
+def no_phases(name: str) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext()
+
+
+@dataclass
+class Optimizer:
+    """AdamW on the fp32 master weights with its learning-rate schedule: one per stage ("sft", "grpo")."""
+
+    stage: str
+    adamw: torch.optim.AdamW
+    schedule: torch.optim.lr_scheduler.LambdaLR
+
+    @property
+    def lr(self) -> float:
+        return self.schedule.get_last_lr()[0]
+
+
+def new_optimizer(model: torch.nn.Module, cfg: TrainConfig, stage: str) -> Optimizer:
+    """AdamW at the stage's learning rate, constant or linear warmup + cosine over the stage's optimizer steps."""
+    lr, total = (cfg.sft_lr, cfg.sft_steps) if stage == "sft" else (cfg.lr, cfg.grpo_steps * cfg.ppo_epochs)
+    adamw = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, betas=cfg.adam_betas,
+                              eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
 
     def factor(step: int) -> float:
         if step < cfg.warmup_steps:
             return (step + 1) / cfg.warmup_steps
         if cfg.lr_schedule == "cosine":
-            progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))))
         return 1.0
 
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    return Optimizer(stage, adamw, torch.optim.lr_scheduler.LambdaLR(adamw, factor))
 
 
-def optimizer_step(model, opt, sched, cfg: TrainConfig, loss_sum: torch.Tensor) -> tuple[float, float, bool]:
-    """Clip, check for NaN/inf (then skip the update), step. Returns (grad_norm, the step's loss over all ranks,
-    stepped)."""
+def optimizer_step(model: torch.nn.Module, optimizer: Optimizer, cfg: TrainConfig,
+                   loss_sum: torch.Tensor) -> tuple[float, float, bool]:
+    """Clip the gradient norm; skip the update when it or the loss is NaN/inf; step. Returns (grad_norm, the step's
+    loss over all ranks, stepped)."""
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
     loss = float(distributed.all_reduce(loss_sum.detach().clone()))
     ok = math.isfinite(grad_norm) and math.isfinite(loss)
     if ok:
-        opt.step()
-        sched.step()
-    opt.zero_grad(set_to_none=True)
+        optimizer.adamw.step()
+        optimizer.schedule.step()
+    optimizer.adamw.zero_grad(set_to_none=True)
     return grad_norm, loss, ok
 
 
-def compute_context(device: torch.device, compute_dtype: torch.dtype, sharded: bool):
-    """bf16 autocast around fp32 master weights in a single process (FSDP's MixedPrecisionPolicy does it when sharded)."""
-    if sharded or compute_dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=compute_dtype)
-
-
-def micro_batch_logprobs(model, mb: MicroBatch, temperature: float, vocab_size: int,
-                         with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """log pi(y_t | q, y_<t) [B, C] of a micro-batch's completion tokens (aligned with mb.mask), and optionally the
-    entropy there: the one forward every consumer uses (policy update, reference, old log-probs). A group-shaped
-    micro-batch (mb.group set: TrainConfig.shared_prefix) runs each prompt once (Qwen2.shared_prefix_logprobs)."""
+def logprobs(model, mb: MicroBatch, temperature: float, vocab_size: int,
+             with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log pi(y_t | q, y_<t) [B, C] of a micro-batch's completion tokens (aligned with mb.mask) and optionally the
+    entropy there: the one forward of the policy, the reference and pi_old. A group-shaped micro-batch (mb.group)
+    computes each prompt once (Qwen2.shared_prefix_logprobs)."""
     if mb.group is not None:
         return model.shared_prefix_logprobs(mb.input_ids, mb.attention_mask, mb.start, mb.group,
                                             temperature=temperature, with_entropy=with_entropy, vocab_size=vocab_size)
@@ -69,77 +93,98 @@ def micro_batch_logprobs(model, mb: MicroBatch, temperature: float, vocab_size: 
                                 with_entropy=with_entropy, vocab_size=vocab_size)
 
 
-def train_on_micro_batches(policy, micro_batches: list[MicroBatch], norm, cfg: TrainConfig, d, ctx, vocab_size: int,
-                           sft: bool, old_from_policy: bool = False) -> tuple[torch.Tensor, dict]:
-    """Forward + backward over one optimisation step's micro-batches (gradients accumulate in .grad).
+def microbatches(seqs: list[TrainSequence], micro_batch_size: int, pad_id: int, device,
+                 shared: bool = False) -> list[MicroBatch]:
+    """The same number of micro-batches on every rank (FSDP's collectives must match); `shared`: group-shaped."""
+    n = len(split_micro_batches(seqs, micro_batch_size, shared=shared))
+    n = max(n, int(distributed.all_reduce(torch.tensor(n), op="max")))  # max over ranks (>= this rank's own)
+    return [collate(chunk, pad_id, device, shared=shared)
+            for chunk in split_micro_batches(seqs, micro_batch_size, n, shared=shared)]
 
-    The loss of each micro-batch is its contribution to the step's loss (normalised by counts over the whole step,
-    all ranks), so the accumulated gradient does not depend on how the step was split. FSDP averages gradients
-    over ranks; multiplying by world_size turns that average back into the sum the objective needs.
 
-    FSDP2 gradient sync (cfg.grad_accum_no_sync), for a model of P parameters on N ranks and K micro-batches:
-    False (default): reduce-scatter after every micro-batch; only the sharded fp32 gradient (4P/N bytes) is kept,
-    at K reduce-scatters per step. True: `set_requires_gradient_sync(False)` until the last micro-batch, one
-    reduce-scatter per step, but every rank holds the full unsharded fp32 gradient (4P bytes: ~28 GiB at 7B).
+Objective = Callable[[torch.Tensor, torch.Tensor | None, MicroBatch], tuple[torch.Tensor, dict]]
 
-    old_from_policy (recompute_old_logp at ppo_epochs == 1, as TRL does): log pi_old := this very forward's
-    detached log-probs, so rho = 1 exactly with no extra forward; mb.old_logp is overwritten and the
-    `rollout_mismatch` sums (vs mb.sampler_logp) are added to the returned metric sums.
-    """
-    loss_sum, metric_sums = torch.zeros(()), {}
-    for i, mb in enumerate(micro_batches):
-        if hasattr(policy, "set_requires_gradient_sync"):  # FSDP: no-sync holds unsharded grads until the last one
-            policy.set_requires_gradient_sync(not cfg.grad_accum_no_sync or i == len(micro_batches) - 1)
-        with ctx:
-            logp, entropy = micro_batch_logprobs(policy, mb, 1.0 if sft else cfg.temperature, vocab_size,
-                                                 with_entropy=not sft)
-        if sft:
-            loss, metrics = sft_loss(logp, mb.mask, norm), {}
-        else:
-            if old_from_policy:
-                mb.old_logp = logp.detach()
-                _add_mismatch(metric_sums, mb, cfg)
-            loss, metrics = policy_loss(logp, mb.old_logp, mb.ref_logp, mb.advantages, mb.mask, cfg.grpo, norm, entropy,
-                                        sampler_logp=mb.sampler_logp)
-        (loss * d.world_size).backward()
+
+def accumulate_gradients(models: Models, mbs: list[MicroBatch], objective: Objective, temperature: float,
+                         with_entropy: bool, vocab_size: int, cfg: TrainConfig, d: Dist) -> tuple[torch.Tensor, dict]:
+    """Forward + backward over the step's micro-batches, gradients accumulating in .grad; returns (this rank's loss,
+    metric sums). FSDP2 (several ranks, K micro-batches, P parameters): by default every backward reduce-scatters,
+    so only the sharded fp32 gradient (4P/N bytes) is held; grad_accum_no_sync syncs only the last one, holding the
+    full unsharded fp32 gradient (4P bytes, ~28 GiB at 7B) through the loop."""
+    loss_sum, sums = torch.zeros(()), {}
+    for i, mb in enumerate(mbs):
+        if hasattr(models.policy, "set_requires_gradient_sync"):
+            models.policy.set_requires_gradient_sync(not cfg.grad_accum_no_sync or i == len(mbs) - 1)
+        with models.autocast:
+            logp, entropy = logprobs(models.policy, mb, temperature, vocab_size, with_entropy)
+        loss, metrics = objective(logp, entropy, mb)
+        (loss * d.world_size).backward()  # FSDP averages gradients over ranks; the objective sums them
         loss_sum += loss.detach().float().cpu()
         for k, v in metrics.items():
-            metric_sums[k] = metric_sums.get(k, 0.0) + float(v)
-    return loss_sum, metric_sums
+            sums[k] = sums.get(k, 0.0) + float(v)
+    return loss_sum, sums
 
 
-@torch.no_grad()
-def recompute_old_logprobs(policy, micro_batches: list[MicroBatch], cfg: TrainConfig, ctx, vocab_size: int) -> dict:
-    """log pi_old := the policy's own no-grad forward (`micro_batch_logprobs`, same compute context) at the weights
-    that sampled, replacing each mb.old_logp; the sampler's log-probs stay in mb.sampler_logp (as verl does).
-
-    Before the first update the ratio rho = pi_theta / pi_old is then exactly 1: the loss forward repeats this
-    forward on the same micro-batches (bit for bit on CPU under bf16 autocast, tested), whereas the rollout
-    engine's KV-cached bf16 numbers differ (mean |log rho| 0.007-0.05 per token on tiny models, enough for GSPO's
-    clip band to reject most sequences by numerics alone). Costs one no-grad forward of the step's micro-batches
-    (benchmarks/bench_old_logp.py); at ppo_epochs == 1 train.py uses `train_on_micro_batches(old_from_policy=True)`.
-    Returns `rollout_mismatch` sums (empty when mb.sampler_logp is None).
-    """
-    sums: dict = {}
-    for mb in micro_batches:
-        with ctx:
-            mb.old_logp = micro_batch_logprobs(policy, mb, cfg.temperature, vocab_size)[0].float()
-        _add_mismatch(sums, mb, cfg)
-    return sums
+def sft_update(models: Models, optimizer: Optimizer, seqs: list[TrainSequence], tokenizer, cfg: TrainConfig,
+               d: Dist) -> dict:
+    """One SFT step: cross-entropy on the completions' unmasked tokens, normalised over the step."""
+    mbs = microbatches(seqs, cfg.micro_batch_size, tokenizer.pad_id, d.device)
+    norm = loss_norm([mb.mask for mb in mbs], cfg.max_response_len, world_reduce=distributed.all_reduce)
+    loss_sum, _ = accumulate_gradients(models, mbs, lambda logp, _, mb: (sft_loss(logp, mb.mask, norm), {}), 1.0,
+                                       False, tokenizer.vocab_size, cfg, d)
+    grad_norm, loss, ok = optimizer_step(models.policy, optimizer, cfg, loss_sum)
+    tokens = float(distributed.all_reduce(torch.tensor(float(sum(mb.num_tokens for mb in mbs)))))
+    return {"loss": loss, "grad_norm": grad_norm, "lr": optimizer.lr, "skipped": not ok, "train_tokens": tokens}
 
 
-def _add_mismatch(sums: dict, mb: MicroBatch, cfg: TrainConfig) -> None:
-    """Add this micro-batch's `rollout_mismatch` sums (trainer's log pi_old vs the sampler's) into `sums`."""
+def policy_update(models: Models, optimizer: Optimizer, seqs: list[TrainSequence], tokenizer, cfg: TrainConfig,
+                  d: Dist, phases: Phases = no_phases) -> dict | None:
+    """One GRPO update: the reference's log-probs, pi_old, then ppo_epochs passes of forward + backward with one AdamW
+    step each. Returns the policy metrics over all ranks, or None when no rank has a sequence to train on."""
+    if not seqs:
+        return None
+    mbs = microbatches(seqs, cfg.micro_batch_size, tokenizer.pad_id, d.device, shared=cfg.shared_prefix)
+    norm = loss_norm([mb.mask for mb in mbs], cfg.max_response_len, world_reduce=distributed.all_reduce)
+    V, mismatch = tokenizer.vocab_size, {}
+    if models.ref is not None:
+        with phases("reference"), torch.no_grad(), models.autocast:
+            for mb in mbs:
+                mb.ref_logp = logprobs(models.ref, mb, cfg.temperature, V)[0]
+    for mb in mbs:  # pi_old: the sampler's log-probs, or None: the first pass's own forward (`objective`)
+        mb.old_logp = None if cfg.recompute_old_logp else mb.sampler_logp
+    if cfg.recompute_old_logp and cfg.ppo_epochs > 1:  # several passes: one no-grad forward before the first
+        with phases("old logp"), torch.no_grad():
+            for mb in mbs:
+                with models.autocast:
+                    mb.old_logp = logprobs(models.policy, mb, cfg.temperature, V)[0].float()
+                add_mismatch(mismatch, mb, cfg)
+
+    def objective(logp: torch.Tensor, entropy: torch.Tensor | None, mb: MicroBatch) -> tuple[torch.Tensor, dict]:
+        if mb.old_logp is None:  # pi_old := this forward, detached: rho = 1 exactly, no extra forward
+            mb.old_logp = logp.detach()
+            add_mismatch(mismatch, mb, cfg)
+        return policy_loss(LossInputs(logp, mb.old_logp, mb.advantages, mb.mask, mb.ref_logp, entropy,
+                                      mb.sampler_logp), cfg.grpo, norm)
+
+    losses, grad_norms, skipped, sums = [], [], 0, {}
+    for _ in range(cfg.ppo_epochs):
+        with phases("update"):
+            loss_sum, metrics = accumulate_gradients(models, mbs, objective, cfg.temperature, True, V, cfg, d)
+        with phases("optimizer"):
+            grad_norm, loss, ok = optimizer_step(models.policy, optimizer, cfg, loss_sum)
+        losses.append(loss)  # ~0 at ppo_epochs = 1 (rho = 1): watch the reward
+        grad_norms.append(grad_norm)
+        skipped += not ok
+        for k, v in metrics.items():
+            sums[k] = sums.get(k, 0.0) + v
+    tokens = float(distributed.all_reduce(torch.tensor(float(sum(mb.num_tokens for mb in mbs) * cfg.ppo_epochs))))
+    return {**finalize_metrics(distributed.reduce_sums(sums)), "loss": sum(losses) / len(losses),
+            "grad_norm": sum(grad_norms) / len(grad_norms), "skipped": skipped, "train_tokens": tokens,
+            **(finalize_mismatch(distributed.reduce_sums(mismatch)) if mismatch else {})}
+
+
+def add_mismatch(sums: dict, mb: MicroBatch, cfg: TrainConfig) -> None:
+    """Add this micro-batch's `rollout_mismatch` sums (the trainer's log pi_old vs the sampler's) into `sums`."""
     if mb.sampler_logp is not None:
         for k, v in rollout_mismatch(mb.old_logp, mb.sampler_logp, mb.mask, cfg.grpo).items():
             sums[k] = sums.get(k, 0.0) + float(v)
-
-
-def microbatches(seqs: list[Sequence], micro_batch_size: int, pad_id: int, device,
-                 shared: bool = False) -> list[MicroBatch]:
-    """Split into the same number of micro-batches on every rank (FSDP needs matching collectives); `shared`:
-    group-shaped micro-batches for the shared-prefix forward (batch.py)."""
-    n_local = len(split_micro_batches(seqs, micro_batch_size, shared=shared))
-    n = int(distributed.all_reduce(torch.tensor(n_local), op="max"))
-    chunks = split_micro_batches(seqs, micro_batch_size, n, shared=shared)
-    return [collate(chunk, pad_id, device, shared=shared) for chunk in chunks]

@@ -6,11 +6,12 @@ import random
 import torch
 
 from sqlr1 import distributed
-from sqlr1.batch import Sequence
+from sqlr1.batch import TrainSequence
 from sqlr1.config import TrainConfig
-from sqlr1.grpo import GRPOConfig, group_advantages, loss_norm
+from sqlr1.distributed import Models
+from sqlr1.grpo import GRPOConfig, LossInputs, group_advantages, loss_norm, policy_loss
 from sqlr1.model import ModelConfig, Qwen2
-from sqlr1.update import make_optimizer, microbatches, optimizer_step, train_on_micro_batches
+from sqlr1.update import accumulate_gradients, microbatches, new_optimizer, optimizer_step
 
 VOCAB, GROUP, PROMPTS = 61, 4, 4
 LOSS_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
@@ -37,20 +38,27 @@ def make_case(loss_agg: str = "token-mean", shared_prefix: bool = False):
         prompt = [rng.randrange(1, VOCAB) for _ in range(rng.randint(3, 9))]
         for g in range(GROUP):
             n = rng.randint(2, 12)
-            seqs.append(Sequence(prompt, [rng.randrange(1, VOCAB) for _ in range(n)],
-                                 [-rng.uniform(3.5, 4.5) for _ in range(n)], float(adv[p * GROUP + g]), group=p))
+            completion = [rng.randrange(1, VOCAB) for _ in range(n)]
+            old_logp = [-rng.uniform(3.5, 4.5) for _ in range(n)]  # pi_old, carried as the sampler's log-probs
+            seqs.append(TrainSequence(prompt, completion, advantage=float(adv[p * GROUP + g]), sampler_logp=old_logp,
+                                      group=p))
     return model, seqs, cfg
 
 
 def one_step(model, seqs, cfg, d, micro_batch_size: int):
     """Accumulate the step's gradient over micro-batches, take one AdamW step; return (full grads, full params)."""
-    opt, sched = make_optimizer(model, cfg, cfg.lr, total_steps=1)
+    optimizer = new_optimizer(model, cfg, "grpo")
     mbs = microbatches(seqs, micro_batch_size, pad_id=0, device=d.device, shared=cfg.shared_prefix)
     norm = loss_norm([mb.mask for mb in mbs], cfg.max_response_len, world_reduce=distributed.all_reduce)
-    loss_sum, _ = train_on_micro_batches(model, mbs, norm, cfg, d, contextlib.nullcontext(), VOCAB, sft=False)
+
+    def objective(logp, entropy, mb):
+        return policy_loss(LossInputs(logp, mb.sampler_logp, mb.advantages, mb.mask, entropy=entropy), cfg.grpo, norm)
+
+    models = Models(model, None, model, contextlib.nullcontext())
+    loss_sum, _ = accumulate_gradients(models, mbs, objective, cfg.temperature, True, VOCAB, cfg, d)
     grads = {}
     for name, p in model.named_parameters():
         g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
         grads[name] = g.detach().clone()
-    optimizer_step(model, opt, sched, cfg, loss_sum)
+    optimizer_step(model, optimizer, cfg, loss_sum)
     return grads, {k: v.clone() for k, v in distributed.gather_full_params(model, torch.float32, dst=d.rank)}

@@ -6,10 +6,10 @@ import random
 import pytest
 import torch
 
-from sqlr1.batch import Sequence, collate, split_micro_batches
-from sqlr1.grpo import LOSS_AGGS, GRPOConfig, loss_norm, policy_loss
+from sqlr1.batch import TrainSequence, collate, split_micro_batches
+from sqlr1.grpo import LOSS_AGGS, GRPOConfig, LossInputs, loss_norm, policy_loss
 from sqlr1.model import ModelConfig, Qwen2
-from sqlr1.update import micro_batch_logprobs
+from sqlr1.update import logprobs
 from tests.test_model import ROWS, VOCAB
 
 EOS = 0  # a base model: the stop token is also the pad id
@@ -30,7 +30,7 @@ def tiny_model(tie: bool = False) -> Qwen2:
     return model
 
 
-def grouped_sequences(seed: int = 0) -> list[Sequence]:
+def grouped_sequences(seed: int = 0) -> list[TrainSequence]:
     """3 prompts (lengths 7, 2, 11) x G = 3 completions of lengths 1..MAX_NEW, interleaved across groups: one
     completion per group stops with EOS (== pad), one is truncated at MAX_NEW tokens without a stop token."""
     rng = random.Random(seed)
@@ -41,8 +41,8 @@ def grouped_sequences(seed: int = 0) -> list[Sequence]:
             tokens = [rng.randrange(1, VOCAB) for _ in range(n)]
             if k == 0:
                 tokens[-1] = EOS  # finished: the stop token is a scored completion token
-            seqs.append(Sequence(p, tokens, [-rng.uniform(3.0, 5.0) for _ in range(n)], rng.uniform(-1.5, 1.5),
-                                 group=g))
+            old_logp = [-rng.uniform(3.0, 5.0) for _ in range(n)]  # pi_old, carried as the sampler's
+            seqs.append(TrainSequence(p, tokens, advantage=rng.uniform(-1.5, 1.5), sampler_logp=old_logp, group=g))
     return [seqs[i] for i in (0, 3, 6, 1, 4, 7, 2, 5, 8)]  # rows of a group need not be adjacent
 
 
@@ -53,10 +53,11 @@ def grads(model) -> dict[str, torch.Tensor]:
 def grpo_grads(model, mb, loss_agg: str) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """log-probs, entropy and every parameter's gradient of the clipped GRPO loss + KL + entropy bonus."""
     model.zero_grad(set_to_none=True)
-    logp, entropy = micro_batch_logprobs(model, mb, temperature=0.9, vocab_size=VOCAB, with_entropy=True)
+    logp, entropy = logprobs(model, mb, temperature=0.9, vocab_size=VOCAB, with_entropy=True)
     cfg = GRPOConfig(loss_agg=loss_agg, kl_coef=0.1, entropy_coef=0.01, clip_low=0.2, clip_high=0.28)
-    ref = mb.old_logp + 0.3 * torch.sin(torch.arange(mb.old_logp.numel()).view(mb.old_logp.shape).float())
-    loss, _ = policy_loss(logp, mb.old_logp, ref, mb.advantages, mb.mask, cfg, loss_norm([mb.mask], MAX_NEW), entropy)
+    old = mb.sampler_logp
+    ref = old + 0.3 * torch.sin(torch.arange(old.numel()).view(old.shape).float())
+    loss, _ = policy_loss(LossInputs(logp, old, mb.advantages, mb.mask, ref, entropy), cfg, loss_norm([mb.mask], MAX_NEW))
     loss.backward()
     return logp.detach(), entropy.detach(), grads(model)
 
@@ -103,7 +104,7 @@ def test_each_prompt_goes_through_the_model_once():
     seen = []
     hook = model.embed_tokens.register_forward_hook(lambda m, args, out: seen.append(args[0].numel()))
     with torch.no_grad():
-        micro_batch_logprobs(model, mb, 1.0, VOCAB)
+        logprobs(model, mb, 1.0, VOCAB)
     hook.remove()
     P, C = mb.start + 1, mb.mask.shape[1]
     assert sum(seen) == 3 * P + len(seqs) * C  # 3 prompt rows + 9 completion rows, not 9 x (P + C)
@@ -125,6 +126,6 @@ def test_group_shaped_micro_batches_hold_whole_groups():
 
 def test_group_shaped_collate_rejects_bad_groups():
     with pytest.raises(ValueError, match="group 4 holds two different prompts"):
-        collate([Sequence([1, 2], [3], group=4), Sequence([1, 5], [3], group=4)], EOS, shared=True)
+        collate([TrainSequence([1, 2], [3], group=4), TrainSequence([1, 5], [3], group=4)], EOS, shared=True)
     with pytest.raises(ValueError, match="needs its prompt's group id"):
-        collate([Sequence([1, 2], [3])], EOS, shared=True)
+        collate([TrainSequence([1, 2], [3])], EOS, shared=True)
