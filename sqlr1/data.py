@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from sqlr1.reward import RESPONSE_TAGS
 from sqlr1.sandbox import Sandbox, committed_read_problem, read_only_uri
 from sqlr1.tokenizer import Tokenizer
 
@@ -72,6 +73,8 @@ SHORT_PROMPT = """SQLite database:
 
 Reason inside <think> </think>, then give one SQLite query in a ```sql block inside <answer> </answer>."""
 
+PROMPT_TEMPLATES = {"sqlr1": SQLR1_PROMPT, "short": SHORT_PROMPT}  # TrainConfig.prompt_template, sample.py --template
+
 # Inserted as {external_knowledge} when the example has evidence (BIRD, SynSQL); empty otherwise.
 EVIDENCE_SECTION = """External Knowledge:
 {evidence}
@@ -85,7 +88,6 @@ THINK_PREFIX = "<think>\n"
 # the answer format but teaches no reasoning (SQL-R1 compares it with cold starts on reasoning traces).
 SQL_ONLY_THINK = "I will write the SQL query that answers the question."
 
-RESPONSE_TAGS = ("<think>", "</think>", "<answer>", "</answer>")  # each appears once in a well-formed response
 
 SAMPLE_SCAN_ROWS = 10_000  # example values come from the first rows of a table, so huge tables cost the same
 MAX_VALUE_CHARS = 40  # example strings are cut to this length (as OmniSQL's prompts do)

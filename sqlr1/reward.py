@@ -1,29 +1,20 @@
-"""SQL-R1's reward: parse a completion, execute its SQL, and score format, execution, result and length.
+"""SQL-R1's reward (Ma et al. 2025, Sec. 3.2): parse a completion, execute its SQL, score it.
 
-The prompt ends with a pre-filled `<think>`; a well-formed completion is
-    reasoning </think> <answer> ... ```sql\n SQL \n``` ... </answer> [anything]
-with each of <think> (counting the pre-filled one), </think>, <answer>, </answer> exactly once and in that order,
-only whitespace between </think> and <answer>, and a ```sql block in the answer (the last one is the prediction).
-In multi-turn rollouts the text is the model's own tokens (sqlr1/sql_env.py `model_text`): an <observation> tag in
-it was written by the model, a format error.
+The prompt ends with a pre-filled `<think>`; a well-formed completion is `reasoning </think> <answer> ... ```sql SQL```
+... </answer> [anything]`, each tag once and in order (the pre-filled <think> counted), only whitespace between
+</think> and <answer>, and a ```sql block in the answer (the last one is the prediction). Components:
 
-Components (SQL-R1, Ma et al. 2025, arXiv 2504.08600):
     S_f = +1 if the format is right, -1 otherwise
     S_e = +2 if the SQL executes, -2 if it errors or times out      (only when the format is right and the gold ran)
     S_r = +3 if its result equals the gold result, -3 otherwise     (only when it executed and the gold ran)
     S_l = 0.5 * min(1, (len(think) + len(answer)) / L_max) + len(sql) / len(answer)    (only when correct, else 0)
     R   = w_f S_f + w_e S_e + w_r S_r + w_l S_l
-Lengths are in characters or, with a token counter, in tokens. A component switched off (the paper's ablations)
-is 0. A gold query that fails (error or timeout) makes the pair unscorable: S_e = S_r = S_l = 0 whatever the
-prediction did, only S_f counts. This is SQL-R1's release (its verl reward maps the evaluator's "Gold Error" verdict
-to exec 0 and result 0, and pays length only on "Match"): a failed gold must not reward a query that merely runs.
-The Reward says so (`gold_error`) so it is counted.
 
-`RewardConfig.preset="arctic"` is Arctic-Text2SQL-R1's plain execution reward (Yao et al. 2025, arXiv 2505.20315):
-    R = 1 if the format is right and the result equals the gold result, 0.1 if the format is right and the SQL
-        executes (wrong result), 0 otherwise (bad format, error, timeout, gold error)
-The weights and use_* switches are SQL-R1's and do not apply; the components S_f, S_e, S_r, S_l are still computed
-as above (logging only), the total is R.
+Lengths in characters or, with a token counter, tokens; a component switched off (the paper's ablations) is 0. A
+gold query that fails makes the pair unscorable: only S_f counts (SQL-R1's release maps the evaluator's "Gold Error"
+to exec 0 and result 0), so a failed gold never rewards a query that merely runs; `Reward.gold_error` counts it.
+preset="arctic" is Arctic-Text2SQL-R1's plain reward (Yao et al. 2025): R = 1 when the format is right and the
+result matches, 0.1 when it only executes, else 0 (the components are still computed, for the logs).
 """
 
 from __future__ import annotations
@@ -36,7 +27,7 @@ from dataclasses import dataclass
 from sqlr1.evaluate import MODES, score_pairs
 from sqlr1.sandbox import Sandbox
 
-_TAGS = ("<think>", "</think>", "<answer>", "</answer>")
+RESPONSE_TAGS = ("<think>", "</think>", "<answer>", "</answer>")  # each once in a well-formed response
 _ENV_TAGS = ("<observation>", "</observation>")  # the SQL environment's (sqlr1/sql_env.py): the model may not write them
 _LAYOUT = re.compile(r"\s*<think>(.*)</think>\s*<answer>(.*)</answer>.*", re.DOTALL)
 _SQL_BLOCK = re.compile(r"```sql(?!\w)\s*(.*?)```", re.IGNORECASE | re.DOTALL)  # not ```sqlite, not ```sqlSELECT
@@ -56,7 +47,7 @@ class Parsed:
 def parse_response(text: str, prefilled_think: bool = True) -> Parsed:
     """Check the <think>/<answer> layout (see the module docstring) and pull out the SQL."""
     full = "<think>" + text if prefilled_think else text
-    tags_ok = all(full.count(tag) == 1 for tag in _TAGS) and not any(tag in full for tag in _ENV_TAGS)
+    tags_ok = all(full.count(tag) == 1 for tag in RESPONSE_TAGS) and not any(tag in full for tag in _ENV_TAGS)
     layout = _LAYOUT.fullmatch(full) if tags_ok else None
     blocks = _SQL_BLOCK.findall(layout.group(2)) if layout else []
     if layout and blocks:

@@ -37,6 +37,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_token
 
 from sqlr1.checkpoint import save_model
 from sqlr1.model import ModelConfig, Qwen2
+from sqlr1.reward import RESPONSE_TAGS
 from sqlr1.sandbox import ExecResult
 from sqlr1.sql_env import OBS_CLOSE, OBS_OPEN, render
 from sqlr1.tokenizer import load_tokenizer
@@ -50,7 +51,6 @@ GENERATED = frozenset({"database", "tables.json", "train.json", "dev.json", "sft
                        MANIFEST, *(f"{s}.json" for s in TOOL_SPLITS)})
 SYSTEM_MESSAGE = "You are a helpful assistant."
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
-REASONING_TOKENS = ("<think>", "</think>", "<answer>", "</answer>")  # one added token each, as in Qwen3
 # Qwen2's pre-tokenizer split (contractions, words, single digits, punctuation runs) with two changes that let a
 # name in the SQL be the very token the question uses: only a space may lead a word (Qwen's "(price" and ".price"
 # would be tokens other than " price"; here they are "(" + "price"), and a final "s" of a word of 4+ letters is a
@@ -611,7 +611,7 @@ def train_tokenizer(texts: list[str], words: set[str], vocab_size: int, repeat: 
     )
     tok.train_from_iterator(corpus, trainer)
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
-    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in REASONING_TOKENS])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in RESPONSE_TAGS])  # one token each (Qwen3)
     return tok
 
 
@@ -834,3 +834,28 @@ def init_model(out_dir: str | Path, tokenizer_dir: str | Path, config: ModelConf
     model = Qwen2(config)
     model.init_weights(generator=torch.Generator().manual_seed(seed))
     return save_model(model, out_dir, tokenizer=tokenizer)  # generation_config.json: the tokenizer's stop and pad ids
+
+
+def resolve_config(cfg):
+    """dataset="toy": the run config with the toy world's paths, read like Spider (nothing is built here). Only the
+    default model (model="": <world>/model_seed<seed>, the run's seed drawing the initial weights) may be created; a
+    named model must exist (a local directory, or a Hub repo id)."""
+    from dataclasses import replace
+
+    from sqlr1.hub import resolve_checkpoint
+
+    root = Path(cfg.data_root or "toyworld")
+    if cfg.model:
+        try:
+            resolve_checkpoint(cfg.model)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"--model={cfg.model}: {e}; leave model empty to train the toy world's fresh "
+                                    f"model ({root / f'model_seed{cfg.seed}'})") from None
+    return replace(cfg, dataset="spider", data_root=str(root), model=cfg.model or str(root / f"model_seed{cfg.seed}"))
+
+
+def prepare(cfg) -> None:
+    """Build the toy world at cfg.data_root, and its default tiny model, if missing (cfg from `resolve_config`)."""
+    root = ensure_toyworld(cfg.data_root, seed=0)
+    if cfg.model == str(root / f"model_seed{cfg.seed}") and not (Path(cfg.model) / "config.json").exists():
+        init_model(cfg.model, root / "tokenizer", seed=cfg.seed)

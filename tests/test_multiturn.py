@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sqlr1.sampling import generate
+from sqlr1.sampling import SamplingParams, generate
 from tests.test_sampling import PROMPTS, VOCAB, tiny_model
 
 PAUSE = tuple(range(0, VOCAB, 3))  # a third of the ids pause: random tiny models hit them often
@@ -15,12 +15,19 @@ def observation(generated: list[int]) -> list[int]:
     return [(7 * sum(generated) + 5 * i) % VOCAB for i in range(n)]
 
 
-def hook(calls: list | None = None):
-    def on_pause(rows, generated):
-        if calls is not None:
-            calls.append(list(rows))
-        return [observation(g) for g in generated]
-    return on_pause
+class Hook:
+    """A pause hook (sampling.PauseHook) answering with `answer(generated)`, recording each call's rows."""
+
+    def __init__(self, answer=None, ids=PAUSE):
+        self.ids, self.answer, self.calls = ids, answer or observation, []
+
+    def __call__(self, rows, generated):
+        self.calls.append(list(rows))
+        return [self.answer(g) for g in generated]
+
+
+def gen(model, prompts, num_samples=1, pause=None, share_prefix=True, **params):
+    return generate(model, prompts, num_samples, SamplingParams(**params), pause=pause, share_prefix=share_prefix)
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +53,7 @@ def reference(model, prompt: list[int], n: int, stop: int | None = None) -> tupl
 
 
 def run(model, prompts, **kw):
-    args = dict(max_new_tokens=24, temperature=0, vocab_size=VOCAB, pause_ids=PAUSE, on_pause=hook())
-    return generate(model, prompts, **{**args, **kw})
+    return gen(model, prompts, pause=Hook(), **{**dict(max_new_tokens=24, temperature=0, vocab_size=VOCAB), **kw})
 
 
 def test_greedy_batch_equals_each_row_alone_turn_by_turn(model):
@@ -85,18 +91,17 @@ def test_logprobs_of_model_tokens_equal_teacher_forced_forward(model):
 
 
 def test_budget_counts_observations_and_one_call_per_step(model):
-    calls = []
-    out = generate(model, PROMPTS, num_samples=2, max_new_tokens=10, temperature=1.0, seed=1, vocab_size=VOCAB,
-                   pause_ids=PAUSE, on_pause=hook(calls))
+    hook = Hook()
+    out = gen(model, PROMPTS, 2, hook, max_new_tokens=10, temperature=1.0, seed=1, vocab_size=VOCAB)
+    calls = hook.calls
     assert all(len(t) == 10 for t in out.tokens) and out.finish_reason == ["length"] * 8
     assert any(len(c) > 1 for c in calls)  # rows pausing at the same step share one call
     assert all(len(set(c)) == len(c) for c in calls)
 
 
 def test_long_observation_grows_the_cache_and_is_clipped_to_the_budget(model):
-    def flood(rows, generated):
-        return [[1 + i % 50 for i in range(40)] for _ in rows]  # wider than L + max_new_tokens
-    out = generate(model, PROMPTS, max_new_tokens=30, temperature=0, vocab_size=VOCAB, pause_ids=PAUSE, on_pause=flood)
+    flood = Hook(lambda generated: [1 + i % 50 for i in range(40)])  # wider than L + max_new_tokens
+    out = gen(model, PROMPTS, pause=flood, max_new_tokens=30, temperature=0, vocab_size=VOCAB)
     for tokens, flags in zip(out.tokens, out.model_mask):
         assert len(tokens) == 30
         first = flags.index(False) if False in flags else None
@@ -105,7 +110,7 @@ def test_long_observation_grows_the_cache_and_is_clipped_to_the_budget(model):
 
 
 def test_single_turn_has_all_model_tokens(model):
-    out = generate(model, PROMPTS, max_new_tokens=6, temperature=0, vocab_size=VOCAB)
+    out = gen(model, PROMPTS, max_new_tokens=6, temperature=0, vocab_size=VOCAB)
     assert out.model_mask == [[True] * 6] * 4
 
 
@@ -117,11 +122,16 @@ import sqlite3  # noqa: E402
 
 from sqlr1.reward import parse_response  # noqa: E402
 from sqlr1.sandbox import Sandbox  # noqa: E402
-from sqlr1.sql_env import SqlEnv, model_text, pause_ids  # noqa: E402
+from sqlr1.sql_env import EpisodeState, SqlEnv, model_text, pause_ids  # noqa: E402
 from sqlr1.tokenizer import load_tokenizer  # noqa: E402
 from sqlr1.toyworld import train_tokenizer, vocabulary_words, write_tokenizer  # noqa: E402
 from tests.test_sandbox import HOSTILE  # noqa: E402
 from tests.test_tokenizer import write_tokenizer as write_qwen_like  # noqa: E402
+
+def episodes(pool, tok, db_paths, max_turns=5, **kw) -> EpisodeState:
+    """A multi-turn rollout batch's state (the sampler's pause hook) over `db_paths`, one per row."""
+    return EpisodeState(SqlEnv(pool, tok, max_turns, **kw), db_paths)
+
 
 TEN_MILLION = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c LIMIT 10000000) SELECT x FROM c"
 
@@ -159,23 +169,23 @@ def test_the_closing_token_of_sql_pauses_and_is_found_once(tokenizers, pool, db,
     tok = tokenizers[which]
     ids = tok.encode(f" I check <sql>SELECT name FROM t WHERE id > 2</sql>{after}")
     pauses = set(pause_ids(tok))
-    env = SqlEnv(pool, tok, [str(db)])
+    env = episodes(pool, tok, [str(db)])
     found = [n for n in range(1, len(ids) + 1) if ids[n - 1] in pauses and env.query(0, ids[:n]) is not None]
     # exactly one pause reads the query: the token that completes "</sql>"
     assert len(found) == 1 and "</sql>" in tok.decode(ids[: found[0]]) and "</sql>" not in tok.decode(ids[: found[0] - 1])
-    env2 = SqlEnv(pool, tok, [str(db)])
+    env2 = episodes(pool, tok, [str(db)])
     assert env2.query(0, ids[: found[0]]) == "SELECT name FROM t WHERE id > 2"
 
 
 def observe(env, row, text):
     """The observation the env appends after `text` (as the sampler would call it), decoded."""
-    [ids] = env.on_pause([row], [env.tokenizer.encode(text)])
-    return env.tokenizer.decode(ids)
+    [ids] = env([row], [env.env.tokenizer.encode(text)])
+    return env.env.tokenizer.decode(ids)
 
 
 def test_observations_rows_errors_timeouts_and_huge_results(tokenizers, pool, db):
     tok = tokenizers["qwen"]
-    env = SqlEnv(pool, tok, [str(db)] * 4, row_limit=3, timeout=0.5)
+    env = episodes(pool, tok, [str(db)] * 4, row_limit=3, timeout=0.5)
     rows = observe(env, 0, "<sql>SELECT id, name FROM t ORDER BY id</sql>")
     assert rows.strip() == "<observation>\nid | name\n0 | Name0\n1 | Name1\n2 | Name2\n(first 3 rows shown)\n</observation>"
     assert "error: no such column: nope" in observe(env, 1, "<sql>SELECT nope FROM t</sql>")
@@ -184,7 +194,7 @@ def test_observations_rows_errors_timeouts_and_huge_results(tokenizers, pool, db
     huge = observe(env, 3, f"<sql>{TEN_MILLION}</sql>")  # 3 rows fetched, not 10 million
     assert "x\n1\n2\n3\n(first 3 rows shown)" in huge
     assert [t[0].status for t in env.turns] == ["ok", "error", "timeout", "ok"]
-    assert env.stats() == {"queries": 4, "querying_rows": 4, "query_errors": 2}
+    assert [len(t) for t in env.turns] == [1] * 4 and sum(t[0].status in ("error", "timeout") for t in env.turns) == 2
 
 
 def test_row_limit_in_the_sandbox(pool, db):
@@ -198,11 +208,11 @@ def test_row_limit_in_the_sandbox(pool, db):
 
 def test_max_turns_and_the_token_budget(tokenizers, pool, db):
     tok = tokenizers["toy"]
-    env = SqlEnv(pool, tok, [str(db)], max_turns=2, max_obs_tokens=60, row_limit=50)
+    env = episodes(pool, tok, [str(db)], max_turns=2, max_obs_tokens=60, row_limit=50)
     ids = []
     for _ in range(3):
         ids += tok.encode(" <sql>SELECT name FROM t</sql>")
-        obs = env.on_pause([0], [ids])[0]
+        obs = env([0], [ids])[0]
         assert len(obs) <= 60
         ids += obs
     assert [t.status for t in env.turns[0]] == ["ok", "ok", "refused"]
@@ -211,8 +221,8 @@ def test_max_turns_and_the_token_budget(tokenizers, pool, db):
 
 def test_no_query_after_think_and_none_without_a_close(tokenizers, pool, db):
     tok = tokenizers["toy"]
-    env = SqlEnv(pool, tok, [str(db)] * 2)
-    assert env.on_pause([0, 1], [tok.encode(" a <sql>SELECT 1"), tok.encode("x</think> <sql>SELECT 1</sql>")]) == [[], []]
+    env = episodes(pool, tok, [str(db)] * 2)
+    assert env([0, 1], [tok.encode(" a <sql>SELECT 1"), tok.encode("x</think> <sql>SELECT 1</sql>")]) == [[], []]
     assert env.turns == [[], []]
 
 
@@ -221,7 +231,7 @@ def test_no_query_after_think_and_none_without_a_close(tokenizers, pool, db):
 def test_hostile_sql_in_a_rollout_changes_no_file(tokenizers, pool, db, name):
     folder = db.parent
     before = hashlib.sha256(db.read_bytes()).hexdigest(), sorted(os.listdir(folder))
-    env = SqlEnv(pool, tokenizers["qwen"], [str(db)], timeout=1.0)
+    env = episodes(pool, tokenizers["qwen"], [str(db)], timeout=1.0)
     out = observe(env, 0, f"<sql>{HOSTILE[name].replace('{folder}', str(folder))}</sql>")
     assert env.turns[0][0].status in ("error", "timeout") and "<observation>" in out
     assert (hashlib.sha256(db.read_bytes()).hexdigest(), sorted(os.listdir(folder))) == before
@@ -242,12 +252,12 @@ def test_model_text_drops_observations_and_observation_tags_are_a_format_error(t
 
 # ------------------------------------------------------------------------------------------------------ training
 
-from sqlr1.batch import Sequence, collate  # noqa: E402
-from sqlr1.grpo import GRPOConfig, loss_norm, policy_loss  # noqa: E402
-from sqlr1.update import micro_batch_logprobs  # noqa: E402
+from sqlr1.batch import TrainSequence, collate  # noqa: E402
+from sqlr1.grpo import GRPOConfig, LossInputs, loss_norm, policy_loss  # noqa: E402
+from sqlr1.update import logprobs  # noqa: E402
 
 
-def interleaved_sequences(old_obs: float = 0.0) -> list[Sequence]:
+def interleaved_sequences(old_obs: float = 0.0) -> list[TrainSequence]:
     """2 prompts x 2 completions of model tokens with observations (loss_mask 0) in between."""
     g = torch.Generator().manual_seed(0)
     seqs = []
@@ -258,8 +268,8 @@ def interleaved_sequences(old_obs: float = 0.0) -> list[Sequence]:
             mask = [1.0] * n
             mask[2 + j : 6 + j] = [0.0] * 4  # a 4-token observation
             old = [(-1.0 if m else old_obs) for m in mask]
-            seqs.append(Sequence(prompt, torch.randint(1, VOCAB, (n,), generator=g).tolist(), old,
-                                 advantage=1.0 + j, sampler_logp=old, group=p, loss_mask=mask))
+            seqs.append(TrainSequence(prompt, torch.randint(1, VOCAB, (n,), generator=g).tolist(), mask,
+                                      advantage=1.0 + j, sampler_logp=old, group=p))
     return seqs
 
 
@@ -271,8 +281,8 @@ def test_observations_get_no_gradient_and_do_not_count_in_the_denominator(model,
     def step(seqs):
         mb = collate(seqs, pad_id=0, shared=shared)
         norm = loss_norm([mb.mask], 16)
-        logp, _ = micro_batch_logprobs(model, mb, 1.0, VOCAB)
-        loss, _ = policy_loss(logp, mb.old_logp, None, mb.advantages, mb.mask, cfg, norm)
+        logp, _ = logprobs(model, mb, 1.0, VOCAB)
+        loss, _ = policy_loss(LossInputs(logp, mb.sampler_logp, mb.advantages, mb.mask), cfg, norm)
         model.zero_grad()
         d_logp, = torch.autograd.grad(loss, logp, retain_graph=True)
         loss.backward()
@@ -319,8 +329,8 @@ def test_toy_lookup_family_and_its_traces_match_the_environment(tmp_path, pool):
         ids, own = encode_with_observations(tok, trace["cot"], 128)
         upto = trace["cot"].index("</sql>") + len("</sql>")
         head = tok.encode(trace["cot"][:upto])
-        env = SqlEnv(pool, tok, [db], max_obs_tokens=128)
-        obs = env.on_pause([0], [head])[0]
+        env = episodes(pool, tok, [db], max_obs_tokens=128)
+        obs = env([0], [head])[0]
         assert ids[: len(head) + len(obs)] == head + obs and own[len(head) : len(head) + len(obs)] == [0.0] * len(obs)
         assert all(own[: len(head)]) and all(own[len(head) + len(obs):])
 
@@ -334,14 +344,19 @@ def test_rollouts_with_the_real_environment_end_at_the_budget(tokenizers, pool, 
     m = Qwen2(ModelConfig(vocab_size=tok.vocab_size + 7, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                           num_attention_heads=2, num_key_value_heads=1))
     m.init_weights(std=0.02, generator=torch.Generator().manual_seed(0))
-    env = SqlEnv(pool, tok, [str(db)] * 6)
+    env = episodes(pool, tok, [str(db)] * 6)
     calls = []
-    def on_pause(rows, generated):
-        calls.append(rows)
-        return env.on_pause(rows, generated)
+
+    class Recording:
+        ids = env.ids
+
+        def __call__(self, rows, generated):
+            calls.append(rows)
+            return env(rows, generated)
+
     prompt = tok.encode(" <sql>SELECT")
-    out = generate(m, [prompt, prompt[:2]], num_samples=3, max_new_tokens=40, temperature=1.0, seed=0,
-                   vocab_size=tok.vocab_size, stop_ids=tok.eos_ids, pause_ids=pause_ids(tok), on_pause=on_pause)
+    out = gen(m, [prompt, prompt[:2]], 3, Recording(), max_new_tokens=40, temperature=1.0, seed=0,
+              vocab_size=tok.vocab_size, stop_ids=tok.eos_ids)
     assert calls and env.turns == [[]] * 6 and all(all(m) for m in out.model_mask)
     assert all(len(t) == 40 or r == "stop" for t, r in zip(out.tokens, out.finish_reason))
 
@@ -380,7 +395,8 @@ def test_train_runs_multi_turn_grpo_on_the_toy_tools_splits(tmp_path):
 
 def test_huge_cells_are_cut_before_they_are_converted():
     from sqlr1.sandbox import ExecResult
-    from sqlr1.sql_env import VALUE_CHARS, render
+    from sqlr1.data import MAX_VALUE_CHARS as VALUE_CHARS
+    from sqlr1.sql_env import render
 
     big = ExecResult("ok", [("x" * 10_000_000, b"\x00" * 5_000_000, 12345678901234567890)], 3, columns=("a", "b", "c"))
     lines = render(big, row_limit=5).splitlines()

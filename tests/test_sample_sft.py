@@ -10,15 +10,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from sqlr1.batch import Sequence, collate
+from sqlr1.batch import TrainSequence, collate
 from sqlr1.checkpoint import load_model, save_model
 from sqlr1.config import TrainConfig
 from sqlr1.data import Example, SHORT_PROMPT, build_prompt, sft_response
-from sqlr1.distributed import Dist
+from sqlr1.distributed import Dist, Models
 from sqlr1.grpo import loss_norm, sft_loss
+from sqlr1.sampling import SamplingParams
+from sqlr1.sql_env import SqlEnv
 from sqlr1.tokenizer import load_tokenizer
 from sqlr1.toyworld import build_toyworld, init_model
-from sqlr1.update import make_optimizer, optimizer_step, train_on_micro_batches
+from sqlr1.update import new_optimizer, sft_update
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,7 +41,7 @@ def sft_batch(world, tok, n: int):
         ex = Example(r["question"], r["db_id"], world / "database" / r["db_id"] / f"{r['db_id']}.sqlite", r["query"],
                      reasoning=r["cot"])
         prompt = build_prompt(ex, tok, SHORT_PROMPT, 512).ids
-        seqs.append(Sequence(prompt, tok.encode(sft_response(ex)) + [tok.eos_ids[0]]))
+        seqs.append(TrainSequence(prompt, tok.encode(sft_response(ex)) + [tok.eos_ids[0]]))
     return seqs
 
 
@@ -54,15 +56,10 @@ def test_sft_masks_the_prompt_and_drives_the_response_loss_down(tiny):
     for i, s in enumerate(seqs):
         row = mb.input_ids[i, mb.start + 1 :][mb.mask[i].bool()].tolist()
         assert row == s.completion
-    cfg = TrainConfig(max_response_len=128, grad_clip=1.0)
-    opt, sched = make_optimizer(model, cfg, 3e-3, 30)
-    norm = loss_norm([mb.mask], cfg.max_response_len)
-    losses = []
-    for _ in range(30):
-        loss, _ = train_on_micro_batches(model, [mb], norm, cfg, Dist(), contextlib.nullcontext(), tok.vocab_size,
-                                         sft=True)
-        optimizer_step(model, opt, sched, cfg, loss)
-        losses.append(loss.item())
+    cfg = TrainConfig(max_response_len=128, grad_clip=1.0, sft_lr=3e-3, sft_steps=30, micro_batch_size=8)
+    optimizer = new_optimizer(model, cfg, "sft")
+    models = Models(model, None, model, contextlib.nullcontext())
+    losses = [sft_update(models, optimizer, seqs, tok, cfg, Dist())["loss"] for _ in range(30)]
     assert losses[-1] < 0.5 * losses[0], losses
 
 
@@ -91,15 +88,15 @@ def test_sample_py_answers_one_question_end_to_end(tiny):
     record = json.loads((world / "dev.json").read_text())[0]
     db = world / "database" / record["db_id"] / f"{record['db_id']}.sqlite"
     proc = run_sample("--model", str(model_dir), "--db", str(db), "--question", record["question"], "--n", "4",
-                      "--max-new-tokens", "24", "--template", "short")
+                      "--max_new_tokens", "24", "--template", "short")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "=== reasoning and answer ===" in proc.stdout and "candidates" in proc.stdout
 
 
 def test_sample_py_scores_a_dataset(tiny, tmp_path):
     world, model_dir = tiny
-    proc = run_sample("--model", str(model_dir), "--dataset", "spider", "--data-root", str(world), "--split", "dev",
-                      "--limit", "6", "--n", "2", "--max-new-tokens", "16", "--template", "short", "--out",
+    proc = run_sample("--model", str(model_dir), "--dataset", "spider", "--data_root", str(world), "--split", "dev",
+                      "--limit", "6", "--n", "2", "--max_new_tokens", "16", "--template", "short", "--out",
                       str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "greedy: EX" in proc.stdout and "voted@2: EX" in proc.stdout
@@ -127,8 +124,8 @@ def test_sample_py_bad_input_is_one_line(tiny, tmp_path):
 
 @pytest.mark.parametrize("case, flags, named", [
     ("model is a file", [], "is a file"),  # was a NotADirectoryError traceback
-    ("", ["--max-new-tokens", "100000"], "2048 positions"),  # ran on past the model's positions
-    ("", ["--max-prompt-len", "5"], "--max-prompt-len 5"),  # answered with no schema, exit 0
+    ("", ["--max_new_tokens", "100000"], "2048 positions"),  # ran on past the model's positions
+    ("", ["--max_prompt_len", "5"], "--max_prompt_len 5"),  # answered with no schema, exit 0
     ("100 KB question", [], "even without the schema"),  # was "dropped 2 tables" then "truncate the prompt"
     ("undecodable question", [], "not valid Unicode"),  # a byte that is not UTF-8 in argv: was a TypeError
 ])
@@ -156,7 +153,7 @@ def test_sample_py_says_a_nan_checkpoint_is_broken(tiny, tmp_path):
     db = world / "database" / record["db_id"] / f"{record['db_id']}.sqlite"
     for n in ("1", "4"):  # greedy printed "!!!!!!!!" (argmax of NaNs), sampling failed deep inside with an index error
         proc = run_sample("--model", str(broken), "--db", str(db), "--question", record["question"], "--n", n,
-                          "--max-new-tokens", "8", "--template", "short")
+                          "--max_new_tokens", "8", "--template", "short")
         assert proc.returncode != 0, proc.stdout[-2000:]
         assert f"checkpoint {broken} is broken" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
         assert len(proc.stderr.strip().splitlines()) == 1
@@ -170,7 +167,7 @@ def test_held_out_evaluation_on_a_rank_without_examples(tiny):
     world, model_dir = tiny
     model, tok = load_model(model_dir, dtype=torch.float32), load_tokenizer(world / "tokenizer")
     with Sandbox(num_workers=1) as sandbox:
-        scores = evaluate_policy(model, tok, [], [], sandbox, TrainConfig(), Dist())
+        scores = evaluate_policy(SqlEnv(sandbox, tok), model, [], [], TrainConfig(), Dist())
     assert scores == {"ex_greedy": 0.0, "ex_voted": 0.0, "format_ok": 0.0, "mean_reward": 0.0}
 
 
@@ -189,32 +186,34 @@ def test_held_out_evaluation_runs_in_bounded_batches_with_the_same_answers(tiny,
     prompts = [build_prompt(ex, tok, SHORT_PROMPT, 512) for ex in examples]
     ids, dbs = [p.ids for p in prompts], [str(ex.db_path) for ex in examples]
     rows_per_call = []
-    real_generate = inference.generate
+    real_generate = inference.SqlEnv.rollout
 
-    def counting_generate(model, prompts, num_samples=1, **kwargs):  # the real sampler, its calls counted
+    def counting_rollout(env, model, prompts, db_paths, num_samples, params, progress=False):  # the real one, counted
         rows_per_call.append(len(prompts) * num_samples)
-        return real_generate(model, prompts, num_samples=num_samples, **kwargs)
+        return real_generate(env, model, prompts, db_paths, num_samples, params, progress)
 
-    monkeypatch.setattr(inference, "generate", counting_generate)
+    monkeypatch.setattr(inference.SqlEnv, "rollout", counting_rollout)
     cfg = TrainConfig(eval_batch_size=2, eval_n=3, max_response_len=10, seed=3)
     with Sandbox(num_workers=1) as sandbox:
-        batched = evaluate_policy(model, tok, examples, prompts, sandbox, cfg, Dist())
+        env = SqlEnv(sandbox, tok)
+        batched = evaluate_policy(env, model, examples, prompts, cfg, Dist())
         assert rows_per_call == [2, 2, 1, 6, 6, 3]  # greedy pass, then the voted pass: <= 2 prompts x 3 rows
         rows_per_call.clear()
-        unbatched = evaluate_policy(model, tok, examples, prompts, sandbox, TrainConfig(
+        unbatched = evaluate_policy(env, model, examples, prompts, TrainConfig(
             eval_batch_size=0, eval_n=3, max_response_len=10, seed=3), Dist())
         assert rows_per_call == [5, 15]
         for key in ("ex_greedy", "format_ok", "mean_reward"):  # the greedy numbers do not depend on the batching
             assert batched[key] == unbatched[key]
 
-        common = dict(max_new_tokens=10, seed=3)
-        one_call = answer_in_batches(model, tok, ids, dbs, sandbox, 0, n=1, **common)
-        in_pairs = answer_in_batches(model, tok, ids, dbs, sandbox, 2, n=1, **common)
+        greedy = SamplingParams(max_new_tokens=10, temperature=0.0, seed=3)
+        one_call = answer_in_batches(env, model, ids, dbs, 1, greedy, batch_size=0)
+        in_pairs = answer_in_batches(env, model, ids, dbs, 1, greedy, batch_size=2)
         assert in_pairs == one_call and len({a.response for a in one_call}) > 1
-        voted = answer_in_batches(model, tok, ids, dbs, sandbox, 2, n=3, temperature=0.8, **common)
-        assert voted == answer_in_batches(model, tok, ids, dbs, sandbox, 2, n=3, temperature=0.8, **common)
+        sampled = SamplingParams(max_new_tokens=10, temperature=0.8, seed=3)
+        voted = answer_in_batches(env, model, ids, dbs, 3, sampled, batch_size=2)
+        assert voted == answer_in_batches(env, model, ids, dbs, 3, sampled, batch_size=2)
         for s in (0, 2, 4):
-            assert voted[s : s + 2] == answer(model, tok, ids[s : s + 2], dbs[s : s + 2], sandbox, n=3,
-                                              temperature=0.8, max_new_tokens=10, seed=3 + s, progress=False)
+            assert voted[s : s + 2] == answer(env, model, ids[s : s + 2], dbs[s : s + 2], 3,
+                                              SamplingParams(max_new_tokens=10, temperature=0.8, seed=3 + s))
     with pytest.raises(ValueError, match="batch_size=-1"):
-        answer_in_batches(model, tok, ids, dbs, None, -1)
+        answer_in_batches(None, model, ids, dbs, 1, greedy, batch_size=-1)
