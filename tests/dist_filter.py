@@ -16,7 +16,7 @@ from sqlr1 import distributed
 from sqlr1.config import TrainConfig
 from sqlr1.data import Example, Prompt, filter_for_rl
 from sqlr1.sandbox import Sandbox
-from train import shared_rl_filter
+from train import Split, rl_data
 
 
 def main(out: str) -> None:
@@ -31,9 +31,10 @@ def main(out: str) -> None:
     cfg = TrainConfig(max_prompt_len=16)
     with Sandbox(num_workers=1, timeout=10.0) as sandbox:
         own, _ = filter_for_rl(examples, prompts, sandbox, cfg.max_prompt_len, timeout=10.0)
-        shared, counts = shared_rl_filter(examples, prompts, sandbox, cfg, d)
+        kept = rl_data(Split(examples, prompts), sandbox, cfg, d)
+    shared = [examples.index(ex) for ex in kept.examples]
     cores = len(os.sched_getaffinity(0))
-    mine = {"shared": shared, "counts": counts, "own": own, "workers": distributed.cores_per_local_rank(),
+    mine = {"shared": shared, "own": own, "workers": distributed.cores_per_local_rank(),
             "cores": cores, "local_world_size": int(os.environ["LOCAL_WORLD_SIZE"])}
     everyone = distributed.all_gather_objects(mine)
     if d.is_main:

@@ -23,7 +23,7 @@ import torch
 
 from sqlr1.checkpoint import load_model
 from sqlr1.data import SHORT_PROMPT, SQLR1_PROMPT, build_prompt, load_dataset
-from sqlr1.sampling import generate
+from sqlr1.sampling import SamplingParams, generate
 from sqlr1.tokenizer import load_tokenizer
 from sqlr1.toyworld import build_toyworld, init_model
 
@@ -128,8 +128,8 @@ def test_final_model_keeps_source_config_and_stops_in_transformers_where_our_sam
     hf = transformers.AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32)
     stopped = 0
     for ids in prompts:
-        ours = generate(ours_model, [ids], num_samples=1, max_new_tokens=128, temperature=0.0, stop_ids=tok.eos_ids,
-                        vocab_size=tok.vocab_size, progress=False)
+        ours = generate(ours_model, [ids], 1, SamplingParams(128, 0.0, stop_ids=tok.eos_ids, vocab_size=tok.vocab_size),
+                        progress=False)
         prompt = torch.tensor([ids])
         theirs = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=128)
         assert theirs[0, len(ids):].tolist() == ours.tokens[0]
@@ -139,11 +139,11 @@ def test_final_model_keeps_source_config_and_stops_in_transformers_where_our_sam
 
 def test_sample_command_quotes_any_question_for_the_shell():
     from sqlr1.data import Example
-    from train import sample_command
+    from sqlr1.run import sample_command
 
     question = "Which club's name is \"$(echo hi)\" or `x`; rm -rf ~?"
     ex = Example(question=question, db_id="a b", db_path=Path("data dir/a b/a b.sqlite"), sql="", evidence="it's 'x'")
     words = shlex.split(sample_command(Path("runs/my run/final"), ex, 64))
     assert Path(words[1]).resolve() == ROOT / "sample.py"
     assert words[2:] == ["--model", "runs/my run/final", "--db", "data dir/a b/a b.sqlite", "--question", question,
-                         "--evidence", "it's 'x'", "--max-new-tokens", "64"]
+                         "--evidence", "it's 'x'", "--max_new_tokens", "64"]

@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 
-from sqlr1.checkpoint import load_model, save_model, save_state_dict, source_extras
+from sqlr1.checkpoint import config_to_hf, load_model, save_model, save_state_dict, source_extras
 from sqlr1.distributed import Dist
 from sqlr1.model import ModelConfig, Qwen2
 from sqlr1.run import promote_final, save_checkpoint
-from sqlr1.sampling import generate
+from sqlr1.sampling import SamplingParams, generate
 from sqlr1.tokenizer import load_tokenizer
 from tests.test_tokenizer import SPECIALS, write_tokenizer
 
@@ -86,7 +86,7 @@ def test_round_trip_keeps_source_extras_and_transformers_stops_where_we_stop(tmp
     saved = json.loads((final / "config.json").read_text())
     generation = json.loads((final / "generation_config.json").read_text())
     assert saved["torch_dtype"] == "bfloat16"  # what was saved, not the source's stale "float16"
-    assert {k: saved[k] for k in ModelConfig().to_hf()} == policy.config.to_hf()
+    assert {k: saved[k] for k in config_to_hf(ModelConfig())} == config_to_hf(policy.config)
     if qwen_like:
         extra, source_generation = qwen_like_extras({t: tok.token_to_id(t) for t in SPECIALS})
         assert {k: saved[k] for k in extra} == extra
@@ -97,8 +97,8 @@ def test_round_trip_keeps_source_extras_and_transformers_stops_where_we_stop(tmp
         greedy = {}  # the built config is plain greedy decoding
 
     ours_tok = load_tokenizer(final)
-    ours = generate(load_model(final, dtype=torch.float32), [prompt_ids(ours_tok)], num_samples=1, max_new_tokens=24,
-                    temperature=0.0, stop_ids=ours_tok.eos_ids, vocab_size=ours_tok.vocab_size, progress=False)
+    ours = generate(load_model(final, dtype=torch.float32), [prompt_ids(ours_tok)], 1,
+                    SamplingParams(24, 0.0, stop_ids=ours_tok.eos_ids, vocab_size=ours_tok.vocab_size), progress=False)
     assert ours.finish_reason == ["stop"] and ours_tok.decode(ours.tokens[0]) == RESPONSE + "<|im_end|>"
     hf = transformers.AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32)
     prompt = torch.tensor([prompt_ids(ours_tok)])

@@ -92,7 +92,7 @@ def test_failed_resume_names_what_was_given_and_creates_nothing(world, run, tmp_
     with pytest.raises(FileNotFoundError, match=r"final is a model \(HF layout, like a run's final/\), not a training"):
         train.main(args(world, new, f"--resume={run / 'final'}"))
     shutil.rmtree(run / "checkpoints")
-    with pytest.raises(FileNotFoundError, match=rf"no checkpoint found under {run / 'checkpoints'}"):
+    with pytest.raises(FileNotFoundError, match=rf"{run / 'checkpoints'} holds no complete checkpoint"):
         train.main(args(world, run, "--resume"))
     assert not new.exists()
 
@@ -212,7 +212,9 @@ def test_promote_final_replaces_only_model_files(tmp_path):
 
 
 def test_ctrl_c_during_a_checkpoint_save_removes_the_unfinished_checkpoint(world, tmp_path, monkeypatch, capsys):
-    real_save = train.save_checkpoint
+    from sqlr1 import run as run_module
+
+    real_save = run_module.save_checkpoint
 
     def save_then_ctrl_c_in_the_second(run_dir, step, *rest, **kw):
         if step == 1:
@@ -220,7 +222,7 @@ def test_ctrl_c_during_a_checkpoint_save_removes_the_unfinished_checkpoint(world
         (run_dir / "checkpoints" / f"step_{step:06d}.tmp" / "state").mkdir(parents=True)  # half written
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train, "save_checkpoint", save_then_ctrl_c_in_the_second)
+    monkeypatch.setattr(run_module, "save_checkpoint", save_then_ctrl_c_in_the_second)
     out = tmp_path / "run"
     assert train.main(args(world, out)) == 130
     line = capsys.readouterr().err.strip().splitlines()[-1]
@@ -241,7 +243,7 @@ def test_one_rank_failing_ends_every_rank_at_once(world, tmp_path):
     elapsed = time.time() - t0
     assert proc.returncode != 0
     assert proc.stderr.count("RuntimeError: rank 1 cannot go on") == 1, proc.stderr[-3000:]
-    assert "[rank 0] stopped: another rank failed" in proc.stderr, proc.stderr[-3000:]
+    assert "[rank 0] Traceback" not in proc.stderr, proc.stderr[-3000:]  # rank 0: one line (gloo's error or SIGTERM)
     assert elapsed < 60, (elapsed, proc.stderr[-3000:])
 
 
