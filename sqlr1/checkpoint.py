@@ -21,7 +21,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -35,6 +35,68 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
                "GIB": 2**30, "TIB": 2**40}
+
+
+# What transformers' Qwen2Config assumes for a key config.json leaves out (our own defaults are Qwen2.5-0.5B's).
+HF_QWEN2_DEFAULTS = dict(
+    vocab_size=151936, hidden_size=4096, intermediate_size=22016, num_hidden_layers=32, num_attention_heads=32,
+    max_position_embeddings=32768, rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
+)
+
+
+def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
+    """Build from a Hugging Face Qwen2 config dict; reject features this model does not implement."""
+    archs = hf.get("architectures") or []
+    if hf.get("model_type") != "qwen2" or (archs and "Qwen2ForCausalLM" not in archs):
+        raise ValueError(
+            f"{source}: model_type={hf.get('model_type')!r}, architectures={archs}; sqlr1 implements only "
+            "Qwen2 / Qwen2.5 (model_type 'qwen2', Qwen2ForCausalLM)"
+        )
+    if hf.get("use_sliding_window", False):
+        raise ValueError(
+            f"{source}: use_sliding_window=true is not supported (no Qwen2.5 release enables it); "
+            "set it to false"
+        )
+    for key in ("rope_scaling", "rope_parameters"):  # transformers < 5 / >= 5 spelling
+        scaling = hf.get(key)
+        kind = scaling.get("rope_type", scaling.get("type")) if isinstance(scaling, dict) else scaling
+        if kind not in (None, "default"):
+            raise ValueError(
+                f"{source}: {key}={scaling} is not supported yet (only the default RoPE; YaRN may come "
+                f"later); remove the scaling to use the native context length"
+            )
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"{source}: hidden_act={hf['hidden_act']!r} is not supported (Qwen2 uses 'silu')")
+    known = {f.name for f in fields(ModelConfig)}
+    kwargs = {**HF_QWEN2_DEFAULTS, **{k: v for k, v in hf.items() if k in known and v is not None}}
+    if "rope_theta" not in hf and isinstance(hf.get("rope_parameters"), dict):
+        kwargs["rope_theta"] = hf["rope_parameters"].get("rope_theta", HF_QWEN2_DEFAULTS["rope_theta"])
+    if hf.get("num_key_value_heads") is None:  # transformers: no GQA unless stated
+        kwargs["num_key_value_heads"] = kwargs["num_attention_heads"]
+    for name, value in kwargs.items():  # a string here would fail far from config.json
+        numbers = (int, float) if name in ("rope_theta", "rms_norm_eps") else (int,)
+        if isinstance(value, bool) != (name == "tie_word_embeddings") or not isinstance(value, numbers):
+            raise ValueError(f"{source}: {name}={value!r} is not a valid value for {name}")
+    try:
+        return ModelConfig(**kwargs)
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
+
+def config_to_hf(config: ModelConfig) -> dict:
+    """The `config.json` contents transformers and vLLM expect for Qwen2ForCausalLM."""
+    return {
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        **asdict(config),
+        "hidden_act": "silu",
+        "attention_dropout": 0.0,
+        "use_sliding_window": False,
+        "sliding_window": None,
+        "max_window_layers": config.num_hidden_layers,
+        "rope_scaling": None,
+        "use_cache": True,
+        "initializer_range": 0.02,
+    }
 
 
 def _hf_name(name: str) -> str:
@@ -90,7 +152,7 @@ def load_model(path_or_repo_id: str | os.PathLike, dtype: torch.dtype = torch.bf
     config_file = d / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file} not found: a checkpoint directory needs config.json")
-    config = ModelConfig.from_hf(read_json(config_file), source=str(config_file))
+    config = config_from_hf(read_json(config_file), source=str(config_file))
     files, weight_map, listing = _weight_files(d)
     with torch.device("meta"):
         model = Qwen2(config)
@@ -159,7 +221,7 @@ def check_vocab(tokenizer_size: int, model: Qwen2, source: str | os.PathLike) ->
 
 # config.json keys that describe the network: written from the ModelConfig and the dtype being saved, never carried
 # over from a source (rope_parameters / layer_types are transformers 5's spellings of rope_theta / full attention).
-NETWORK_KEYS = frozenset(ModelConfig().to_hf()) | {"torch_dtype", "dtype", "rope_parameters", "layer_types"}
+NETWORK_KEYS = frozenset(config_to_hf(ModelConfig())) | {"torch_dtype", "dtype", "rope_parameters", "layer_types"}
 
 
 @dataclass
@@ -309,7 +371,7 @@ def save_state_dict(
             weight_map = {_hf_name(name): file for file, shard in zip(files, shards) for name in shard}
             _write_json(tmp / INDEX_FILE, {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map})
         carried = source.config if source is not None else {}  # the ModelConfig's keys win over stale copies
-        _write_json(tmp / "config.json", {**carried, **config.to_hf(), "torch_dtype": dtype_name, "dtype": dtype_name})
+        _write_json(tmp / "config.json", {**carried, **config_to_hf(config), "torch_dtype": dtype_name, "dtype": dtype_name})
         if generation_config is None and source is not None:
             generation_config = source.generation_config
         if generation_config is None and tokenizer is not None:

@@ -1,50 +1,18 @@
-"""The dry run: one training step's phases at full scale under fake tensors and a fake process group; memory per phase.
+"""The dry run: a training step's phases at full scale under fake tensors and a fake process group; memory per phase.
 
     python train.py --config configs/grpo_7b.py --dry_run --gpus=8 --gpu_mem_gb=80 [--dry_run_out=FILE.md]
 
-Runs the code train.py runs (sqlr1.distributed.shard, sqlr1.sampling.sample_tensors, sqlr1.batch.collate,
-sqlr1.update.train_on_micro_batches / optimizer_step, distributed.gather_full_params) on tensors that have shapes,
-dtypes and devices but no data (`FakeTensorMode`), over a process group of `gpus` ranks that moves nothing
-(`FakeStore`, backend "fake"); `MemTracker` follows every allocation of rank 0 (all ranks are alike) and reports, per
-phase, the peak of
-
-    M_peak = parameters + gradients + optimizer state + activations + KV cache + temporaries    (bytes, one rank)
-
-Phases, in a step's order, in the steady state (AdamW's m and v exist from the step before):
-    build        policy fp32 and reference in compute dtype, each loaded full and FSDP-sharded before the next
-                 loads (as train.py does), the rollout copy's shell (no storage between its uses)
-    eval greedy  rollout copy filled (all-gather) + generate(eval batch x 1 row) at prompt length max_prompt_len,
-                 the copy freed after
-    eval voted   the same with eval_n rows per prompt at eval_temperature
-    rollout      the same with group_size rows per prompt for the step's prompts of this rank
-    reference    no-grad log-probs of the reference over the step's micro-batches
-    old logp     (recompute_old_logp with ppo_epochs > 1) no-grad log-probs of the policy; at ppo_epochs == 1 the
-                 update's own forward gives them (no phase)
-    update       the real micro-batch loop: forward + backward per micro-batch (FSDP no-sync until the last
-                 when grad_accum_no_sync, else a reduce-scatter after each)
-    optimizer    clip + AdamW step (its state materialised)
-    checkpoint   the HF export's gather, one parameter at a time (the DCP state write reads local shards only)
-
-Worst case, no data-dependent host syncs: every prompt is max_prompt_len tokens, every row decodes to
-max_response_len (no stop ids; placeholder random tokens), the last (widest) decode step is run; `.item()` /
-`float(t)` on fake tensors answer 1 (`PlaceholderScalars`); the micro-batch loop runs two micro-batches (with
-grad_accum_no_sync the first without gradient sync, the last with it: the pattern of any longer loop).
-
-What a CPU cannot show is accounted by rule (`sqlr1.model.attention`'s kernel choice on CUDA): a masked GQA call
-repeats K/V to H heads and runs the memory-efficient kernel (output + fp32 logsumexp [B, H, T], no [B, H, T, S]
-score tensor; an upper bound: where that kernel takes GQA natively the repeats are not made); an unmasked one runs
-flash with GQA. The CPU flash kernel the fake run reaches allocates output +
-logsumexp; the difference from the rule, measured per call shape by probing `attention` itself (so a model that
-already repeats K/V gets no double count), is added (x2 in the update: the repeats' gradients). AdamW on CUDA runs
-foreach: one parameter-sized fp32 temporary in the optimizer phase. Not modelled: the CUDA context and allocator
-fragmentation (the 10 % headroom), FSDP's communication buffers beyond the gathered parameters it allocates.
-The KV cache column is the cache's size from its shape (the tracker counts it as an activation), plus the one
-layer's K or V that a compaction holds twice: each generate phase ends with the compaction that drops one finished
-row from the widest cache (the worst case of `KVCache.select_rows`).
-
-Config switches are priced by running the code that reads them: grad_accum_no_sync and shared_prefix inside
-train_on_micro_batches / micro_batch_logprobs (each group's sequences share one prompt list), recompute_old_logp as
-the "old logp" phase, eval_batch_size as the prompts of one evaluation generate call (0: all of a rank's).
+It runs train.py's own phases: `distributed.build_models` (each model loaded, then FSDP-sharded), the sampler's
+tensor loop under `distributed.rollout_weights` for evaluation and rollouts, `update.policy_update` (reference,
+old logp, update, optimizer: the phases it announces) and the export's `gather_full_params`, on tensors with shapes
+and no data (`FakeTensorMode`) over `gpus` ranks that move nothing; torch's MemTracker follows rank 0 and reports,
+per phase, the peak of parameters + gradients + AdamW state + activations + KV cache + temporaries. Worst case:
+every prompt max_prompt_len tokens, every row decoding to max_response_len (the widest step, then the compaction
+that drops one finished row), two micro-batches in the update, `.item()` answering 1 (`PlaceholderScalars`).
+Assumed rather than simulated, per call shape by probing `model.attention`: CUDA's kernel choice (a masked GQA call
+repeats K/V to H heads and runs the memory-efficient kernel: an upper bound where that kernel takes GQA natively;
+no [B, H, T, S] scores), and AdamW's foreach temporary; not modelled: the CUDA context, fragmentation (the 10 %
+headroom) and NCCL buffers.
 """
 
 from __future__ import annotations
@@ -60,13 +28,11 @@ import torch
 import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from sqlr1 import distributed
-from sqlr1.batch import Sequence, collate, split_micro_batches
+from sqlr1 import distributed, update
+from sqlr1.batch import TrainSequence, split_micro_batches
 from sqlr1.config import DTYPES, TrainConfig
-from sqlr1.grpo import loss_norm
 from sqlr1.model import KVCache, ModelConfig, Qwen2, attention
-from sqlr1.sampling import sample_tensors
-from sqlr1.update import compute_context, make_optimizer, micro_batch_logprobs, optimizer_step, train_on_micro_batches
+from sqlr1.sampling import SamplingParams, sample_tensors
 
 GiB = 2**30
 HEADROOM = 0.10
@@ -94,10 +60,10 @@ def model_shape(model: str) -> tuple[ModelConfig, int]:
     """(ModelConfig, tokenizer vocabulary) of a local checkpoint directory, or of a known hub id (no download)."""
     d = Path(model).expanduser()
     if (d / "config.json").is_file():
-        from sqlr1.checkpoint import read_json
+        from sqlr1.checkpoint import config_from_hf, read_json
         from sqlr1.tokenizer import load_tokenizer
 
-        config = ModelConfig.from_hf(read_json(d / "config.json"), source=str(d / "config.json"))
+        config = config_from_hf(read_json(d / "config.json"), source=str(d / "config.json"))
         vocab = load_tokenizer(d).vocab_size if (d / "tokenizer.json").is_file() else config.vocab_size
         return config, vocab
     if model in KNOWN_MODELS:
@@ -108,10 +74,12 @@ def model_shape(model: str) -> tuple[ModelConfig, int]:
 
 
 class PlaceholderScalars(TorchDispatchMode):
-    """Host reads of a fake tensor's value (.item(), float(t), .tolist()) answer 1: a dry run has no values, and
-    every value it reads only feeds a check or a log line (grad norm, loss, token counts)."""
+    """Host reads of a fake tensor's value (.item(), float(t), bool(t), .tolist()) answer 1 (True): a dry run has no
+    values, and every value it reads only feeds a check or a log line (finite logits, grad norm, token counts)."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.is_nonzero.default:
+            return True
         if func is torch.ops.aten._local_scalar_dense.default:
             t = args[0]
             return True if t.dtype == torch.bool else 1.0 if t.dtype.is_floating_point else 1
@@ -147,7 +115,6 @@ class Plan:
 
     micro_batch_size: int
     eval_batch: int  # prompts per generate call in evaluation (0: no evaluation)
-    keep_rollout_copy: bool = False  # price the rollout copy alive through the update (train.py frees it)
     max_micro: int = 2  # micro-batches simulated: the second shows what accumulating gradients across them holds
 
 
@@ -212,49 +179,47 @@ def _kv_bytes(mc: ModelConfig, rows: int, T_max: int, dtype: torch.dtype) -> int
 
 def simulate(cfg: TrainConfig, mc: ModelConfig, vocab: int, world: int, plan: Plan, mesh, fake: bool = True,
              phases: tuple[str, ...] = PHASES, log=None) -> dict[str, dict[str, int]]:
-    """Run the phases on rank `dist.get_rank()` of an initialised process group (fake, or real gloo in the test)
-    and return {phase: row}, bytes per column. With fake=False the same code runs on real tensors."""
+    """Run the phases as rank `dist.get_rank()` of an initialised process group (fake, or real gloo in the test),
+    sharding over `mesh`; {phase: row}, bytes per column. With fake=False the same code runs on real tensors."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    dtype = DTYPES[cfg.dtype]
-    device = torch.device("cpu")
+    dtype, device, C = DTYPES[cfg.dtype], torch.device("cpu"), cfg.max_response_len
     d = distributed.Dist(rank=dist.get_rank(), world_size=world, device=device)
-    sharded = world > 1
-    n_seqs, _ = rank_counts(cfg, world)
-    n_prompts = n_seqs // cfg.group_size
-    L, C = cfg.max_prompt_len, cfg.max_response_len
-    rng = random.Random(0)
-    B = min(plan.micro_batch_size, n_seqs)
-    gaps = {"eval": _cuda_attention_gap(mc, plan.eval_batch, L, L, dtype) if plan.eval_batch else 0,
-            "rollout": _cuda_attention_gap(mc, n_prompts, L, L, dtype),
-            # shared prefix: the prompt once per group (unpadded here: fused causal kernel, nothing to add) and the
-            # completions [B, C] over prompt + their own keys (masked); else every row [B, L + C] over L + C keys
-            "train": _cuda_attention_gap(mc, B, C, L + C, dtype) if cfg.shared_prefix
-            else _cuda_attention_gap(mc, B, L + C, L + C, dtype)}  # probed before the fake mode below
+    n_prompts = rank_counts(cfg, world)[0] // cfg.group_size
+    B = min(plan.micro_batch_size, n_prompts * cfg.group_size)
+    gap = {"eval": _cuda_attention_gap(mc, plan.eval_batch, cfg.max_prompt_len, cfg.max_prompt_len, dtype)
+           if plan.eval_batch else 0,
+           "rollout": _cuda_attention_gap(mc, n_prompts, cfg.max_prompt_len, cfg.max_prompt_len, dtype),
+           # shared prefix: the prompt once per group (unpadded: a fused causal kernel, nothing to add) and the
+           # completions [B, C] over prompt + their own keys (masked); else every row over L + C keys
+           "train": _cuda_attention_gap(mc, B, C, cfg.max_prompt_len + C, dtype) if cfg.shared_prefix
+           else _cuda_attention_gap(mc, B, cfg.max_prompt_len + C, cfg.max_prompt_len + C, dtype)}  # before fake mode
+    extra = {"reference": {"act_extra": gap["train"]}, "old logp": {"act_extra": gap["train"]},
+             "update": {"act_extra": gap["train"], "temp_extra": gap["train"]}}
+    rng, rows, alive = random.Random(0), {}, {}
 
     def tokens(n: int) -> list[int]:
         return [rng.randrange(vocab) for _ in range(n)]
 
-    rows: dict[str, dict[str, int]] = {}
-    last: list = []
-
-    def run(fn) -> None:
-        """One phase under a fresh tracker that starts from what is alive: the models and the optimizer state."""
+    @contextlib.contextmanager
+    def phase(name: str, **row_args):
+        """A fresh tracker starting from what is alive (the models, AdamW's state); the phase's row is its peak
+        (the largest when a phase repeats: ppo_epochs > 1)."""
         t0 = time.time()
-        mt = _tracker()
-        mt.track_external(*[x for k, x in m.items() if k in ("policy", "ref", "rollout", "opt") and x is not None])
-        with mt:
-            fn()
-        last[:] = [mt]
+        tracker = _tracker()
+        tracker.track_external(*alive.values())
+        with tracker:
+            yield
+        snap = next(iter(tracker.get_tracker_snapshot("peak").values()))
+        row = _row(snap, **{**extra.get(name, {}), **row_args})
+        if name not in rows or row["total"] > rows[name]["total"]:
+            rows[name] = row
         if log is not None:
-            log(f"{fn.__name__}: {time.time() - t0:.0f} s")
+            log(f"{name}: {time.time() - t0:.0f} s")
 
-    def peak() -> dict:
-        return next(iter(last[0].get_tracker_snapshot("peak").values()))
-
-    def build(dt: torch.dtype) -> Qwen2:
+    def load(dt: torch.dtype) -> Qwen2:  # a model of the checkpoint's shape, allocated directly in dt
         default = torch.get_default_dtype()
-        torch.set_default_dtype(dt)  # allocate in dt directly, as load_model does (no fp32 detour)
+        torch.set_default_dtype(dt)
         try:
             with torch.device(device):
                 model = Qwen2(mc)
@@ -263,121 +228,67 @@ def simulate(cfg: TrainConfig, mc: ModelConfig, vocab: int, world: int, plan: Pl
         model.init_weights(std=0.02)
         return model
 
-    fake_mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
-    scalars = PlaceholderScalars() if fake else contextlib.nullcontext()
-    m: dict = {}  # what the phases leave for the next ones (models, optimizer, micro-batches)
-
-    def build_models() -> None:  # as train.py: each model loaded full, then sharded before the next one loads
-        m["policy"] = policy = build(torch.float32)
-        policy.gradient_checkpointing = cfg.gradient_checkpointing
-        if sharded:
-            distributed.shard(policy, dtype, mesh=mesh)
-        # MemTracker hooks every parameter's gradient, so the frozen models keep requires_grad and run under
-        # no_grad (the same memory: they never get a gradient)
-        m["ref"] = ref = build(dtype) if cfg.grpo.kl_coef > 0 else None
-        if sharded and ref is not None:
-            distributed.shard(ref, dtype, mesh=mesh)
-        m["rollout"] = rollout = policy
-        if sharded or dtype != torch.float32:
-            m["rollout"] = rollout = build(dtype)
-            if not plan.keep_rollout_copy:
-                distributed.free_weights(rollout)  # train.py: allocated only while rollouts / evaluation run
-
-    def steady_state() -> None:  # AdamW's m and v exist from the step before (not a table row)
-        for p in m["policy"].parameters():
-            p.grad = torch.zeros_like(p)
-        m["opt"].step()
-        m["opt"].zero_grad(set_to_none=True)
-
-    def generate_phase(name: str, n_prompts_: int, G: int, temperature: float, gap: int) -> None:
-        policy, rollout = m["policy"], m["rollout"]
-
-        def body() -> None:
-            if rollout is not policy:
-                distributed.copy_full_weights(policy, rollout)
-            rollout.eval()
-            with torch.inference_mode():
-                sample_tensors(rollout, [tokens(L) for _ in range(n_prompts_)], G, C, temperature, cfg.top_p,
-                               cfg.top_k, (), vocab, 0, False, False, 8, True, first_step=C - 2,
-                               check_finite=False)
-                if n_prompts_ * G > 1:  # a compaction at the widest step that drops one finished row: the worst case
-                    cache = KVCache(mc, n_prompts_ * G, L + C - 1, device=device, dtype=dtype)
-                    cache.select_rows(torch.arange(n_prompts_ * G - 1, device=device))
+    def generate(name: str, prompts: int, G: int, temperature: float) -> None:
+        """A rollout or evaluation call at its widest decode step, then a compaction dropping one finished row."""
+        params = SamplingParams(C, temperature, 1.0 if name.startswith("eval") else cfg.top_p,
+                                0 if name.startswith("eval") else cfg.top_k, (), vocab, seed=0)
+        with phase(name, kv=int(_kv_bytes(mc, prompts * G, cfg.max_prompt_len + C - 1, dtype)
+                                * (1 + 1 / (2 * mc.num_hidden_layers))), act_extra=gap[name.split()[0]]):
+            with distributed.rollout_weights(models) as model, torch.inference_mode():
+                model.eval()
+                sample_tensors(model, [tokens(cfg.max_prompt_len) for _ in range(prompts)], G, params,
+                               first_step=C - 2)
+                if prompts * G > 1:
+                    cache = KVCache(mc, prompts * G, cfg.max_prompt_len + C - 1, device=device, dtype=dtype)
+                    cache.select_rows(torch.arange(prompts * G - 1, device=device))
                     del cache
-            if rollout is not policy and not plan.keep_rollout_copy:
-                distributed.free_weights(rollout)
 
-        run(body)
-        # the KV cache: P*G rows at full width, plus the one buffer a compaction holds twice (KVCache.select_rows)
-        kv = _kv_bytes(mc, n_prompts_ * G, L + C - 1, dtype) * (1 + 1 / (2 * mc.num_hidden_layers))
-        rows[name] = _row(peak(), kv=int(kv), act_extra=gap)
-
-    def logprobs(model, key: str) -> None:
-        with torch.no_grad(), m["ctx"]:
-            for mb in m["mbs"]:
-                setattr(mb, key, micro_batch_logprobs(model, mb, cfg.temperature, vocab)[0])
-
-    fused_old_logp = cfg.old_logp_from_update
-
-    def update() -> None:
-        norm = loss_norm([mb.mask for mb in m["mbs"]], C, world_reduce=distributed.all_reduce)
-        m["loss_sum"], _ = train_on_micro_batches(m["policy"], m["mbs"], norm, cfg, d, m["ctx"], vocab, sft=False,
-                                                  old_from_policy=fused_old_logp)
-
-    def save() -> None:
-        for _, t in distributed.gather_full_params(m["policy"], dtype):
-            del t  # rank 0 keeps it on the host (written shard by shard), not on the device
-
-    with fake_mode, scalars:
-        run(build_models)
-        rows["build"] = _row(peak(), weights=True)
-        m["opt"], m["sched"] = make_optimizer(m["policy"], cfg, cfg.lr, total_steps=10)
-        m["ctx"] = compute_context(device, dtype, sharded)
-        run(steady_state)
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
+    with fake_mode, PlaceholderScalars() if fake else contextlib.nullcontext():
+        with phase("build", weights=True):
+            models = distributed.build_models(cfg, d, load, mesh)
+        if models.ref is not None:  # MemTracker hooks every parameter's gradient; under no_grad: the same memory
+            models.ref.requires_grad_(True)
+        alive.update({k: m for k, m in (("policy", models.policy), ("ref", models.ref), ("rollout", models.rollout))
+                      if m is not None})
+        optimizer = update.new_optimizer(models.policy, cfg, "grpo")
+        for p in models.policy.parameters():  # the steady state: AdamW's m and v exist from the step before
+            p.grad = torch.zeros_like(p)
+        optimizer.adamw.step()
+        optimizer.adamw.zero_grad(set_to_none=True)
+        alive["optimizer"] = optimizer.adamw
         if plan.eval_batch and "eval greedy" in phases:
-            generate_phase("eval greedy", plan.eval_batch, 1, 0.0, gaps["eval"])
+            generate("eval greedy", plan.eval_batch, 1, 0.0)
         if plan.eval_batch and cfg.eval_n > 1 and "eval voted" in phases:
-            generate_phase("eval voted", plan.eval_batch, cfg.eval_n, cfg.eval_temperature, gaps["eval"])
+            generate("eval voted", plan.eval_batch, cfg.eval_n, cfg.eval_temperature)
         if "rollout" in phases:
-            generate_phase("rollout", n_prompts, cfg.group_size, cfg.temperature, gaps["rollout"])
-        seqs = []
-        for g in range(n_prompts):
-            prompt = tokens(L)  # a group shares its prompt (what the shared-prefix forward exploits)
-            seqs += [Sequence(prompt, tokens(C), [-1.0] * C, 1.0, sampler_logp=[-1.0] * C, group=g)
-                     for _ in range(cfg.group_size)]
-        shared = cfg.shared_prefix
-        chunks = split_micro_batches(seqs, plan.micro_batch_size, shared=shared)[: plan.max_micro]
-
-        def reference() -> None:
-            m["mbs"] = [collate(chunk, 0, device, shared=shared) for chunk in chunks]
-            if m["ref"] is not None and ("reference" in phases or "update" in phases):
-                logprobs(m["ref"], "ref_logp")
-
-        run(reference)
-        if m["ref"] is not None and "reference" in phases:
-            rows["reference"] = _row(peak(), act_extra=gaps["train"])
-        if cfg.recompute_old_logp and not fused_old_logp and "old logp" in phases:
-            def old_logp() -> None:
-                logprobs(m["policy"], "old_logp")
-
-            run(old_logp)
-            rows["old logp"] = _row(peak(), act_extra=gaps["train"])
-        if "update" in phases or "optimizer" in phases:
-            run(update)
-            rows["update"] = _row(peak(), act_extra=gaps["train"], temp_extra=gaps["train"])
-        del m["mbs"]
-        if "optimizer" in phases:
-            def step() -> None:
-                optimizer_step(m["policy"], m["opt"], m["sched"], cfg, m["loss_sum"])
-
-            run(step)
+            generate("rollout", n_prompts, cfg.group_size, cfg.temperature)
+        if {"reference", "old logp", "update", "optimizer"} & set(phases):
+            seqs = []
+            for g in range(n_prompts):
+                prompt = tokens(cfg.max_prompt_len)  # a group shares its prompt (what the shared-prefix forward uses)
+                seqs += [TrainSequence(prompt, tokens(C), advantage=1.0, sampler_logp=[-1.0] * C, group=g)
+                         for _ in range(cfg.group_size)]
+            chunks = split_micro_batches(seqs, plan.micro_batch_size, shared=cfg.shared_prefix)[: plan.max_micro]
+            batch_cfg = replace(cfg, micro_batch_size=plan.micro_batch_size)
             shard_numel = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel()
-                              for p in m["policy"].parameters())
-            rows["optimizer"] = _row(peak(), temp_extra=4 * shard_numel, no_activations=True)  # + AdamW foreach
+                              for p in models.policy.parameters())
+            extra["optimizer"] = {"temp_extra": 4 * shard_numel, "no_activations": True}  # + AdamW foreach's temporary
+            update.policy_update(models, optimizer, [s for chunk in chunks for s in chunk],
+                                 _Vocab(vocab), batch_cfg, d, phases=phase)
         if "checkpoint" in phases:
-            run(save)
-            rows["checkpoint"] = _row(peak())
-    return rows
+            with phase("checkpoint"):
+                for _, t in distributed.gather_full_params(models.policy, dtype):
+                    del t  # rank 0 keeps it on the host (written shard by shard), not on the device
+    return {name: rows[name] for name in PHASES if name in rows and name in phases}
+
+
+@dataclass
+class _Vocab:
+    """What the update reads of a tokenizer."""
+
+    vocab_size: int
+    pad_id: int = 0
 
 
 def fits(rows: dict[str, dict[str, int]], gpu_mem_gb: float) -> bool:
@@ -442,9 +353,8 @@ def _sizes(n: int, also: int) -> list[int]:
     return sorted({1 << i for i in range(n.bit_length()) if 1 << i < n} | {n, also})
 
 
-def dry_run(cfg: TrainConfig, gpus: int, gpu_mem_gb: float, log=None) -> Report:
-    """Simulate cfg on `gpus` ranks of `gpu_mem_gb` each: the table, and the largest micro-batch and eval batch.
-    `log(str)` hears each simulated phase and its time."""
+def check_request(cfg: TrainConfig, gpus: int, gpu_mem_gb: float) -> None:
+    """The dry run's own arguments, checked before anything is built: one ValueError each."""
     if not isinstance(gpus, int) or gpus < 1:
         raise ValueError(f"--gpus={gpus}: the number of GPUs (ranks) must be an integer >= 1")
     if not (isinstance(gpu_mem_gb, (int, float)) and 0 < gpu_mem_gb < math.inf):
@@ -455,6 +365,12 @@ def dry_run(cfg: TrainConfig, gpus: int, gpu_mem_gb: float, log=None) -> Report:
     if cfg.eval_split and cfg.eval_limit == 0 and cfg.eval_batch_size == 0:
         raise ValueError("dry run: eval_limit=0 and eval_batch_size=0: the evaluation's size is unknown without the "
                          "data; set --eval_limit or --eval_batch_size")
+
+
+def dry_run(cfg: TrainConfig, gpus: int, gpu_mem_gb: float, log=None) -> Report:
+    """Simulate cfg on `gpus` ranks of `gpu_mem_gb` each: the table, and the largest micro-batch and eval batch.
+    `log(str)` hears each simulated phase and its time."""
+    check_request(cfg, gpus, gpu_mem_gb)
     mc, vocab = model_shape(cfg.model)
     t0 = time.time()
     with fake_world(gpus) as mesh:

@@ -5,34 +5,22 @@
                         x = x + MLP_l(RMSNorm(x))         (SwiGLU: W_down(silu(W_gate x) * W_up x))
     logits = W_head RMSNorm(x)                            (W_head = E when tie_word_embeddings)
 
-Parameter names equal the Hugging Face checkpoint names with the leading "model." removed, so loading is a
-plain state-dict copy (see checkpoint.py). RoPE uses the rotate-half layout of HF checkpoints.
-
-Two things the rest of the code needs from the model:
-- a static KV cache (`KVCache`) owned by the caller: the sampler preallocates [B, H_kv, T_max, D] per layer and
-  the model writes new keys/values at cache columns `cache_position`;
-- `token_logprobs`, log pi(y_t | y_<t) of given tokens, computed in chunks so that the [B, T, V] fp32
-  log-softmax is never materialised (V = 152k for Qwen2.5).
-- `shared_prefix_logprobs`, the same for GRPO's G completions per prompt with each prompt computed once
-  (TrainConfig.shared_prefix; the policy update and the reference model use it through update.micro_batch_logprobs).
+Parameter names are the Hugging Face checkpoint's without the leading "model." (checkpoint.py loads by name);
+RoPE uses HF's rotate-half layout. What the rest of the code needs from the model: a static `KVCache` the sampler
+owns ([B, H_kv, T_max, D] per layer, written at columns `cache_position`); `token_logprobs`, log pi(y_t | y_<t) of
+given tokens in chunks, so the [B, T, V] fp32 log-softmax is never materialised (V = 152k); and
+`shared_prefix_logprobs`, the same for GRPO's G completions of a prompt with the prompt computed once.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
-
-
-# What transformers' Qwen2Config assumes for a key config.json leaves out (our own defaults are Qwen2.5-0.5B's).
-HF_QWEN2_DEFAULTS = dict(
-    vocab_size=151936, hidden_size=4096, intermediate_size=22016, num_hidden_layers=32, num_attention_heads=32,
-    max_position_embeddings=32768, rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
-)
 
 
 @dataclass
@@ -59,61 +47,6 @@ class ModelConfig:
                 f"num_attention_heads={self.num_attention_heads} must be a multiple of "
                 f"num_key_value_heads={self.num_key_value_heads}"
             )
-
-    @classmethod
-    def from_hf(cls, hf: dict, source: str = "config.json") -> "ModelConfig":
-        """Build from a Hugging Face Qwen2 config dict; reject features this model does not implement."""
-        archs = hf.get("architectures") or []
-        if hf.get("model_type") != "qwen2" or (archs and "Qwen2ForCausalLM" not in archs):
-            raise ValueError(
-                f"{source}: model_type={hf.get('model_type')!r}, architectures={archs}; sqlr1 implements only "
-                "Qwen2 / Qwen2.5 (model_type 'qwen2', Qwen2ForCausalLM)"
-            )
-        if hf.get("use_sliding_window", False):
-            raise ValueError(
-                f"{source}: use_sliding_window=true is not supported (no Qwen2.5 release enables it); "
-                "set it to false"
-            )
-        for key in ("rope_scaling", "rope_parameters"):  # transformers < 5 / >= 5 spelling
-            scaling = hf.get(key)
-            kind = scaling.get("rope_type", scaling.get("type")) if isinstance(scaling, dict) else scaling
-            if kind not in (None, "default"):
-                raise ValueError(
-                    f"{source}: {key}={scaling} is not supported yet (only the default RoPE; YaRN may come "
-                    f"later); remove the scaling to use the native context length"
-                )
-        if hf.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"{source}: hidden_act={hf['hidden_act']!r} is not supported (Qwen2 uses 'silu')")
-        known = {f.name for f in fields(cls)}
-        kwargs = {**HF_QWEN2_DEFAULTS, **{k: v for k, v in hf.items() if k in known and v is not None}}
-        if "rope_theta" not in hf and isinstance(hf.get("rope_parameters"), dict):
-            kwargs["rope_theta"] = hf["rope_parameters"].get("rope_theta", HF_QWEN2_DEFAULTS["rope_theta"])
-        if hf.get("num_key_value_heads") is None:  # transformers: no GQA unless stated
-            kwargs["num_key_value_heads"] = kwargs["num_attention_heads"]
-        for name, value in kwargs.items():  # a string here would fail far from config.json
-            numbers = (int, float) if name in ("rope_theta", "rms_norm_eps") else (int,)
-            if isinstance(value, bool) != (name == "tie_word_embeddings") or not isinstance(value, numbers):
-                raise ValueError(f"{source}: {name}={value!r} is not a valid value for {name}")
-        try:
-            return cls(**kwargs)
-        except ValueError as e:
-            raise ValueError(f"{source}: {e}") from None
-
-    def to_hf(self) -> dict:
-        """The `config.json` contents transformers and vLLM expect for Qwen2ForCausalLM."""
-        return {
-            "architectures": ["Qwen2ForCausalLM"],
-            "model_type": "qwen2",
-            **asdict(self),
-            "hidden_act": "silu",
-            "attention_dropout": 0.0,
-            "use_sliding_window": False,
-            "sliding_window": None,
-            "max_window_layers": self.num_hidden_layers,
-            "rope_scaling": None,
-            "use_cache": True,
-            "initializer_range": 0.02,
-        }
 
 
 class KVCache:
@@ -423,26 +356,14 @@ class Qwen2(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`token_logprobs(input_ids, attention_mask, start)` for rows that share prompts, each prompt computed once.
 
-        Layout as in batch.py: prompts left-padded to P = start + 1 columns, completions right-padded from column P.
-        group [B] names each row's prompt (rows with equal `group` must hold equal prompts; the first row of a group
-        provides it). With M groups of prompts q_g (length L_g) and completions o_i of group g(i), every block runs
-
-            prefix:      x_g     <- Block(x_g)                    attention over q_g's causal past   [M, P]
-            completion:  x_i,t   <- Block(x_i,t)                  keys/values [K_g(i) ; K_i,<=t]     [N, C]
-
-        with RoPE positions L_g(i) + t for o_i,t (left padding invisible), and the head reads
-        h_i,0 = x_g(i),P-1 (the prompt's last token predicts o_i,0) and h_i,t = x_i,t-1 otherwise:
-        log pi(o_i,t | q, o_i,<t) exactly as the unshared forward computes it. The prefix K_g, V_g of each layer are
-        gathered to the G rows of the group (index_select, then concatenated with the completion's own K/V), so
-        backward sums the G completions' gradients into one prefix computation: dL/dx_g = sum_{i in g} dL_i/dx_g.
-
-        Cost, N = M G rows: M P + N C tokens through the weights instead of N (P + C), attention
-        M P^2 / 2 + N C (P + C) instead of N (P + C)^2 / 2 — at P = 1024, C = 128, G = 8 about 4.4x fewer tokens.
-        Why this layout and not one row per group holding prefix + all G completions under a block mask: that row's
-        attention is (P + G C)^2 / 2 wide with G C x G C mostly masked, and a masked query block cannot use a fused
-        causal kernel, while here only [C, P + C] per completion is scored. Rows of one group may be spread over
-        several micro-batches (batch.py), each then recomputes the prefix once. Activation checkpointing and the
-        chunked head (`_chunk_logprobs`: no [B, T, V] fp32 tensor, ids >= vocab_size excluded) work as unshared.
+        Layout as in batch.py (prompts left-padded to P = start + 1 columns, completions from column P); group [B]
+        names each row's prompt (equal groups, equal prompts). With M prompts q_g and completions o_i of group g(i),
+        every block runs the prefixes x_g [M, P] causally over themselves and the completions x_i,t [N, C] over
+        [K_g(i) ; K_i,<=t], with RoPE positions L_g(i) + t; the head reads h_i,0 = x_g(i),P-1 and h_i,t = x_i,t-1.
+        That is log pi(o_i,t | q, o_i,<t) exactly as the unshared forward computes it, and backward sums the G
+        completions' gradients into one prefix computation (the prefix K/V are index_selected per row). Cost, N = M G
+        rows: M P + N C tokens through the weights instead of N (P + C); attention [C, P + C] per completion instead
+        of a block-masked row of P + G C (which no fused causal kernel could take).
         """
         P = start + 1
         device = input_ids.device

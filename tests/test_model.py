@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from sqlr1.checkpoint import config_from_hf, config_to_hf
 from sqlr1.model import KVCache, ModelConfig, Qwen2, attention, decode_attention
 
 ROWS = 128  # embedding rows; the "tokenizer" below has only VOCAB ids, as Qwen pads 151,665 ids to 152,064 rows
@@ -258,6 +259,6 @@ def test_padded_vocab_rows_are_masked():
 
 def test_config_hf_round_trip_and_gqa_check():
     cfg = tiny_model().config
-    assert ModelConfig.from_hf(cfg.to_hf()) == cfg
+    assert config_from_hf(config_to_hf(cfg)) == cfg
     with pytest.raises(ValueError, match="num_attention_heads=5 must be a multiple of num_key_value_heads=2"):
         ModelConfig(hidden_size=40, num_attention_heads=5, num_key_value_heads=2)
