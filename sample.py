@@ -1,12 +1,12 @@
 """Answer questions with a trained model: one question, or a whole Spider / BIRD split scored by execution accuracy.
 
     python sample.py --model runs/grpo_tiny/final --db toyworld/database/<db_id>/<db_id>.sqlite --question "How many ...?"
-    python sample.py --model DIR --dataset spider --data-root data/spider --split dev --n 8 [--limit 100]
+    python sample.py --model DIR --dataset spider --data_root data/spider --split dev --n 8 [--limit 100]
 
 Self-consistency (SQL-R1, Sec. 3.3): N candidates at temperature T are executed, grouped by result set, and the
 first SQL of the largest group is the answer; --n 1 or --temperature 0 decodes greedily. --max_turns N lets each
 candidate run up to N queries inside its reasoning (multi-turn rollouts, sqlr1/sql_env.py); one question then
-prints each turn (query, observation) before the answer.
+prints each turn (query, observation) before the answer. Options are spelled as train.py's: --max_new_tokens.
 """
 
 from __future__ import annotations
@@ -21,18 +21,16 @@ from pathlib import Path
 
 import torch
 
-from sqlr1.checkpoint import check_vocab, load_model
+from sqlr1.checkpoint import check_vocab, load_model, read_json
 from sqlr1.config import DTYPES
-from sqlr1.data import SHORT_PROMPT, SQLR1_PROMPT, Example, Prompt, build_prompt, load_dataset, table_names
+from sqlr1.data import PROMPT_TEMPLATES, Example, Prompt, build_prompt, load_dataset, table_names
 from sqlr1.distributed import resolve_device
 from sqlr1.evaluate import score_pairs
 from sqlr1.inference import answer, answer_in_batches
-from sqlr1.sampling import NonFiniteLogitsError
+from sqlr1.sampling import NonFiniteLogitsError, SamplingParams
 from sqlr1.sandbox import Sandbox
+from sqlr1.sql_env import SqlEnv
 from sqlr1.tokenizer import load_tokenizer
-
-TEMPLATES = {"sqlr1": SQLR1_PROMPT, "short": SHORT_PROMPT}
-
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -43,18 +41,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     one.add_argument("--evidence", default="", help="external knowledge (BIRD's evidence)")
     many = ap.add_argument_group("a data set")
     many.add_argument("--dataset", choices=["spider", "bird"])
-    many.add_argument("--data-root")
+    many.add_argument("--data_root")
     many.add_argument("--split", default="dev")
     many.add_argument("--limit", type=int, default=0, help="only the first K questions")
-    many.add_argument("--batch-size", type=int, default=16, help="questions per sampler call")
+    many.add_argument("--batch_size", type=int, default=16, help="questions per sampler call")
     many.add_argument("--out", default="", help="directory for predictions and verdicts (default: next to --model)")
     ap.add_argument("--n", type=int, default=8, help="candidates per question (1: greedy)")
     ap.add_argument("--temperature", type=float, default=0.8)
-    ap.add_argument("--max-new-tokens", type=int, default=2048)
-    ap.add_argument("--template", choices=sorted(TEMPLATES), default=None,
+    ap.add_argument("--max_new_tokens", type=int, default=2048)
+    ap.add_argument("--template", choices=sorted(PROMPT_TEMPLATES), default=None,
                     help="prompt template (default: the one the checkpoint was trained with, else sqlr1)")
-    ap.add_argument("--sample-values", type=int, default=None, help="example values per column in the schema")
-    ap.add_argument("--max-prompt-len", type=int, default=4096)
+    ap.add_argument("--sample_values", type=int, default=None, help="example values per column in the schema")
+    ap.add_argument("--max_prompt_len", type=int, default=4096)
     ap.add_argument("--timeout", type=float, default=30.0, help="seconds per SQL execution")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
@@ -62,16 +60,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--compile", choices=["auto", "true", "false"], default="auto",
                     help="torch.compile the decode step (auto: on CUDA)")
-    ap.add_argument("--max-turns", "--max_turns", dest="max_turns", type=int, default=0,
-                    help="queries a candidate may run inside <think> (0: single turn)")
-    ap.add_argument("--obs-rows", type=int, default=5, help="rows an observation shows (multi-turn)")
-    ap.add_argument("--obs-max-tokens", type=int, default=128, help="tokens per observation (multi-turn)")
+    ap.add_argument("--max_turns", type=int, default=0, help="queries a candidate may run inside <think> (0: single turn)")
+    ap.add_argument("--obs_rows", type=int, default=5, help="rows an observation shows (multi-turn)")
+    ap.add_argument("--obs_max_tokens", type=int, default=128, help="tokens per observation (multi-turn)")
     args = ap.parse_args(argv)
     if Path(args.model).is_file():
         ap.error(f"--model {args.model}: is a file; give the checkpoint directory (config.json, *.safetensors, "
                  "tokenizer files) or a hub repo id")
     if (args.dataset is None) == (args.question is None):
-        ap.error("give either --db and --question (one question) or --dataset and --data-root (a data set)")
+        ap.error("give either --db and --question (one question) or --dataset and --data_root (a data set)")
     if args.question is not None:
         if not args.question.strip():
             ap.error("--question is empty")
@@ -80,11 +77,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         if not Path(args.db).is_file():
             ap.error(f"--db {args.db}: no such database file")
     if args.dataset and not args.data_root:
-        ap.error("--dataset needs --data-root (the directory holding the data set's json files and databases)")
+        ap.error("--dataset needs --data_root (the directory holding the data set's json files and databases)")
     if args.batch_size < 1 or args.limit < 0 or args.n < 1 or args.max_new_tokens < 1 or args.max_prompt_len < 1:
-        ap.error("--batch-size, --n, --max-new-tokens and --max-prompt-len must be >= 1, --limit >= 0")
+        ap.error("--batch_size, --n, --max_new_tokens and --max_prompt_len must be >= 1, --limit >= 0")
     if args.max_turns < 0 or args.obs_rows < 1 or args.obs_max_tokens < 8:
-        ap.error("--max_turns must be >= 0, --obs-rows >= 1, --obs-max-tokens >= 8")
+        ap.error("--max_turns must be >= 0, --obs_rows >= 1, --obs_max_tokens >= 8")
     if not (0 <= args.temperature < math.inf and 0 < args.timeout < math.inf):  # NaN fails too
         ap.error("--temperature must be finite and >= 0, --timeout finite and > 0")
     return args
@@ -101,37 +98,37 @@ def prompt_settings(model_dir: Path, args) -> PromptSettings:
     saved = {"template": "sqlr1", "sample_values": 0}
     record = model_dir / "sqlr1_prompt.json"
     if record.is_file():
-        saved.update(json.loads(record.read_text()))
+        saved.update(read_json(record))  # a broken file is named
+    if saved["template"] not in PROMPT_TEMPLATES or not isinstance(saved["sample_values"], int):
+        raise ValueError(f"{record}: template must be one of {sorted(PROMPT_TEMPLATES)} and sample_values an integer "
+                         f"(found {saved}); fix the file or delete it and pass --template")
     return PromptSettings(args.template or saved["template"], saved["sample_values"] if args.sample_values is None
                           else args.sample_values)
 
 
-def check_prompts(prompts: list[Prompt], examples: list[Example], args, max_positions: int) -> None:
-    """Refuse to answer blind: a prompt left with no table of its schema (the question is too long, or
-    --max-prompt-len too small), or one longer than the model's positions. The limit that decides is named."""
-    limit = min(args.max_prompt_len, max_positions)
+def check_prompts(prompts: list[Prompt], examples: list[Example], args, budget: int, max_positions: int) -> None:
+    """Refuse to answer blind: a prompt over the token budget even without its schema (the question is too long), or
+    one that kept not one table of its schema. The limit that decides is named: --max_prompt_len, or the model's
+    positions when they are fewer."""
     bad = [i for i, (p, ex) in enumerate(zip(prompts, examples))
-           if len(p.ids) > limit or len(p.dropped_tables) == len(table_names(ex.db_path))]
+           if len(p.ids) > budget or len(p.dropped_tables) == len(table_names(ex.db_path))]
     if not bad:
         return
-    first, ex = prompts[bad[0]], examples[bad[0]]
+    first = prompts[bad[0]]
     which = "the question" if args.question is not None else f"{len(bad)} of {len(prompts)} questions (#{bad[0]} first)"
-    if len(first.dropped_tables) < len(table_names(ex.db_path)):  # the schema fits the budget, the model does not
-        raise ValueError(f"{which}: a prompt of {len(first.ids)} tokens is longer than the model's {max_positions} "
-                         f"positions (max_position_embeddings); lower --max-prompt-len so that the schema is shrunk")
-    if len(first.ids) > limit:
-        binding = (f"--max-prompt-len {args.max_prompt_len}; shorten the question or raise the limit"
-                   if args.max_prompt_len <= max_positions else
-                   f"the model's {max_positions} positions (max_position_embeddings); shorten the question")
+    limit = (f"--max_prompt_len {args.max_prompt_len}" if args.max_prompt_len <= max_positions else
+             f"the model's {max_positions} positions (max_position_embeddings)")
+    raise_it = "; or raise --max_prompt_len" if args.max_prompt_len <= max_positions else ""
+    if len(first.ids) > budget:
         raise ValueError(f"{which}: the prompt is {len(first.ids)} tokens even without the schema, "
-                         f"{len(first.ids) - limit} over {binding}")
-    raise ValueError(f"--max-prompt-len {args.max_prompt_len}: too small for {which}: not one table of the schema "
-                     f"fits (the prompt without it is {len(first.ids)} tokens); raise --max-prompt-len")
+                         f"{len(first.ids) - budget} over {limit}: shorten the question{raise_it}")
+    raise ValueError(f"{which}: not one table of the schema fits within {limit} (the prompt without it is "
+                     f"{len(first.ids)} tokens){raise_it.replace('; or', ';')}")
 
 
 def check_generation_length(args, max_positions: int) -> None:
     if args.max_new_tokens > max_positions:
-        raise ValueError(f"--max-new-tokens {args.max_new_tokens}: the model has {max_positions} positions "
+        raise ValueError(f"--max_new_tokens {args.max_new_tokens}: the model has {max_positions} positions "
                          "(max_position_embeddings), prompt included; ask for fewer tokens")
 
 
@@ -144,13 +141,13 @@ def print_table(rows: list[tuple], ncols: int, limit: int = 10) -> None:
         print(f"  ... {len(rows) - limit} more rows")
 
 
-def one_question(model, tokenizer, settings: PromptSettings, sandbox, args) -> None:
+def one_question(model, env: SqlEnv, settings: PromptSettings, args) -> None:
     ex = Example(question=args.question, db_id=Path(args.db).stem, db_path=Path(args.db), sql="", evidence=args.evidence)
-    prompt = build_prompt(ex, tokenizer, TEMPLATES[settings.template], args.max_prompt_len, settings.sample_values)
-    check_prompts([prompt], [ex], args, model.config.max_position_embeddings)
-    a = answer(model, tokenizer, [prompt.ids], [str(ex.db_path)], sandbox, n=args.n, temperature=args.temperature,
-               max_new_tokens=args.max_new_tokens, seed=args.seed, timeout=args.timeout, **decoding_settings(args))[0]
-    for k, turn in enumerate(a.turns or [], 1):
+    budget = min(args.max_prompt_len, model.config.max_position_embeddings)
+    prompt = build_prompt(ex, env.tokenizer, PROMPT_TEMPLATES[settings.template], budget, settings.sample_values)
+    check_prompts([prompt], [ex], args, budget, model.config.max_position_embeddings)
+    a = answer(env, model, [prompt.ids], [str(ex.db_path)], args.n, sampling_params(args, env), progress=None)[0]
+    for k, turn in enumerate(a.turns, 1):
         print(f"=== turn {k}: query ({turn.status}) ===\n{turn.sql}\n=== turn {k}: observation ===\n"
               f"{turn.observation.strip()}\n")
     print("=== reasoning and answer ===" + (" (the model's own text; observations above)" if a.turns else ""))
@@ -167,36 +164,35 @@ def one_question(model, tokenizer, settings: PromptSettings, sandbox, args) -> N
     print_table(a.result.rows, a.result.ncols)
 
 
-def decoding_settings(args) -> dict:
-    """`inference.answer`'s multi-turn and compile keywords from the command line."""
+def sampling_params(args, env: SqlEnv) -> SamplingParams:
+    """The sampling settings of the command line (compile auto: on CUDA)."""
     compile = args.compile == "true" or (args.compile == "auto" and resolve_device(args.device).type == "cuda")
-    return {"max_turns": args.max_turns, "obs_rows": args.obs_rows, "obs_max_tokens": args.obs_max_tokens,
-            "compile": compile}
+    return SamplingParams(args.max_new_tokens, args.temperature, stop_ids=env.tokenizer.eos_ids,
+                          vocab_size=env.tokenizer.vocab_size, seed=args.seed, compile=compile)
 
 
-def dataset_eval(model, tokenizer, settings: PromptSettings, sandbox, args, model_dir: Path) -> None:
+def dataset_eval(model, env: SqlEnv, settings: PromptSettings, args, model_dir: Path) -> None:
     examples = load_dataset(args.dataset, args.data_root, args.split)
     if args.limit:
         examples = examples[: args.limit]
-    template = TEMPLATES[settings.template]
-    built = [build_prompt(ex, tokenizer, template, args.max_prompt_len, settings.sample_values) for ex in examples]
-    check_prompts(built, examples, args, model.config.max_position_embeddings)
+    budget = min(args.max_prompt_len, model.config.max_position_embeddings)
+    template = PROMPT_TEMPLATES[settings.template]
+    built = [build_prompt(ex, env.tokenizer, template, budget, settings.sample_values) for ex in examples]
+    check_prompts(built, examples, args, budget, model.config.max_position_embeddings)
     prompts = [p.ids for p in built]
     dbs = [str(ex.db_path) for ex in examples]
     runs = {"greedy": 1} if args.n == 1 or args.temperature == 0 else {"greedy": 1, f"voted@{args.n}": args.n}
     out = Path(args.out) if args.out else model_dir / f"eval_{args.dataset}_{args.split}"
     out.mkdir(parents=True, exist_ok=True)
     summary = {}
+    mode = "bird" if args.dataset == "bird" else "spider"
     for name, n in runs.items():
         t0 = time.time()
-        mode = "bird" if args.dataset == "bird" else "spider"
-        preds = [a.sql for a in answer_in_batches(model, tokenizer, prompts, dbs, sandbox, args.batch_size,
-                                                  seed=args.seed, desc=name, n=n, temperature=args.temperature,
-                                                  max_new_tokens=args.max_new_tokens, timeout=args.timeout,
-                                                  mode=mode, **decoding_settings(args))]
+        preds = [a.sql for a in answer_in_batches(env, model, prompts, dbs, n, sampling_params(args, env), mode,
+                                                  args.batch_size, desc=name)]
         elapsed = time.time() - t0
         write_predictions(out, name, args.dataset, examples, preds)
-        verdicts = score_pairs(sandbox, preds, [ex.sql for ex in examples], dbs, mode=mode, timeout=args.timeout)
+        verdicts = score_pairs(env.sandbox, preds, [ex.sql for ex in examples], dbs, mode=mode, timeout=args.timeout)
         with (out / f"verdicts_{name}.jsonl").open("w") as f:
             for i, (ex, v) in enumerate(zip(examples, verdicts)):
                 f.write(json.dumps({"index": i, "db_id": ex.db_id, "match": v.match, "pred_status": v.pred.status,
@@ -240,11 +236,12 @@ def main(argv: list[str]) -> int:
     model_dir = Path(args.model) if Path(args.model).is_dir() else Path(".")
     settings = prompt_settings(model_dir, args)
     with Sandbox(timeout=args.timeout) as sandbox:
+        env = SqlEnv(sandbox, tokenizer, args.max_turns, args.obs_rows, args.obs_max_tokens, args.timeout)
         try:
             if args.question is not None:
-                one_question(model, tokenizer, settings, sandbox, args)
+                one_question(model, env, settings, args)
             else:
-                dataset_eval(model, tokenizer, settings, sandbox, args, model_dir)
+                dataset_eval(model, env, settings, args, model_dir)
         except NonFiniteLogitsError as e:
             raise ValueError(f"checkpoint {args.model} is broken: {e}") from None
     return 0

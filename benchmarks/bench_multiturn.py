@@ -1,6 +1,6 @@
 """Cost of multi-turn rollouts: one GRPO rollout batch of the toy world, single turn vs multi-turn, same model.
 
-    python benchmarks/bench_multiturn.py --model runs/<run>/final [--data-root toyworld] [--prompts 8 --group 8]
+    python benchmarks/bench_multiturn.py --model runs/<run>/final [--data_root toyworld] [--prompts 8 --group 8]
 
 Both sides sample the same prompts (lookup questions of train_tools, where a tools-trained model queries) with the
 same seed, temperature 1 and max_new_tokens, in the same process, alternating, `--repeats` times each; it prints the
@@ -28,11 +28,11 @@ from sqlr1.tokenizer import load_tokenizer
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
-    ap.add_argument("--data-root", default="toyworld")
+    ap.add_argument("--data_root", default="toyworld")
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--group", type=int, default=8)
-    ap.add_argument("--max-new-tokens", type=int, default=192)
-    ap.add_argument("--max-turns", type=int, default=3)
+    ap.add_argument("--max_new_tokens", type=int, default=192)
+    ap.add_argument("--max_turns", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     tok = load_tokenizer(args.model)

@@ -21,6 +21,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from sqlr1.checkpoint import config_to_hf  # noqa: E402
 from sqlr1.model import KVCache, ModelConfig, Qwen2, num_params
 from sqlr1.sampling import generate
 
@@ -63,7 +64,7 @@ def build_models(config: ModelConfig, device: str, dtype: torch.dtype):
     with torch.device(device):
         ours = Qwen2(config).to(dtype)
         ours.init_weights(generator=torch.Generator(device).manual_seed(0))
-        hf = Qwen2ForCausalLM._from_config(Qwen2Config(**config.to_hf()), dtype=dtype)
+        hf = Qwen2ForCausalLM._from_config(Qwen2Config(**config_to_hf(config)), dtype=dtype)
     state = {("" if k.startswith("lm_head") else "model.") + k: v for k, v in ours.state_dict().items()}
     hf.load_state_dict(state, strict=True)
     return ours.eval(), hf.eval()

@@ -16,7 +16,7 @@ Values compare with Python `==` (and hash), so 1 == 1.0.
 Spider hardness levels are not computed: they need the official SQL parser (absent here).
 
 CLI, in the official file formats:
-    python -m sqlr1.evaluate --gold dev_gold.sql --pred pred.sql --db-root database [--mode spider|bird]
+    python -m sqlr1.evaluate --gold dev_gold.sql --pred pred.sql --db_root database [--mode spider|bird]
 """
 
 from __future__ import annotations
@@ -331,10 +331,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sqlr1.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--gold", type=Path, required=True, help="lines `SQL<TAB>db_id`")
     parser.add_argument("--pred", type=Path, required=True, help="one predicted SQL per line")
-    parser.add_argument("--db-root", type=Path, required=True, help="folder holding <db_id>/<db_id>.sqlite")
+    parser.add_argument("--db_root", type=Path, required=True, help="folder holding <db_id>/<db_id>.sqlite")
     parser.add_argument("--mode", choices=MODES, default="spider")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds per query")
-    parser.add_argument("--keep-distinct", action="store_true", help="spider mode: do not strip DISTINCT")
+    parser.add_argument("--keep_distinct", action="store_true", help="spider mode: do not strip DISTINCT")
     parser.add_argument("--workers", type=int, default=None, help="worker processes (default: all cores)")
     parser.add_argument("--out", type=Path, default=None, help="write one JSON verdict per pair here")
     args = parser.parse_args(argv)

@@ -113,7 +113,7 @@ def resolve_db(db_root: str | Path, db_id: str) -> Path:
         raise ValueError(f"db_id {db_id!r} is not a plain database name (letters, digits, '_', '-', '.'); refused")
     path = Path(db_root) / db_id / f"{db_id}.sqlite"
     if not path.is_file():
-        raise FileNotFoundError(f"database {path} not found: check --db-root / db_root and the db_id {db_id!r}")
+        raise FileNotFoundError(f"database {path} not found: check --db_root / db_root and the db_id {db_id!r}")
     return path
 
 

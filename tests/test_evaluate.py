@@ -249,7 +249,7 @@ def test_cli_writes_verdicts(db_root, tmp_path, capsys):
     pred.write_text("SELECT name FROM item WHERE kind = 'food'\n\nSELECT count(*) + 1 FROM item\n"
                     "SELECT 1\n")
     out = tmp_path / "verdicts.jsonl"
-    assert main(["--gold", str(gold), "--pred", str(pred), "--db-root", str(db_root), "--out", str(out),
+    assert main(["--gold", str(gold), "--pred", str(pred), "--db_root", str(db_root), "--out", str(out),
                  "--workers", "1"]) == 0
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert lines == [
@@ -266,10 +266,10 @@ def test_cli_bad_inputs(db_root, tmp_path, capsys):
     pred = tmp_path / "pred.sql"
     gold.write_text("SELECT 1\tshop\nSELECT 2\tshop\n")
     pred.write_text("SELECT 1\n")
-    assert main(["--gold", str(gold), "--pred", str(pred), "--db-root", str(db_root)]) == 2
+    assert main(["--gold", str(gold), "--pred", str(pred), "--db_root", str(db_root)]) == 2
     assert "1 lines" in capsys.readouterr().err
     gold.write_text("SELECT 1\t../../etc/passwd\n")
-    assert main(["--gold", str(gold), "--pred", str(pred), "--db-root", str(db_root)]) == 2
+    assert main(["--gold", str(gold), "--pred", str(pred), "--db_root", str(db_root)]) == 2
     assert "refused" in capsys.readouterr().err
 
 
@@ -278,7 +278,7 @@ def test_cli_refuses_numbers_and_output_paths_before_any_query(db_root, tmp_path
     pred = tmp_path / "pred.sql"
     gold.write_text("SELECT 1\tshop\n")
     pred.write_text("SELECT 1\n")
-    common = ["--gold", str(gold), "--pred", str(pred), "--db-root", str(db_root)]
+    common = ["--gold", str(gold), "--pred", str(pred), "--db_root", str(db_root)]
     for flags, named in [(["--timeout", "nan"], "--timeout nan"), (["--timeout", "0"], "--timeout 0"),
                          (["--timeout", "inf"], "--timeout inf"), (["--workers", "0"], "--workers 0"),
                          (["--out", str(tmp_path / "no" / "such" / "v.jsonl")], "does not exist"),
@@ -296,7 +296,7 @@ def test_cli_names_the_file_and_line_of_invalid_utf8(db_root, tmp_path, capsys):
     pred = tmp_path / "pred.sql"
     gold.write_text("SELECT 1\tshop\nSELECT 2\tshop\n")
     pred.write_bytes(b"SELECT 1\nSELECT 'caf\xe9'\n")
-    assert main(["--gold", str(gold), "--pred", str(pred), "--db-root", str(db_root)]) == 2
+    assert main(["--gold", str(gold), "--pred", str(pred), "--db_root", str(db_root)]) == 2
     err = capsys.readouterr().err
     assert f"{pred}:2:" in err and "0xe9" in err and "UTF-8" in err
 
@@ -306,7 +306,7 @@ def test_cli_with_nothing_to_score_fails(db_root, tmp_path, capsys):
     pred = tmp_path / "pred.sql"
     gold.write_text("")
     pred.write_text("")
-    assert main(["--gold", str(gold), "--pred", str(pred), "--db-root", str(db_root)]) == 2
+    assert main(["--gold", str(gold), "--pred", str(pred), "--db_root", str(db_root)]) == 2
     captured = capsys.readouterr()
     assert "nothing to score" in captured.err and "EX" not in captured.out
 
