@@ -20,8 +20,6 @@ import math
 import random
 import sys
 import time
-from collections import defaultdict
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -35,7 +33,7 @@ from sqlr1.distributed import Dist, Models
 from sqlr1.grpo import group_advantages, train_rows
 from sqlr1.inference import evaluate_policy
 from sqlr1.reward import Reward, score_batch
-from sqlr1.run import Run
+from sqlr1.run import Phases, Run
 from sqlr1.sampling import SamplingParams
 from sqlr1.sandbox import Sandbox
 from sqlr1.sql_env import Episodes, SqlEnv, encode_with_observations, episode_metrics
@@ -79,10 +77,11 @@ def train(cfg: TrainConfig, run: Run) -> None:
 
         def evaluate(step: int, label: str) -> None:  # held-out EX, voted too unless eval_vote="final" and not the end
             if eval_split.examples:
-                with distributed.rollout_weights(models) as model:
+                phases = Phases(d.device)
+                with phases("eval"), distributed.rollout_weights(models) as model:
                     result = evaluate_policy(env, model, eval_split.examples, eval_split.prompts, cfg, d,
                                              vote=cfg.eval_vote == "always" or step == total)
-                run.log({"stage": f"eval:{label}", "step": step, **result})
+                run.log({"stage": f"eval:{label}", "step": step, **result, **phases.peaks()})
 
         if run.start_step == 0 and cfg.sft_steps == 0 and cfg.grpo_steps and cfg.eval_init:
             evaluate(0, "init")
@@ -165,18 +164,18 @@ def sft_step(step: int, models: Models, optimizer: Optimizer, split: Split, toke
 def grpo_step(step: int, models: Models, optimizer: Optimizer, split: Split, env: SqlEnv, cfg: TrainConfig,
               d: Dist) -> tuple[dict, list[dict]]:
     """One GRPO step on this rank's B / world_size prompts (a group never crosses ranks): the record, logged samples."""
-    clock = Clock()
+    phases = Phases(d.device)
     batch = rank_batch(split, cfg.prompts_per_step, step - cfg.sft_steps, cfg, d)
     G, tokenizer = cfg.group_size, env.tokenizer
     # 1. rollout: G completions per prompt, sampled with this step's weights
-    with clock("rollout"), distributed.rollout_weights(models) as model:
+    with phases("rollout"), distributed.rollout_weights(models) as model:
         episodes = env.rollout(model, [p.ids for p in batch.prompts], [ex.db_path for ex in batch.examples], G,
                                SamplingParams(cfg.max_response_len, cfg.temperature, cfg.top_p, cfg.top_k,
                                               tokenizer.eos_ids, tokenizer.vocab_size,
                                               seed=(cfg.seed * 1_000_003 + step) * 1009 + d.rank,
                                               compile=cfg.compile_decode(d.device)))
     # 2. reward: execute each completion's SQL against its gold; r = SQL-R1's reward - query_cost x queries run
-    with clock("reward"):
+    with phases("reward"):
         golds = [(str(batch.examples[p].db_path), batch.examples[p].sql) for p in episodes.samples.prompt_index]
         rewards = score_batch(env.sandbox, episodes.texts, golds, cfg.reward, count_tokens=lambda s: len(tokenizer.encode(s)))
     r = torch.tensor([x.total - cfg.query_cost * episodes.queries(j) for j, x in enumerate(rewards)])
@@ -187,9 +186,9 @@ def grpo_step(step: int, models: Models, optimizer: Optimizer, split: Split, env
                           episodes.loss_mask(j), float(advantages[j]), w, episodes.samples.logprobs[j],
                           group=episodes.samples.prompt_index[j]) for j, w in zip(rows, weights)]
     # 4. update: the clipped objective + beta KL, backpropagated over the step's micro-batches; one AdamW step
-    with clock("train"):
-        update = policy_update(models, optimizer, seqs, tokenizer, cfg, d, phases=clock)
-    record = grpo_metrics(step, rewards, episodes, adv_stats, update, optimizer.lr, clock)
+    with phases("train"):
+        update = policy_update(models, optimizer, seqs, tokenizer, cfg, d, phases=phases)
+    record = grpo_metrics(step, rewards, episodes, adv_stats, update, optimizer.lr, phases)
     logged = [{"step": step + 1, "question": batch.examples[episodes.samples.prompt_index[j]].question,
                "completion": episodes.transcripts[j], "reward": rewards[j].total, "correct": rewards[j].correct}
               for j in range(min(cfg.log_samples, len(rewards)))]
@@ -197,7 +196,7 @@ def grpo_step(step: int, models: Models, optimizer: Optimizer, split: Split, env
 
 
 def grpo_metrics(step: int, rewards: list[Reward], episodes: Episodes, adv_stats: dict, update: dict | None,
-                 lr: float, clock: Clock) -> dict:
+                 lr: float, phases: Phases) -> dict:
     """The step's record, over all ranks: rewards and their components, accuracy, completion lengths, the update's
     metrics (none when nothing was trained: `skipped_zero_var`), throughput and time per phase."""
     lengths = [len(t) for t in episodes.samples.tokens]
@@ -216,28 +215,13 @@ def grpo_metrics(step: int, rewards: list[Reward], episodes: Episodes, adv_stats
               "completion_len_max": int(distributed.all_reduce(torch.tensor(max(lengths)), op="max")),
               "truncation_rate": tot["truncated"] / n, "lr": lr, "skipped": update["skipped"] if update else 0,
               "skipped_zero_var": int(update is None),
-              "rollout_tokens_per_s": tot["len_sum"] / clock.seconds["rollout"],
-              "train_tokens_per_s": (update["train_tokens"] if update else 0.0) / clock.seconds["train"],
-              **{f"time_{k}": clock.seconds[k] for k in ("rollout", "reward", "train")},
+              "rollout_tokens_per_s": tot["len_sum"] / phases.seconds["rollout"],
+              "train_tokens_per_s": (update["train_tokens"] if update else 0.0) / phases.seconds["train"],
+              **{f"time_{k}": phases.seconds[k] for k in ("rollout", "reward", "train")}, **phases.peaks(),
               **episode_metrics({k: tot[k] for k in episodes.stats()}, n)}
     if update is not None:
         record.update({k: v for k, v in update.items() if k not in ("skipped", "train_tokens")})
     return record
-
-
-class Clock:
-    """Seconds per phase of a step (`with clock("rollout"): ...`), nested phases included."""
-
-    def __init__(self):
-        self.seconds = defaultdict(float)
-
-    @contextmanager
-    def __call__(self, phase: str):
-        t0 = time.time()
-        try:
-            yield
-        finally:
-            self.seconds[phase] += time.time() - t0
 
 
 def main(argv: list[str]) -> int:

@@ -27,6 +27,7 @@ import shlex
 import shutil
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -433,6 +434,33 @@ class Run:
         if example is not None and (self.dir / "final").is_dir():
             print("ask the final model a held-out question:\n  "
                   + sample_command(self.dir / "final", example, self.cfg.max_response_len))
+
+
+class Phases:
+    """Seconds per phase of a step (`with phases("rollout"): ...`, nested phases included) and, on CUDA, each phase's
+    peak of allocated memory (torch.cuda.max_memory_allocated, GiB): the numbers the dry run predicts."""
+
+    def __init__(self, device: torch.device):
+        self.seconds, self.peak, self.cuda, self._open = {}, {}, device.type == "cuda", []
+
+    @contextmanager
+    def __call__(self, phase: str):
+        t0 = time.time()
+        if self.cuda:  # the counter restarts per phase; an enclosing phase takes the max of its children
+            self._open.append(0)
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.time() - t0
+            if self.cuda:
+                peak = max(torch.cuda.max_memory_allocated(), self._open.pop())
+                self.peak[phase] = max(self.peak.get(phase, 0), peak)
+                if self._open:
+                    self._open[-1] = max(self._open[-1], peak)
+
+    def peaks(self) -> dict[str, float]:
+        return {f"peak_mem_{k.replace(' ', '_')}_gib": v / 2**30 for k, v in self.peak.items()}
 
 
 def print_summary(evals: list[dict]) -> None:
