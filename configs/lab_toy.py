@@ -1,4 +1,4 @@
-"""The built-in RL lab: 11 variants x 3 seeds of the toy demo (configs/grpo_tiny.py), SFT cached once per seed.
+"""The built-in RL lab: 13 variants x 3 seeds of the toy demo (configs/grpo_tiny.py), SFT cached once per seed.
 
     python -m sqlr1.lab --config configs/lab_toy.py            # OUT = runs/lab_toy: lab.md, lab.json, lab.png
 
@@ -37,5 +37,8 @@ config = LabConfig(  # seeds 0, 1, 2, two runs at once (1 thread each): LabConfi
         "no_length": ["--reward.use_length=false"],
         "arctic": ["--reward.preset=arctic"],  # Arctic-Text2SQL-R1: 1 correct, 0.1 runs, 0 otherwise
         "tis": ["--grpo.tis_cap=2"],  # truncated IS, C = 2; a control in fp32 (every weight ~1)
+        # CISPO and its reference at 2 epochs: in the first the ratio is 1 and CISPO's gradient equals GRPO's
+        "grpo_ppo2": ["--ppo_epochs=2"],
+        "cispo": ["--grpo.pg_term=cispo", "--ppo_epochs=2"],
     },
 )

@@ -11,7 +11,8 @@ N counts the completion tokens of the whole optimisation step, over every micro-
 micro-batch's `policy_loss` is its additive share of J whatever the split. `policy_loss` is that reference; every
 variant is a small function behind one `GRPOConfig` switch: Dr.GRPO's unscaled advantages and constant normaliser
 (adv_scale, loss_agg), DAPO's clip-higher (clip_high) and group filter (`train_rows`), GSPO's sequence ratio
-(`sequence_ratio`), truncated importance sampling (`tis_weights`) and the entropy bonus (`entropy_bonus`).
+(`sequence_ratio`), CISPO's clipped-weight REINFORCE (`cispo_term`), truncated importance sampling (`tis_weights`)
+and the entropy bonus (`entropy_bonus`).
 A new algorithm is a new function here and a switch: nothing outside this module changes.
 """
 
@@ -27,6 +28,7 @@ from torch import Tensor
 ADV_SCALES = ("group", "batch", "none")
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 RATIO_LEVELS = ("token", "sequence")
+PG_TERMS = ("clip", "cispo")
 Reduce = Callable[[Tensor], Tensor]  # an elementwise SUM over ranks (identity in one process)
 
 
@@ -49,11 +51,13 @@ class GRPOConfig:
     entropy_coef: float = 0.0
     loss_agg: str = "token-mean"
     ratio_level: str = "token"  # "token" (GRPO/PPO) | "sequence" (GSPO)
+    pg_term: str = "clip"  # the policy-gradient term: "clip" (PPO's clipped surrogate) | "cispo" (MiniMax-M1)
     drop_zero_std_groups: bool = False  # DAPO dynamic sampling, filter flavour
     tis_cap: float = 0.0  # truncated importance sampling C (Yao et al. 2025; they use 2): 0 off, else >= 1
 
     def __post_init__(self) -> None:
-        for name, allowed in (("adv_scale", ADV_SCALES), ("loss_agg", LOSS_AGGS), ("ratio_level", RATIO_LEVELS)):
+        for name, allowed in (("adv_scale", ADV_SCALES), ("loss_agg", LOSS_AGGS), ("ratio_level", RATIO_LEVELS),
+                              ("pg_term", PG_TERMS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"GRPOConfig.{name}={getattr(self, name)!r}: choose one of {allowed}")
         for name in ("adv_eps", "std_floor", "clip_low", "clip_high", "kl_coef", "entropy_coef"):
@@ -197,7 +201,10 @@ def policy_loss(x: LossInputs, cfg: GRPOConfig, norm: LossNorm) -> tuple[Tensor,
     log_ratio = torch.where(w != 0, x.logp - x.old_logp.detach(), 0.0).clamp(-cfg.max_log_ratio, cfg.max_log_ratio)
     ratio = sequence_ratio(x, log_ratio) if cfg.ratio_level == "sequence" else torch.exp(log_ratio)
     adv = x.advantages[:, None] if x.advantages.dim() == 1 else x.advantages
-    per_token = -torch.min(ratio * adv, ratio.clamp(1 - cfg.clip_low, 1 + cfg.clip_high) * adv)
+    if cfg.pg_term == "cispo":
+        per_token = cispo_term(x, ratio, adv, cfg)
+    else:
+        per_token = -torch.min(ratio * adv, ratio.clamp(1 - cfg.clip_low, 1 + cfg.clip_high) * adv)
     metrics = {"tokens": w.sum(), "seqs": (w.sum(dim=1) > 0).to(w.dtype).sum()}
     if cfg.tis_cap > 0:
         tis = torch.where(w != 0, tis_weights(x.old_logp, x.sampler_logp, cfg.tis_cap), 0.0)
@@ -229,6 +236,14 @@ def sequence_ratio(x: LossInputs, log_ratio: Tensor) -> Tensor:
     seq_log_ratio = (w * log_ratio).sum(dim=1, keepdim=True) / w.sum(dim=1, keepdim=True).clamp(min=1e-12)
     logp = torch.where(w != 0, x.logp, 0.0)
     return torch.exp(seq_log_ratio.detach() + logp - logp.detach())
+
+
+def cispo_term(x: LossInputs, ratio: Tensor, adv: Tensor, cfg: GRPOConfig) -> Tensor:
+    """CISPO (MiniMax-M1, arXiv 2506.13585), pg_term="cispo": REINFORCE weighted by the clipped importance weight,
+    stop-gradient, l_t = -sg(min(rho_t, 1 + eps_high)) A log pi_t (no lower bound, as the paper sets it). Where the
+    clipped surrogate gives a token outside the band no gradient, CISPO keeps it at a capped weight; at rho = 1
+    (the first pass on-policy) the two gradients are the same."""
+    return -(ratio.detach().clamp(max=1 + cfg.clip_high) * adv * torch.where(x.mask != 0, x.logp, 0.0))
 
 
 def tis_weights(old_logp: Tensor, sampler_logp: Tensor, cap: float) -> Tensor:

@@ -428,3 +428,26 @@ def test_rollout_mismatch_on_known_numbers():
     assert out["mismatch_clip_frac_seqs"] == pytest.approx(1 / 3)
     same = finalize_mismatch(rollout_mismatch(sampler, sampler, mask, GRPOConfig()))
     assert same == {"mismatch_abs_log_rho": 0.0, "mismatch_clip_frac_tokens": 0.0, "mismatch_clip_frac_seqs": 0.0}
+
+
+def test_cispo_is_reinforce_weighted_by_the_capped_ratio_and_keeps_every_token():
+    """l_t = -sg(min(rho_t, 1 + eps_high)) A log pi_t, token-mean: on hand-computed numbers; a token whose ratio is
+    past the band keeps a capped gradient where the clipped surrogate gives none; on-policy both gradients agree."""
+    logp = torch.tensor([[-1.0, -2.0, -0.5]], requires_grad=True)
+    old = logp.detach() - torch.tensor([[0.0, 0.5, -0.5]])  # rho = 1, e^0.5 = 1.65, e^-0.5 = 0.61
+    adv, mask, norm = torch.tensor([2.0]), torch.ones(1, 3), loss_norm([torch.ones(1, 3)], 3)
+    cispo = GRPOConfig(kl_coef=0.0, pg_term="cispo", clip_high=0.2)
+    weight = torch.tensor([[1.0, 1.2, math.exp(-0.5)]])  # min(rho, 1.2): no lower bound
+    loss, metrics = grpo_loss(logp, old, None, adv, mask, cispo, norm)
+    torch.testing.assert_close(loss, -(weight * 2.0 * logp.detach()).sum() / 3)
+    (grad,) = torch.autograd.grad(loss, logp)
+    torch.testing.assert_close(grad, -weight * 2.0 / 3)
+    clip, _ = grpo_loss(logp, old, None, adv, mask, GRPOConfig(kl_coef=0.0, clip_high=0.2), norm)
+    (clip_grad,) = torch.autograd.grad(clip, logp)
+    assert clip_grad[0, 1] == 0 and grad[0, 1] != 0  # past 1 + eps_high with A > 0: dropped vs capped
+    assert metrics["clip_high_sum"] == 1  # the capped token is counted as clipped
+    for cfg in (cispo, GRPOConfig(kl_coef=0.0, clip_high=0.2)):  # rho = 1: the same gradient
+        on_policy, _ = grpo_loss(logp, logp.detach(), None, adv, mask, cfg, norm)
+        torch.testing.assert_close(torch.autograd.grad(on_policy, logp)[0], torch.full((1, 3), -2.0 / 3))
+    with pytest.raises(ValueError, match="pg_term"):
+        GRPOConfig(pg_term="reinforce")
