@@ -140,10 +140,10 @@ def _weight_files(d: Path) -> tuple[list[Path], dict[str, str] | None, Path]:
     raise FileNotFoundError(f"{d}: no weights found; looked for {INDEX_FILE} and {SINGLE_FILE}{bins}")
 
 
-def _check_names(names, expected: dict[str, torch.Size], tied: bool, source: Path) -> None:
+def _check_names(names, expected: dict[str, torch.Size], tied: bool, source: Path, hint: str = "") -> None:
     for hf_name in names:
         if _our_name(hf_name) not in expected and not (tied and hf_name == "lm_head.weight"):
-            raise ValueError(f"{source}: unexpected tensor {hf_name!r} (not a parameter of Qwen2ForCausalLM)")
+            raise ValueError(f"{source}: unexpected tensor {hf_name!r} (not a parameter of Qwen2ForCausalLM){hint}")
 
 
 def load_model(path_or_repo_id: str | os.PathLike, dtype: torch.dtype = torch.bfloat16, device="cpu") -> Qwen2:
@@ -152,17 +152,22 @@ def load_model(path_or_repo_id: str | os.PathLike, dtype: torch.dtype = torch.bf
     config_file = d / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file} not found: a checkpoint directory needs config.json")
-    config = config_from_hf(read_json(config_file), source=str(config_file))
+    hf = read_json(config_file)
+    config = config_from_hf(hf, source=str(config_file))
+    assumed = [k for k in HF_QWEN2_DEFAULTS if hf.get(k) is None]  # a weight that does not fit may be their fault
+    hint = (f" ({config_file} has no {', '.join(assumed)}: transformers' defaults "
+            f"{', '.join(f'{k}={HF_QWEN2_DEFAULTS[k]}' for k in assumed)} were assumed; add the model's values)"
+            if assumed else "")
     files, weight_map, listing = _weight_files(d)
     with torch.device("meta"):
         model = Qwen2(config)
     expected = _expected_shapes(model)
     tied = config.tie_word_embeddings
     if weight_map is not None:  # fail before reading gigabytes
-        _check_names(weight_map, expected, tied, listing)
+        _check_names(weight_map, expected, tied, listing, hint)
         for name in expected:
             if _hf_name(name) not in weight_map:
-                raise ValueError(f"{listing}: weight {_hf_name(name)!r} is missing from the weight_map")
+                raise ValueError(f"{listing}: weight {_hf_name(name)!r} is missing from the weight_map{hint}")
     loaded: set[str] = set()
     stored_head = None  # lm_head.weight stored by a tied checkpoint: must equal the embedding
     for file in files:
@@ -174,7 +179,7 @@ def load_model(path_or_repo_id: str | os.PathLike, dtype: torch.dtype = torch.bf
         except Exception as e:  # safetensors raises its own error type for a truncated or foreign file
             raise ValueError(f"{file}: not a readable safetensors file ({e}); re-download it") from None
         with handle as f:
-            _check_names(f.keys(), expected, tied, file)
+            _check_names(f.keys(), expected, tied, file, hint)
             for hf_name in f.keys():
                 name = _our_name(hf_name)
                 if name not in expected:  # a tied checkpoint that also stores lm_head.weight
@@ -183,9 +188,8 @@ def load_model(path_or_repo_id: str | os.PathLike, dtype: torch.dtype = torch.bf
                 t = f.get_slice(hf_name)
                 shape = torch.Size(t.get_shape())
                 if shape != expected[name]:
-                    raise ValueError(
-                        f"{file}: {hf_name!r} has shape {tuple(shape)}, config.json implies {tuple(expected[name])}"
-                    )
+                    raise ValueError(f"{file}: {hf_name!r} has shape {tuple(shape)}, config.json implies "
+                                     f"{tuple(expected[name])}{hint}")
                 # copy=True: the model owns its memory (get_tensor may map the file, which could change under us)
                 shard[name] = f.get_tensor(hf_name).to(device=device, dtype=dtype, copy=True)
         model.load_state_dict(shard, strict=False, assign=True)
@@ -194,7 +198,7 @@ def load_model(path_or_repo_id: str | os.PathLike, dtype: torch.dtype = torch.bf
     for name in expected:
         if name not in loaded:
             where = weight_map.get(_hf_name(name)) if weight_map else SINGLE_FILE
-            raise ValueError(f"{d / where}: weight {_hf_name(name)!r} is missing")
+            raise ValueError(f"{d / where}: weight {_hf_name(name)!r} is missing{hint}")
     if tied:  # assign=True replaced the embedding Parameter; point the head at the new one
         model.lm_head.weight = model.embed_tokens.weight
         if stored_head is not None and not torch.equal(stored_head[1].to(device, dtype), model.embed_tokens.weight):

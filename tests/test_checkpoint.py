@@ -323,6 +323,17 @@ def test_missing_config_keys_take_transformers_defaults(single_file_checkpoint):
     assert reference.tie_word_embeddings is False and reference.rope_parameters["rope_theta"] == 10000.0
 
 
+def test_a_missing_shape_key_is_named_not_blamed_on_a_weight(single_file_checkpoint):
+    """config.json without num_hidden_layers: transformers' default (32) does not fit the stored layers; the error
+    names the missing key and the value assumed, not only the first weight that is then missing."""
+    cfg = json.loads((single_file_checkpoint / "config.json").read_text())
+    del cfg["num_hidden_layers"]
+    (single_file_checkpoint / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"config\.json has no num_hidden_layers: transformers' defaults "
+                                         r"num_hidden_layers=32 were assumed"):
+        load_model(single_file_checkpoint, dtype=torch.float32)
+
+
 def test_unreadable_files_are_named(single_file_checkpoint):
     (single_file_checkpoint / "config.json").write_text("{not json")
     expect_error(single_file_checkpoint, ValueError, "config.json", "not valid JSON")
