@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict, get_state_dict, set_model_state_dict, set_state_dict,
 )
@@ -166,10 +167,10 @@ def load_checkpoint(path: Path, model: Qwen2, optimizer, d: Dist) -> None:
                 dcp.load(state, checkpoint_id=str(path / "state"))
                 set_state_dict(model, optimizer.adamw, model_state_dict=state["model"], optim_state_dict=state["optim"])
             set_rng_state(torch.load(path / f"rng_rank{d.rank}.pt", weights_only=False))
-    except Exception as e:  # a truncated shard or RNG file: torch raises from deep inside its readers
-        problem = f"its files are truncated or corrupt ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+    except (Exception, CheckpointException) as e:  # truncated files: torch raises from deep inside its readers
+        problem = f"its files are truncated or corrupt ({str(e).splitlines()[0].split('. ')[0][:160]})"
     if problem is not None:
-        older = [p for p in complete_checkpoints(path.parent) if p.name < path.name]
+        older = [p for p in complete_checkpoints(path.parent.parent) if p.name < path.name]
         then = f"resume from the one before it: --resume={older[-1]}" if older else "no earlier checkpoint exists"
         raise ValueError(f"checkpoint {path} is damaged: {problem}; {then}")
 

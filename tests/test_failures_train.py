@@ -263,3 +263,98 @@ def test_each_rank_finds_its_gpu(monkeypatch, visible, local_rank, expected):
             distributed.setup("cuda")
     else:
         assert distributed.setup("cuda").device == chosen[0] == torch.device("cuda", expected)
+
+
+def files_of(run: Path) -> dict[str, bytes]:
+    """Every file of a run directory (but the lock) and its bytes."""
+    return {str(f.relative_to(run)): f.read_bytes() for f in sorted(run.rglob("*")) if f.is_file() and f.name != "train.lock"}
+
+
+@pytest.mark.parametrize("damage", ["checkpoints deleted", "latest dangling"])
+def test_a_fresh_run_never_overwrites_a_finished_one(world, run, damage):
+    """A run directory holding a run's files is reused only by --resume, however its checkpoints look."""
+    if damage == "checkpoints deleted":
+        shutil.rmtree(run / "checkpoints")
+    else:
+        shutil.rmtree(run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip())
+    before = files_of(run)
+    with pytest.raises(ValueError, match=rf"{run} already holds a training run \(config.json, metrics.jsonl.*final"):
+        train.main(args(world, run))
+    assert files_of(run) == before
+
+
+def test_resume_continues_from_the_newest_intact_checkpoint(world, run):
+    """`latest` names a checkpoint that is gone: resume says so and continues from the newest complete one."""
+    shutil.rmtree(run / "checkpoints" / "step_000002")
+    result = run_train(args(world, run, "--resume"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "continuing from step_000001, the newest complete one" in result.stderr
+    assert (run / "checkpoints" / "latest").read_text() == "step_000002"  # step 2 trained again
+
+
+@pytest.mark.parametrize("damage", ["no shard", "truncated shard", "no metadata", "truncated rng"])
+def test_a_damaged_checkpoint_is_one_line_and_the_run_record_is_untouched(world, run, damage):
+    """Resuming from a damaged checkpoint names it and the intact one before it, and writes nothing: not
+    config.json (its changed setting), not config_changes.jsonl, not the logs."""
+    ckpt = run / "checkpoints" / "step_000002"
+    shard = next((ckpt / "state").glob("*.distcp"))
+    if damage == "no shard":
+        shard.unlink()
+    elif damage == "truncated shard":
+        shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    elif damage == "no metadata":
+        (ckpt / "state" / ".metadata").unlink()
+    else:
+        rng = ckpt / "rng_rank0.pt"
+        rng.write_bytes(rng.read_bytes()[:100])
+    before = files_of(run)
+    with pytest.raises(ValueError, match=rf"checkpoint {ckpt} is damaged: .*resume from the one before it: "
+                                         rf"--resume={run / 'checkpoints' / 'step_000001'}"):
+        train.main(args(world, run, "--sft_steps=3", "--resume"))
+    assert files_of(run) == before
+
+
+def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_previous_checkpoint(world, tmp_path, monkeypatch):
+    """The second save fails writing (ENOSPC, injected into torch.save): one line saying which save failed and which
+    checkpoint is kept; the partial step_000002.tmp is gone."""
+    import errno
+
+    real_save = torch.save
+
+    def full_disk(obj, path, *a, **kw):
+        if "step_000002" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, path, *a, **kw)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"saving checkpoint step_000002 in .* failed: No space left on device \(the "
+                                         r"partial save was removed; step_000001 is kept\); free disk space, then "
+                                         r"continue with --resume"):
+        train.main(args(world, out))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step_000001"]
+
+
+def test_sigterm_says_where_the_run_stopped_and_how_to_continue(world, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "train.py", *args(world, out, "--sft_steps=500")], cwd=ROOT, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "checkpoints" / "latest").exists():
+        assert proc.poll() is None and time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)  # what a scheduler or `kill` sends: to the process alone
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("stopped by SIGTERM after step ") and f"continue with: python train.py" in line, line
+
+
+def test_nothing_to_train_and_a_bad_dry_run_are_refused_before_anything_is_built(world, tmp_path):
+    with pytest.raises(ValueError, match="sft_steps=0 and grpo_steps=0: nothing to train"):
+        train.main(args(world, tmp_path / "out", "--sft_steps=0", "--grpo_steps=0"))
+    assert not (tmp_path / "out").exists()
+    new_world = tmp_path / "world"
+    proc = run_train(["--config", str(ROOT / "configs" / "grpo_tiny.py"), f"--data_root={new_world}", "--dry_run",
+                      "--gpus=0"])
+    assert proc.returncode != 0 and "--gpus=0" in proc.stderr and not new_world.exists(), proc.stderr[-2000:]
