@@ -37,6 +37,27 @@ def test_fake_run_matches_real_gloo_run(tmp_path):
         assert abs(f - r) <= 0.15 * r, f"{phase}: fake {f / GiB:.4f} GiB vs real {r / GiB:.4f} GiB"
 
 
+def test_the_dry_run_measures_train_pys_own_phases(monkeypatch):
+    """The dry run calls the code train.py runs, not a copy: a phase made to hold 64 MiB more is reported 64 MiB
+    larger, and the other phases are not."""
+    from sqlr1 import update
+
+    with fake_world(WORLD) as mesh:
+        before = simulate(CONFIG, MODEL, VOCAB, WORLD, plan(), mesh)
+        real = update.accumulate_gradients
+
+        def heavier(*args, **kwargs):
+            extra = torch.empty(64 * 2**20, dtype=torch.uint8)  # alive for the whole forward/backward loop
+            out = real(*args, **kwargs)
+            del extra
+            return out
+
+        monkeypatch.setattr(update, "accumulate_gradients", heavier)
+        after = simulate(CONFIG, MODEL, VOCAB, WORLD, plan(), mesh)
+    assert after["update"]["total"] - before["update"]["total"] == 64 * 2**20
+    assert all(after[p] == before[p] for p in before if p != "update")
+
+
 def test_checkpoint_save_gathers_one_parameter_at_a_time(tmp_path):
     """2 gloo ranks: no rank holds the full fp32 model while saving (it did: every rank gathered all of it), and
     the HF export is byte-identical to saving the full state dict cast to bf16."""
