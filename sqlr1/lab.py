@@ -616,41 +616,13 @@ def markdown(lab: LabConfig, results: dict, wall_s: float) -> str:
     return "\n".join(lines)
 
 
-def _smooth(xs: list[float], k: int = 10) -> list[float]:
-    return [sum(xs[max(0, i - k + 1): i + 1]) / len(xs[max(0, i - k + 1): i + 1]) for i in range(len(xs))]
-
-
 def plot(results: dict, path: Path) -> str | None:
-    """lab.png: held-out greedy EX and smoothed training reward vs GRPO step, band = min..max over seeds."""
-    try:
-        import matplotlib
+    """lab.png (sqlr1/plots.py), or why it was skipped."""
+    from sqlr1.plots import plot_lab
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "lab.png skipped: matplotlib is not installed (pip install -e '.[plots]')"
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for i, (name, per_seed) in enumerate(results.items()):
-        style = ("o-", "s--", "^:")[i // 10 % 3]  # the colour cycle has 10 colours: rows 11+ get another line style
-        curves = [dict(map(tuple, v["ex_curve"])) for v in per_seed.values()]
-        steps = sorted(set.intersection(*(set(c) for c in curves)))
-        ys = [[c[s] for c in curves] for s in steps]
-        (line,) = ax1.plot(steps, [sum(y) / len(y) for y in ys], style, ms=3, label=name)
-        ax1.fill_between(steps, [min(y) for y in ys], [max(y) for y in ys], color=line.get_color(), alpha=0.15)
-        rewards = [_smooth(v["reward_curve"]) for v in per_seed.values()]
-        n = min(len(r) for r in rewards)
-        xs = list(range(1, n + 1))
-        cols = [[r[i] for r in rewards] for i in range(n)]
-        ax2.plot(xs, [sum(c) / len(c) for c in cols], style[1:], color=line.get_color(), label=name)
-        ax2.fill_between(xs, [min(c) for c in cols], [max(c) for c in cols], color=line.get_color(), alpha=0.15)
-    ax1.set(xlabel="GRPO step", ylabel="held-out greedy EX", title="held-out EX (band: min..max over seeds)")
-    ax2.set(xlabel="GRPO step", ylabel="mean training reward (10-step mean)",
-            title="training reward (each row's own reward scale)")
-    ax1.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return None
+    if plot_lab(results, path, mean_ci):
+        return None
+    return "lab.png skipped: matplotlib is not installed (pip install -e '.[plots]')"
 
 
 def write_outputs(lab: LabConfig, out: Path, runs: list[Run], sfts: dict[str, Run], wall_s: float) -> str | None:

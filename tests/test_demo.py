@@ -68,7 +68,7 @@ def test_short_demo_grpo_raises_training_reward_and_keeps_held_out_ex(demo):
 def test_short_demo_draws_its_plots(demo):
     _, run, stdout = demo
     assert "plots skipped" not in stdout
-    for name in ("reward.png", "ex.png"):
+    for name in ("run.png", "grpo.png"):
         data = (run / name).read_bytes()
         assert data.startswith(PNG_SIGNATURE) and len(data) > 1000, name
 
