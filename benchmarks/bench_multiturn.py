@@ -5,8 +5,8 @@
 Both sides sample the same prompts (lookup questions of train_tools, where a tools-trained model queries) with the
 same seed, temperature 1 and max_new_tokens, in the same process, alternating, `--repeats` times each; it prints the
 median time per rollout batch, the ratio, tokens per completion and how the multi-turn side used the database.
-Single turn: `sampling.generate` as train.py calls it with max_turns=0; multi-turn: `inference.generate_episodes`
-(pauses, one execute_many per step with paused rows, observations written into the KV cache).
+Both are `SqlEnv.rollout` as train.py calls it: single turn with max_turns=0 (plain sampling), multi-turn with
+max_turns > 0 (pauses, one execute_many per step with paused rows, observations written into the KV cache).
 """
 
 from __future__ import annotations
@@ -14,15 +14,20 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from sqlr1.checkpoint import load_model
-from sqlr1.data import SHORT_PROMPT, build_prompt, load_dataset
-from sqlr1.inference import generate_episodes
-from sqlr1.sandbox import Sandbox
-from sqlr1.tokenizer import load_tokenizer
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sqlr1.checkpoint import load_model  # noqa: E402
+from sqlr1.data import SHORT_PROMPT, build_prompt, load_dataset  # noqa: E402
+from sqlr1.sampling import SamplingParams  # noqa: E402
+from sqlr1.sandbox import Sandbox  # noqa: E402
+from sqlr1.sql_env import SqlEnv  # noqa: E402
+from sqlr1.tokenizer import load_tokenizer  # noqa: E402
 
 
 def main() -> None:
@@ -41,23 +46,25 @@ def main() -> None:
                or "beginning with" in ex.question][: args.prompts]
     prompts = [build_prompt(ex, tok, SHORT_PROMPT, 512).ids for ex in lookups]
     dbs = [str(ex.db_path) for ex in lookups]
-    common = dict(max_new_tokens=args.max_new_tokens, temperature=1.0, stop_ids=tok.eos_ids, vocab_size=tok.vocab_size,
-                  seed=0, progress=False)
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=1.0, stop_ids=tok.eos_ids,
+                            vocab_size=tok.vocab_size, seed=0)
     times, stats = {0: [], args.max_turns: []}, {}
     with Sandbox(num_workers=2) as sandbox:
-        generate_episodes(model, tok, prompts[:1], dbs[:1], sandbox, 2, args.max_turns, 3, 48, **common)  # warm-up
+        envs = {turns: SqlEnv(sandbox, tok, max_turns=turns, row_limit=3, max_obs_tokens=48, timeout=sandbox.timeout)
+                for turns in times}
+        envs[args.max_turns].rollout(model, prompts[:1], dbs[:1], 2, params)  # warm-up
         for _ in range(args.repeats):
-            for turns in times:
+            for turns, env in envs.items():
                 t0 = time.perf_counter()
-                samples, env = generate_episodes(model, tok, prompts, dbs, sandbox, args.group, turns, 3, 48, **common)
+                episodes = env.rollout(model, prompts, dbs, args.group, params)
                 times[turns].append(time.perf_counter() - t0)
-                n = len(samples.tokens)
+                samples, n = episodes.samples, len(episodes.samples.tokens)
                 stats[turns] = {"tokens_per_completion": sum(map(len, samples.tokens)) / n,
-                         "obs_tokens_per_completion": sum(m.count(False) for m in samples.model_mask) / n}
-                if env:
-                    s = env.stats()
+                                "obs_tokens_per_completion": sum(m.count(False) for m in samples.model_mask) / n}
+                if episodes.multi_turn:
+                    s = episodes.stats()
                     stats[turns].update(queries_per_completion=s["queries"] / n, query_rate=s["querying_rows"] / n,
-                                 query_errors=s["query_errors"])
+                                        query_errors=s["query_errors"])
     single, multi = statistics.median(times[0]), statistics.median(times[args.max_turns])
     print(f"rollout batch of {args.prompts} x {args.group}, max_new_tokens {args.max_new_tokens}, CPU threads "
           f"{torch.get_num_threads()}")

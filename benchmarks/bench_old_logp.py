@@ -3,10 +3,11 @@
     python benchmarks/bench_old_logp.py                 # tiny CPU shape (as bench_train.py)
     python benchmarks/bench_old_logp.py --device cuda   # Qwen2.5-1.5B shape, bf16 autocast
 
-Same model, same micro-batch, same run: `sqlr1.update.recompute_old_logprobs` (what train.py runs once per GRPO step
-with recompute_old_logp=True) against one update (`train_on_micro_batches` + `optimizer_step`), with and without
-gradient checkpointing (the 7B recipe checkpoints). Prints seconds per call and the ratio forward / update, i.e.
-the fraction added to the update's time at ppo_epochs=1.
+Same model, same micro-batch, same run: the no-grad forward of `sqlr1.update.logprobs` that `policy_update` runs for
+pi_old once per GRPO step with recompute_old_logp=True and ppo_epochs > 1 (at ppo_epochs = 1 pi_old is the update's
+own forward, detached) against one update (`accumulate_gradients` + `optimizer_step`), with and without gradient
+checkpointing (the 7B recipe checkpoints). Prints seconds per call and the ratio forward / update, i.e. the fraction
+a separate pi_old forward adds to one pass's time.
 """
 
 import argparse
@@ -18,29 +19,40 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_train import SHAPES, batch, timed  # noqa: E402
+from benchmarks.bench_train import SHAPES, batch, grpo_objective, timed  # noqa: E402
 from sqlr1.config import TrainConfig  # noqa: E402
-from sqlr1.distributed import Dist  # noqa: E402
+from sqlr1.distributed import Dist, Models  # noqa: E402
 from sqlr1.grpo import GRPOConfig, loss_norm  # noqa: E402
 from sqlr1.model import ModelConfig, Qwen2  # noqa: E402
-from sqlr1.update import make_optimizer, optimizer_step, recompute_old_logprobs, train_on_micro_batches  # noqa: E402
+from sqlr1.update import accumulate_gradients, logprobs, new_optimizer, optimizer_step  # noqa: E402
+
+
+@torch.no_grad()
+def old_logprobs(models: Models, mbs, cfg: TrainConfig, vocab_size: int) -> None:
+    """log pi_old := the policy's no-grad forward on each micro-batch, as `policy_update` computes it before its
+    first pass."""
+    for mb in mbs:
+        with models.autocast:
+            mb.old_logp = logprobs(models.policy, mb, cfg.temperature, vocab_size)[0].float()
 
 
 def measure(mcfg: ModelConfig, mb, device, dtype, checkpointing: bool, steps: int) -> tuple[float, float]:
-    """Seconds per call of (recompute_old_logprobs, one update) on the same model and micro-batch."""
+    """Seconds per call of (the pi_old forward, one update) on the same model and micro-batch."""
     torch.manual_seed(0)
     model = Qwen2(mcfg).to(device)
     model.gradient_checkpointing = checkpointing
     tcfg = TrainConfig(lr=1e-5, grpo=GRPOConfig(kl_coef=0.0))
-    opt, sched = make_optimizer(model, tcfg, 1e-5, 100)
+    opt = new_optimizer(model, tcfg, "grpo")
     ctx = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
-    norm = loss_norm([mb.mask], 2048)
+    models = Models(policy=model, ref=None, rollout=model, autocast=ctx)
+    objective = grpo_objective(tcfg, loss_norm([mb.mask], 2048))
 
     def update():
-        loss, _ = train_on_micro_batches(model, [mb], norm, tcfg, Dist(device=device), ctx, mcfg.vocab_size, sft=False)
-        optimizer_step(model, opt, sched, tcfg, loss)
+        loss, _ = accumulate_gradients(models, [mb], objective, tcfg.temperature, True, mcfg.vocab_size, tcfg,
+                                       Dist(device=device))
+        optimizer_step(model, opt, tcfg, loss)
 
-    forward = timed(lambda: recompute_old_logprobs(model, [mb], tcfg, ctx, mcfg.vocab_size), steps, device)
+    forward = timed(lambda: old_logprobs(models, [mb], tcfg, mcfg.vocab_size), steps, device)
     return forward, timed(update, steps, device)
 
 

@@ -16,14 +16,18 @@ prompt_len + new_tokens / 2 columns of keys and values; compiled, it reads all o
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from sqlr1.checkpoint import config_to_hf  # noqa: E402
-from sqlr1.model import KVCache, ModelConfig, Qwen2, num_params
-from sqlr1.sampling import generate
+from sqlr1.model import KVCache, ModelConfig, Qwen2, num_params  # noqa: E402
+from sqlr1.sampling import SamplingParams, generate  # noqa: E402
 
 CPU_CONFIG = ModelConfig(
     vocab_size=8192, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
@@ -89,8 +93,8 @@ def bench_decode(ours, hf, batch: int, prompt_len: int, new_tokens: int, tempera
             )
 
     def run_ours(n=new_tokens):
-        generate(ours, prompts.tolist(), max_new_tokens=n, temperature=temperature, seed=0, compile=compile,
-                 progress=False)
+        generate(ours, prompts.tolist(), 1, SamplingParams(max_new_tokens=n, temperature=temperature, seed=0,
+                                                          compile=compile), progress=False)
 
     return best_times({"hf": run_hf, "ours": run_ours, "prefill": lambda: run_ours(1)}, device, repeats)
 
@@ -101,7 +105,7 @@ def bench_prefill_sharing(model, num_prompts: int, group: int, prompt_len: int, 
     prompts = torch.randint(0, vocab, (num_prompts, prompt_len), generator=torch.Generator().manual_seed(2)).tolist()
 
     def run(share: bool):
-        generate(model, prompts, num_samples=group, max_new_tokens=1, seed=0, share_prefix=share, progress=False)
+        generate(model, prompts, group, SamplingParams(max_new_tokens=1, seed=0), share_prefix=share, progress=False)
 
     return best_times({"shared": lambda: run(True), "unshared": lambda: run(False)}, device, repeats)
 

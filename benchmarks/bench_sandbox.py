@@ -28,9 +28,11 @@ import sys
 import time
 from pathlib import Path
 
-from sqlr1.evaluate import normalize_sql, order_matters, results_match
-from sqlr1.reward import RewardConfig, compute_reward, parse_response, score_batch
-from sqlr1.sandbox import ExecResult, Sandbox, resolve_db
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sqlr1.evaluate import normalize_sql, order_matters, results_match  # noqa: E402
+from sqlr1.reward import RewardConfig, compute_reward, parse_response, score_batch  # noqa: E402
+from sqlr1.sandbox import ExecResult, Sandbox, resolve_db  # noqa: E402
 
 DEFAULT_SPIDER = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "spider"
 

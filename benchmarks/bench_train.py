@@ -3,36 +3,38 @@
     python benchmarks/bench_train.py                    # tiny CPU config (the toy demo's model size)
     python benchmarks/bench_train.py --device cuda      # Qwen2.5-1.5B shape, bf16 autocast, with MFU
 
-Both sides train the same random weights on the same padded micro-batch: ours is `sqlr1.update.train_on_micro_batches`
+Both sides train the same random weights on the same padded micro-batch: ours is `sqlr1.update.accumulate_gradients`
 (chunked log-probs, explicit masks, GRPO loss) + `sqlr1.update.optimizer_step`; the baseline is transformers'
 Qwen2ForCausalLM with a full [B, T, V] log-softmax and the same loss. Prints tokens/s and the ratio.
 
     python benchmarks/bench_train.py --shared           # shared-prefix vs unshared update (TrainConfig.shared_prefix)
 
-`--shared` times, side by side in one run (interleaved, best of --repeats), one GRPO update step (micro-batches from
-`sqlr1.update.microbatches`, forward + backward + AdamW) with and without shared prefixes, at the toy demo's shape
-(8 prompts x G = 8, ~206 prompt + ~35 completion tokens, 16 rows per micro-batch) and at a SQL-R1-like shape scaled
-to a CPU (4 layers, P = 1,024, C = 128, G = 8); and the toy GRPO step end to end without the reward (rollout with
-`sqlr1.sampling.generate` + update; the reward, the same in both modes, is ~1 % of the toy step).
+`--shared` times, side by side in one run (interleaved, best of --repeats), one GRPO update step
+(`sqlr1.update.policy_update`: micro-batches, forward + backward + AdamW) with and without shared prefixes, at the toy
+demo's shape (8 prompts x G = 8, ~206 prompt + ~35 completion tokens, 16 rows per micro-batch) and at a SQL-R1-like
+shape scaled to a CPU (4 layers, P = 1,024, C = 128, G = 8); and the toy GRPO step end to end without the reward
+(rollout with `sqlr1.sampling.generate` + update; the reward, the same in both modes, is ~1 % of the toy step).
 """
 
 import argparse
 import contextlib
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sqlr1.batch import Sequence, collate  # noqa: E402
+from sqlr1.batch import TrainSequence, collate  # noqa: E402
 from sqlr1.config import TrainConfig  # noqa: E402
-from sqlr1.distributed import Dist  # noqa: E402
-from sqlr1.grpo import GRPOConfig, loss_norm, policy_loss  # noqa: E402
+from sqlr1.distributed import Dist, Models  # noqa: E402
+from sqlr1.grpo import GRPOConfig, LossInputs, loss_norm, policy_loss  # noqa: E402
 from sqlr1.model import ModelConfig, Qwen2, flops_per_token  # noqa: E402
-from sqlr1.sampling import generate  # noqa: E402
-from sqlr1.update import make_optimizer, microbatches, optimizer_step, train_on_micro_batches  # noqa: E402
+from sqlr1.sampling import SamplingParams, generate  # noqa: E402
+from sqlr1.update import accumulate_gradients, new_optimizer, optimizer_step, policy_update  # noqa: E402
 
 SHAPES = {
     "tiny": dict(vocab_size=2048, hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
@@ -43,24 +45,38 @@ SHAPES = {
 
 
 def batch(cfg: ModelConfig, rows: int, prompt: int, completion: int, device):
+    """One padded micro-batch of random tokens; pi_old is the sampler's log-probs (recompute_old_logp=False)."""
     g = torch.Generator().manual_seed(0)
-    seqs = [Sequence(torch.randint(0, cfg.vocab_size, (prompt,), generator=g).tolist(),
-                     torch.randint(0, cfg.vocab_size, (completion,), generator=g).tolist(),
-                     [-3.0] * completion, advantage=float(i % 2) - 0.5) for i in range(rows)]
-    return collate(seqs, pad_id=0, device=device)
+    seqs = [TrainSequence(torch.randint(0, cfg.vocab_size, (prompt,), generator=g).tolist(),
+                          torch.randint(0, cfg.vocab_size, (completion,), generator=g).tolist(),
+                          advantage=float(i % 2) - 0.5, sampler_logp=[-3.0] * completion) for i in range(rows)]
+    mb = collate(seqs, pad_id=0, device=device)
+    mb.old_logp = mb.sampler_logp
+    return mb
+
+
+def grpo_objective(cfg: TrainConfig, norm):
+    """The GRPO loss of a micro-batch as `accumulate_gradients` takes it (pi_old and pi_ref already on the batch)."""
+    def objective(logp, entropy, mb):
+        return policy_loss(LossInputs(logp, mb.old_logp, mb.advantages, mb.mask, mb.ref_logp, entropy, mb.sampler_logp),
+                           cfg.grpo, norm)
+
+    return objective
 
 
 def bench_ours(mcfg, mb, device, dtype, steps):
     model = Qwen2(mcfg).to(device)
     model.gradient_checkpointing = device.type == "cuda"
-    tcfg = TrainConfig(lr=1e-5, grpo=GRPOConfig(kl_coef=0.0))
-    opt, sched = make_optimizer(model, tcfg, 1e-5, 100)
+    tcfg = TrainConfig(lr=1e-5, grpo=GRPOConfig(kl_coef=0.0), recompute_old_logp=False)
+    opt = new_optimizer(model, tcfg, "grpo")
     ctx = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
-    norm = loss_norm([mb.mask], 2048)
+    models = Models(policy=model, ref=None, rollout=model, autocast=ctx)
+    objective = grpo_objective(tcfg, loss_norm([mb.mask], 2048))
 
     def step():
-        loss, _ = train_on_micro_batches(model, [mb], norm, tcfg, Dist(device=device), ctx, mcfg.vocab_size, sft=False)
-        optimizer_step(model, opt, sched, tcfg, loss)
+        loss, _ = accumulate_gradients(models, [mb], objective, tcfg.temperature, True, mcfg.vocab_size, tcfg,
+                                       Dist(device=device))
+        optimizer_step(model, opt, tcfg, loss)
 
     return timed(step, steps, device)
 
@@ -80,7 +96,7 @@ def bench_transformers(mcfg, mb, device, dtype, steps):
         with ctx:
             logits = hf(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits[:, mb.start : -1]
         logp = torch.log_softmax(logits.float(), -1).gather(-1, mb.input_ids[:, mb.start + 1 :, None]).squeeze(-1)
-        loss, _ = policy_loss(logp, mb.old_logp, None, mb.advantages, mb.mask, gcfg, norm)
+        loss, _ = policy_loss(LossInputs(logp, mb.old_logp, mb.advantages, mb.mask), gcfg, norm)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
         opt.step()
@@ -101,8 +117,9 @@ def timed(step, steps, device) -> float:
 
 
 def grouped(cfg: ModelConfig, prompts: int, G: int, prompt_len: tuple[int, int], completion_len: tuple[int, int],
-            seed: int = 0) -> list[Sequence]:
-    """prompts x G rollouts (prompt-major, Sequence.group set) with lengths drawn uniformly from the given ranges."""
+            seed: int = 0) -> list[TrainSequence]:
+    """prompts x G rollouts (prompt-major, TrainSequence.group set) with lengths drawn uniformly from the given
+    ranges; the sampler's log-probs stand in for pi_old."""
     g = torch.Generator().manual_seed(seed)
 
     def draw(lo_hi):
@@ -113,18 +130,17 @@ def grouped(cfg: ModelConfig, prompts: int, G: int, prompt_len: tuple[int, int],
         prompt = torch.randint(1, cfg.vocab_size, (draw(prompt_len),), generator=g).tolist()
         for i in range(G):
             n = draw(completion_len)
-            seqs.append(Sequence(prompt, torch.randint(1, cfg.vocab_size, (n,), generator=g).tolist(), [-3.0] * n,
-                                 advantage=float(i % 2) - 0.5, group=p))
+            seqs.append(TrainSequence(prompt, torch.randint(1, cfg.vocab_size, (n,), generator=g).tolist(),
+                                      advantage=float(i % 2) - 0.5, sampler_logp=[-3.0] * n, group=p))
     return seqs
 
 
-def update_step(model, opt, sched, tcfg: TrainConfig, seqs: list[Sequence], shared: bool) -> None:
-    """One GRPO optimisation step over `seqs` as train.py's grpo_step runs it (no reference model)."""
-    mbs = microbatches(seqs, tcfg.micro_batch_size, 0, "cpu", shared=shared)
-    norm = loss_norm([mb.mask for mb in mbs], tcfg.max_response_len)
-    loss, _ = train_on_micro_batches(model, mbs, norm, tcfg, Dist(), contextlib.nullcontext(), model.config.vocab_size,
-                                     sft=False)
-    optimizer_step(model, opt, sched, tcfg, loss)
+def update_step(models: Models, opt, tcfg: TrainConfig, seqs: list[TrainSequence], shared: bool) -> None:
+    """One GRPO optimisation step over `seqs` as train.py's grpo_step runs it (`policy_update`, no reference model,
+    pi_old the sampler's log-probs); `shared` sets TrainConfig.shared_prefix. The token ids are random: the
+    "tokenizer" is the pad id and the vocabulary size."""
+    ids = SimpleNamespace(pad_id=0, vocab_size=models.policy.config.vocab_size)
+    policy_update(models, opt, seqs, ids, replace(tcfg, shared_prefix=shared), Dist())
 
 
 def bench_shared(steps: int, repeats: int) -> None:
@@ -141,15 +157,17 @@ def bench_shared(steps: int, repeats: int) -> None:
         torch.manual_seed(0)
         model = Qwen2(mcfg)
         model.init_weights(generator=torch.Generator().manual_seed(0))
-        tcfg = TrainConfig(lr=1e-5, grpo=GRPOConfig(kl_coef=0.0), micro_batch_size=mbs_size, max_response_len=clen[1])
-        opt, sched = make_optimizer(model, tcfg, 1e-5, 1000)
+        tcfg = TrainConfig(lr=1e-5, grpo=GRPOConfig(kl_coef=0.0), micro_batch_size=mbs_size, max_response_len=clen[1],
+                           recompute_old_logp=False)
+        models = Models(policy=model, ref=None, rollout=model, autocast=contextlib.nullcontext())
+        opt = new_optimizer(model, tcfg, "grpo")
         seqs = grouped(mcfg, prompts, G, plen, clen)
         tokens = sum(len(s.prompt) + len(s.completion) for s in seqs)
         shared_tokens = sum(len(s.completion) for s in seqs) + sum(len(seqs[p * G].prompt) for p in range(prompts))
         best = {False: float("inf"), True: float("inf")}
         for _ in range(repeats):
             for shared in (False, True):
-                best[shared] = min(best[shared], timed(lambda: update_step(model, opt, sched, tcfg, seqs, shared),
+                best[shared] = min(best[shared], timed(lambda: update_step(models, opt, tcfg, seqs, shared),
                                                        steps, torch.device("cpu")))
         mean_p = sum(len(s.prompt) for s in seqs) / len(seqs)
         mean_c = sum(len(s.completion) for s in seqs) / len(seqs)
@@ -160,16 +178,19 @@ def bench_shared(steps: int, repeats: int) -> None:
     mcfg = ModelConfig(**SHAPES["tiny"])
     model = Qwen2(mcfg)
     model.init_weights(generator=torch.Generator().manual_seed(0))
-    tcfg = TrainConfig(lr=1e-5, grpo=GRPOConfig(kl_coef=0.0), micro_batch_size=16, max_response_len=35)
-    opt, sched = make_optimizer(model, tcfg, 1e-5, 1000)
+    tcfg = TrainConfig(lr=1e-5, grpo=GRPOConfig(kl_coef=0.0), micro_batch_size=16, max_response_len=35,
+                       recompute_old_logp=False)
+    models = Models(policy=model, ref=None, rollout=model, autocast=contextlib.nullcontext())
+    opt = new_optimizer(model, tcfg, "grpo")
     prompts = [s.prompt for s in grouped(mcfg, 8, 1, (180, 230), (1, 1))]
 
     def grpo_step(shared: bool) -> None:
         with torch.no_grad():
-            out = generate(model, prompts, num_samples=8, max_new_tokens=35, temperature=1.0, seed=0, progress=False)
-        seqs = [Sequence(prompts[p], out.tokens[j], out.logprobs[j], float(j % 2) - 0.5, group=p)
-                for j, p in enumerate(out.prompt_index)]
-        update_step(model, opt, sched, tcfg, seqs, shared)
+            out = generate(model, prompts, 8, SamplingParams(max_new_tokens=35, temperature=1.0, seed=0),
+                           progress=False)
+        seqs = [TrainSequence(prompts[p], out.tokens[j], advantage=float(j % 2) - 0.5, sampler_logp=out.logprobs[j],
+                              group=p) for j, p in enumerate(out.prompt_index)]
+        update_step(models, opt, tcfg, seqs, shared)
 
     best = {False: float("inf"), True: float("inf")}
     for _ in range(repeats):

@@ -40,16 +40,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import train as sqlr1_train  # noqa: E402
+from sqlr1 import toyworld  # noqa: E402
 from sqlr1.checkpoint import load_model  # noqa: E402
 from sqlr1.config import load_config  # noqa: E402
-from sqlr1.data import SHORT_PROMPT, build_prompt, load_dataset  # noqa: E402
 from sqlr1.distributed import Dist  # noqa: E402
-from sqlr1.inference import completion_text, evaluate_policy  # noqa: E402
+from sqlr1.inference import evaluate_policy  # noqa: E402
 from sqlr1.lab import mean_ci, sft_checkpoint  # noqa: E402
 from sqlr1.reward import score_batch  # noqa: E402
 from sqlr1.sandbox import Sandbox  # noqa: E402
+from sqlr1.sql_env import SqlEnv, model_text  # noqa: E402
 from sqlr1.tokenizer import load_tokenizer  # noqa: E402
-from sqlr1.update import make_optimizer  # noqa: E402
+from sqlr1.update import new_optimizer  # noqa: E402
 
 CONFIG = ROOT / "configs" / "grpo_tiny.py"
 
@@ -102,11 +103,10 @@ def run_ours(sft: Path, seed: int, steps: int, out: Path, threads: int) -> dict:
 
 
 def rl_data(cfg, tokenizer, sandbox: Sandbox):
-    """train.py's GRPO data: the train examples that pass `shared_rl_filter`, with their rendered prompts."""
-    examples = load_dataset(cfg.dataset, cfg.data_root, cfg.train_split)
-    prompts = [build_prompt(ex, tokenizer, SHORT_PROMPT, cfg.max_prompt_len, cfg.sample_values) for ex in examples]
-    kept, _ = sqlr1_train.shared_rl_filter(examples, prompts, sandbox, cfg, Dist())
-    return [examples[i] for i in kept], [prompts[i] for i in kept]
+    """train.py's GRPO data (`train.load_split` + `train.rl_data`): the train examples it keeps, with their rendered
+    prompts."""
+    split = sqlr1_train.rl_data(sqlr1_train.load_split(cfg, tokenizer, cfg.train_split), sandbox, cfg, Dist())
+    return split.examples, split.prompts
 
 
 def check_hf_logits(sft: Path, prompt_ids: list[int]) -> float:
@@ -130,7 +130,7 @@ def run_trl(sft: Path, seed: int, steps: int, out: Path, cfg, examples, prompts,
     - Batch: 8 prompts x G = 8 per optimizer step. TRL: per_device_train_batch_size=16, gradient_accumulation_steps=4 (=
       our micro_batch_size 16 x 4 micro-batches), steps_per_generation defaults to 4, so one generation batch of 64 = 8
       prompts x 8 completions feeds one optimizer step; num_iterations=1 (one pass). With one pass TRL takes pi_old =
-      the current forward, detached (rho = 1): the same as ours (`old_logp_from_update`).
+      the current forward, detached (rho = 1): the same as ours (`TrainConfig.old_logp_from_update`).
     - Loss normalisation. Ours (token-mean): L = sum_{i,t} m_it l_it / sum_{i,t} m_it over all 64 completions of the
       step, whatever the micro-batching. TRL's loss types (grpo_trainer.py, `_compute_loss`): "grpo" and "sapo" average
       per sequence then over sequences; "bnpo" divides by the tokens of the local micro-batch (token-mean per
@@ -143,22 +143,23 @@ def run_trl(sft: Path, seed: int, steps: int, out: Path, cfg, examples, prompts,
     - beta = 0 (no reference model on either side), epsilon = 0.2 both ways, temperature 1.0, top_p 1, top_k 0,
       max_completion_length 128 = our max_response_len (truncated completions keep all 128 tokens in the loss on both
       sides: mask_truncated_completions=False), fp32 on the CPU (bf16 off), max_grad_norm 1.0, no vLLM, seed S.
-    - Optimiser: the same object kind on both sides, from `sqlr1.update.make_optimizer` (torch AdamW, betas 0.9/0.999,
-      eps 1e-8, weight decay 0; constant lr with linear warmup), passed as `optimizers=(opt, sched)`. Not transformers'
-      "constant_with_warmup": that schedule is lr * step / warmup from step 0, so TRL's first optimizer step would take
-      lr = 0 and every warmup step a fifth less than ours ((step + 1) / warmup); the same scheduler removes the offset.
-    - Prompts: our `build_prompt` with the "short" template (ChatML already applied), decoded to text with our
-      tokenizer; TRL gets plain strings (no chat template re-applied: a string prompt is not "conversational") and
-      tokenises them with PreTrainedTokenizerFast from the checkpoint's tokenizer.json; the ids are checked equal to
-      ours for every train prompt (a mismatch stops the run). Padding side left.
+    - Optimiser: the same object kind on both sides, from `sqlr1.update.new_optimizer` for K GRPO steps (torch AdamW,
+      betas 0.9/0.999, eps 1e-8, weight decay 0; constant lr with linear warmup), passed as
+      `optimizers=(adamw, schedule)`. Not transformers' "constant_with_warmup": that schedule is lr * step / warmup
+      from step 0, so TRL's first optimizer step would take lr = 0 and every warmup step a fifth less than ours
+      ((step + 1) / warmup); the same scheduler removes the offset.
+    - Prompts: train.py's (`train.load_split`: `build_prompt` with the "short" template, ChatML already applied),
+      decoded to text with our tokenizer; TRL gets plain strings (no chat template re-applied: a string prompt is not
+      "conversational") and tokenises them with PreTrainedTokenizerFast from the checkpoint's tokenizer.json; the ids
+      are checked equal to ours for every train prompt (a mismatch stops the run). Padding side left.
     - Stop tokens and mask: generation_config.eos_token_id = our tokenizer's stop ids, pad = our pad id; TRL masks every
       token after the first stop (the stop itself kept), as our completion mask does. The reward function decodes TRL's
-      `completion_ids` with our `completion_text`, so both score exactly the same text, through our `score_batch` with a
-      `Sandbox` of the same size.
+      `completion_ids` with our `sql_env.model_text`, so both score exactly the same text, through our `score_batch`
+      with a `Sandbox` of the same size.
     - Vocabulary: the toy checkpoint has 2,048 embedding rows for 2,007 tokens. Our sampler never samples the padded
       rows; TRL samples from all rows, so the padded ids are passed as `suppress_tokens` (-inf logits). The training
       log-softmax still runs over all 2,048 rows in TRL (41 rows the SFT pushed to ~0 probability).
-    - Data: the RL-filtered train examples of train.py (`train.shared_rl_filter`), and the same prompts per step as
+    - Data: the RL-filtered train examples of train.py (`train.rl_data`), and the same prompts per step as
       ours: the dataset given to TRL is our `step_indices` order for steps 0..K-1 with shuffle_dataset=False (a paired
       comparison; the rollouts differ only by the sampler's random numbers).
     - Checked at start-up, per seed: transformers' Qwen2ForCausalLM on our SFT checkpoint gives our model's logits (max
@@ -183,7 +184,7 @@ def run_trl(sft: Path, seed: int, steps: int, out: Path, cfg, examples, prompts,
 
     def sql_reward(completions, completion_ids, db_path, gold, **_):
         t0 = time.perf_counter()
-        texts = [completion_text(tokenizer, ids) for ids in completion_ids]
+        texts = [model_text(tokenizer, ids) for ids in completion_ids]
         r = score_batch(sandbox, texts, list(zip(db_path, gold)), cfg.reward,
                         count_tokens=lambda s: len(tokenizer.encode(s)))
         timer["reward"].append(time.perf_counter() - t0)
@@ -219,7 +220,7 @@ def run_trl(sft: Path, seed: int, steps: int, out: Path, cfg, examples, prompts,
     model.generation_config.eos_token_id = list(tokenizer.eos_ids)
     model.generation_config.pad_token_id = tokenizer.pad_id
     padded = list(range(tokenizer.vocab_size, model.config.vocab_size))
-    opt, sched = make_optimizer(model, cfg, cfg.lr, steps)
+    opt = new_optimizer(model, replace(cfg, grpo_steps=steps), "grpo")
     load0 = os.getloadavg()[0]
     args = GRPOConfig(
         output_dir=str(out / f"trl_s{seed}"), max_steps=steps, per_device_train_batch_size=16,
@@ -231,7 +232,7 @@ def run_trl(sft: Path, seed: int, steps: int, out: Path, cfg, examples, prompts,
         report_to=[], disable_tqdm=True, dataloader_num_workers=0, log_completions=False,
     )
     trainer = TimedGRPOTrainer(model=model, reward_funcs=sql_reward, args=args, train_dataset=data,
-                               processing_class=hf_tok, optimizers=(opt, sched),
+                               processing_class=hf_tok, optimizers=(opt.adamw, opt.schedule),
                                callbacks=[StepClock(), RewardLog()])
     stops, pad = sorted(trainer.eos_token_ids), trainer.generation_config.pad_token_id
     if stops != sorted(tokenizer.eos_ids) or pad != tokenizer.pad_id:
@@ -248,9 +249,10 @@ def run_trl(sft: Path, seed: int, steps: int, out: Path, cfg, examples, prompts,
 
 
 def held_out_ex(model_dir: Path, cfg, tokenizer, eval_examples, eval_prompts, sandbox: Sandbox) -> float:
-    """(c): greedy EX on the held-out set with our loader and our evaluator."""
+    """(c): greedy EX on the held-out set with our loader and our evaluator, in train.py's environment."""
     model = load_model(model_dir, dtype=torch.float32)
-    return evaluate_policy(model, tokenizer, eval_examples, eval_prompts, sandbox, replace(cfg, eval_n=1))["ex_greedy"]
+    env = SqlEnv(sandbox, tokenizer, cfg.max_turns, cfg.obs_rows, cfg.obs_max_tokens, cfg.reward.timeout)
+    return evaluate_policy(env, model, eval_examples, eval_prompts, replace(cfg, eval_n=1), vote=False)["ex_greedy"]
 
 
 def per_step(x: dict, skip_first: bool) -> dict:
@@ -365,8 +367,8 @@ def main(argv: list[str]) -> int:
     print(f"CPU: {cpu}; threads: {a.threads} (torch {torch.__version__}, trl {trl.__version__})")
     out = (ROOT / a.work_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    cfg = sqlr1_train.resolve_toy(load_config(CONFIG, [f"--data_root={ROOT / 'toyworld'}"]))
-    sqlr1_train.prepare_toy(cfg)
+    cfg = toyworld.resolve_config(load_config(CONFIG, [f"--data_root={ROOT / 'toyworld'}"]))
+    toyworld.prepare(cfg)
     t_start = time.time()
     results = {}
     with Sandbox(num_workers=cfg.sandbox_workers, timeout=cfg.reward.timeout) as sandbox:
@@ -375,9 +377,8 @@ def main(argv: list[str]) -> int:
             cfg_s = replace(cfg, seed=seed, model=str(sft))
             tokenizer = load_tokenizer(sft)
             examples, prompts = rl_data(cfg_s, tokenizer, sandbox)
-            eval_examples = load_dataset(cfg.dataset, cfg.data_root, cfg.eval_split)
-            eval_prompts = [build_prompt(ex, tokenizer, SHORT_PROMPT, cfg.max_prompt_len, cfg.sample_values)
-                            for ex in eval_examples]
+            held_out = sqlr1_train.load_split(cfg, tokenizer, cfg.eval_split)
+            eval_examples, eval_prompts = held_out.examples, held_out.prompts
             diff = check_hf_logits(sft, prompts[0].ids)
             print(f"seed {seed}: SFT {sft}; {len(examples)} RL train examples; transformers vs ours logits "
                   f"max |diff| {diff:.1e}")
