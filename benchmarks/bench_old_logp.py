@@ -19,21 +19,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_train import SHAPES, batch, grpo_objective, timed  # noqa: E402
+from benchmarks.bench_train import SHAPES, batch, timed  # noqa: E402
 from sqlr1.config import TrainConfig  # noqa: E402
 from sqlr1.distributed import Dist, Models  # noqa: E402
 from sqlr1.grpo import GRPOConfig, loss_norm  # noqa: E402
 from sqlr1.model import ModelConfig, Qwen2  # noqa: E402
-from sqlr1.update import accumulate_gradients, logprobs, new_optimizer, optimizer_step  # noqa: E402
-
-
-@torch.no_grad()
-def old_logprobs(models: Models, mbs, cfg: TrainConfig, vocab_size: int) -> None:
-    """log pi_old := the policy's no-grad forward on each micro-batch, as `policy_update` computes it before its
-    first pass."""
-    for mb in mbs:
-        with models.autocast:
-            mb.old_logp = logprobs(models.policy, mb, cfg.temperature, vocab_size)[0].float()
+from sqlr1.update import (  # noqa: E402
+    accumulate_gradients, grpo_objective, new_optimizer, old_logprobs, optimizer_step,
+)
 
 
 def measure(mcfg: ModelConfig, mb, device, dtype, checkpointing: bool, steps: int) -> tuple[float, float]:
@@ -45,14 +38,14 @@ def measure(mcfg: ModelConfig, mb, device, dtype, checkpointing: bool, steps: in
     opt = new_optimizer(model, tcfg, "grpo")
     ctx = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
     models = Models(policy=model, ref=None, rollout=model, autocast=ctx)
-    objective = grpo_objective(tcfg, loss_norm([mb.mask], 2048))
+    objective = grpo_objective(tcfg, loss_norm([mb.mask], 2048), {})
 
     def update():
         loss, _ = accumulate_gradients(models, [mb], objective, tcfg.temperature, True, mcfg.vocab_size, tcfg,
                                        Dist(device=device))
         optimizer_step(model, opt, tcfg, loss)
 
-    forward = timed(lambda: old_logprobs(models, [mb], tcfg, mcfg.vocab_size), steps, device)
+    forward = timed(lambda: old_logprobs(models, [mb], tcfg, mcfg.vocab_size, {}), steps, device)
     return forward, timed(update, steps, device)
 
 

@@ -34,7 +34,9 @@ from sqlr1.distributed import Dist, Models  # noqa: E402
 from sqlr1.grpo import GRPOConfig, LossInputs, loss_norm, policy_loss  # noqa: E402
 from sqlr1.model import ModelConfig, Qwen2, flops_per_token  # noqa: E402
 from sqlr1.sampling import SamplingParams, generate  # noqa: E402
-from sqlr1.update import accumulate_gradients, new_optimizer, optimizer_step, policy_update  # noqa: E402
+from sqlr1.update import (  # noqa: E402
+    accumulate_gradients, grpo_objective, new_optimizer, optimizer_step, policy_update,
+)
 
 SHAPES = {
     "tiny": dict(vocab_size=2048, hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
@@ -55,15 +57,6 @@ def batch(cfg: ModelConfig, rows: int, prompt: int, completion: int, device):
     return mb
 
 
-def grpo_objective(cfg: TrainConfig, norm):
-    """The GRPO loss of a micro-batch as `accumulate_gradients` takes it (pi_old and pi_ref already on the batch)."""
-    def objective(logp, entropy, mb):
-        return policy_loss(LossInputs(logp, mb.old_logp, mb.advantages, mb.mask, mb.ref_logp, entropy, mb.sampler_logp),
-                           cfg.grpo, norm)
-
-    return objective
-
-
 def bench_ours(mcfg, mb, device, dtype, steps):
     model = Qwen2(mcfg).to(device)
     model.gradient_checkpointing = device.type == "cuda"
@@ -71,7 +64,7 @@ def bench_ours(mcfg, mb, device, dtype, steps):
     opt = new_optimizer(model, tcfg, "grpo")
     ctx = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
     models = Models(policy=model, ref=None, rollout=model, autocast=ctx)
-    objective = grpo_objective(tcfg, loss_norm([mb.mask], 2048))
+    objective = grpo_objective(tcfg, loss_norm([mb.mask], 2048), {})
 
     def step():
         loss, _ = accumulate_gradients(models, [mb], objective, tcfg.temperature, True, mcfg.vocab_size, tcfg,

@@ -65,7 +65,8 @@ def answer_in_batches(env: SqlEnv, model, prompts: list[list[int]], db_paths: li
                       desc: str | None = None) -> list[Answer]:
     """`answer` over consecutive batches of `batch_size` prompts (0: all in one call), so one generate call holds at
     most batch_size * n rows and its KV cache stays bounded. The batch starting at prompt s is sampled with seed
-    params.seed + s: results depend on (seed, batch_size) only (greedy on neither, up to float rounding). `desc`:
+    params.seed + s (None: unseeded): results depend on (seed, batch_size) only (greedy on neither, up to float
+    rounding). `desc`:
     a progress bar over batches with that label."""
     if batch_size < 0:
         raise ValueError(f"batch_size={batch_size}: must be >= 0 (0: all prompts in one generate call)")
@@ -73,7 +74,8 @@ def answer_in_batches(env: SqlEnv, model, prompts: list[list[int]], db_paths: li
     answers: list[Answer] = []
     for start in tqdm(range(0, len(prompts), size), desc=desc, unit="batch", disable=desc is None):
         answers += answer(env, model, prompts[start : start + size], db_paths[start : start + size], n,
-                          replace(params, seed=(params.seed or 0) + start), mode, progress=False)
+                          replace(params, seed=None if params.seed is None else params.seed + start), mode,
+                          progress=False)
     return answers
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from sqlr1.data import MAX_VALUE_CHARS
 from sqlr1.sampling import Samples, SamplingParams, generate
@@ -164,11 +164,8 @@ class SqlEnv:
 
     def rollout(self, model, prompts: list[list[int]], db_paths: list, num_samples: int, params: SamplingParams,
                 progress: bool | None = False) -> Episodes:
-        """`num_samples` episodes per prompt, prompt i asking about db_paths[i] (stop ids and vocabulary: the
-        tokenizer's, unless params give them): plain sampling in single turn; multi-turn, the sampler pauses rows on
-        `pause_ids` and an `EpisodeState` answers their queries."""
-        params = replace(params, stop_ids=params.stop_ids or self.tokenizer.eos_ids,
-                         vocab_size=params.vocab_size or self.tokenizer.vocab_size)
+        """`num_samples` episodes per prompt, prompt i asking about db_paths[i]: plain sampling in single turn;
+        multi-turn, the sampler pauses rows on `pause_ids` and an `EpisodeState` answers their queries."""
         state = EpisodeState(self, [str(db) for db in db_paths for _ in range(num_samples)]) if self.max_turns else None
         samples = generate(model, prompts, num_samples, params, pause=state, progress=progress)
         transcripts = [model_text(self.tokenizer, t) for t in samples.tokens]

@@ -111,7 +111,7 @@ def accumulate_gradients(models: Models, mbs: list[MicroBatch], objective: Objec
     metric sums). FSDP2 (several ranks, K micro-batches, P parameters): by default every backward reduce-scatters,
     so only the sharded fp32 gradient (4P/N bytes) is held; grad_accum_no_sync syncs only the last one, holding the
     full unsharded fp32 gradient (4P bytes, ~28 GiB at 7B) through the loop."""
-    loss_sum, sums = torch.zeros(()), {}
+    loss_sum, sums = torch.zeros((), device=d.device), {}  # on the device: no host sync per micro-batch
     for i, mb in enumerate(mbs):
         if hasattr(models.policy, "set_requires_gradient_sync"):
             models.policy.set_requires_gradient_sync(not cfg.grad_accum_no_sync or i == len(mbs) - 1)
@@ -119,7 +119,7 @@ def accumulate_gradients(models: Models, mbs: list[MicroBatch], objective: Objec
             logp, entropy = logprobs(models.policy, mb, temperature, vocab_size, with_entropy)
         loss, metrics = objective(logp, entropy, mb)
         (loss * d.world_size).backward()  # FSDP averages gradients over ranks; the objective sums them
-        loss_sum += loss.detach().float().cpu()
+        loss_sum += loss.detach().float()
         for k, v in metrics.items():
             sums[k] = sums.get(k, 0.0) + float(v)
     return loss_sum, sums
@@ -150,22 +150,12 @@ def policy_update(models: Models, optimizer: Optimizer, seqs: list[TrainSequence
         with phases("reference"), torch.no_grad(), models.autocast:
             for mb in mbs:
                 mb.ref_logp = logprobs(models.ref, mb, cfg.temperature, V)[0]
-    for mb in mbs:  # pi_old: the sampler's log-probs, or None: the first pass's own forward (`objective`)
+    for mb in mbs:  # pi_old: the sampler's log-probs, or None: the first pass's own forward (`grpo_objective`)
         mb.old_logp = None if cfg.recompute_old_logp else mb.sampler_logp
     if cfg.recompute_old_logp and cfg.ppo_epochs > 1:  # several passes: one no-grad forward before the first
-        with phases("old logp"), torch.no_grad():
-            for mb in mbs:
-                with models.autocast:
-                    mb.old_logp = logprobs(models.policy, mb, cfg.temperature, V)[0].float()
-                add_mismatch(mismatch, mb, cfg)
-
-    def objective(logp: torch.Tensor, entropy: torch.Tensor | None, mb: MicroBatch) -> tuple[torch.Tensor, dict]:
-        if mb.old_logp is None:  # pi_old := this forward, detached: rho = 1 exactly, no extra forward
-            mb.old_logp = logp.detach()
-            add_mismatch(mismatch, mb, cfg)
-        return policy_loss(LossInputs(logp, mb.old_logp, mb.advantages, mb.mask, mb.ref_logp, entropy,
-                                      mb.sampler_logp), cfg.grpo, norm)
-
+        with phases("old logp"):
+            old_logprobs(models, mbs, cfg, V, mismatch)
+    objective = grpo_objective(cfg, norm, mismatch)
     losses, grad_norms, skipped, sums = [], [], 0, {}
     for _ in range(cfg.ppo_epochs):
         with phases("update"):
@@ -181,6 +171,28 @@ def policy_update(models: Models, optimizer: Optimizer, seqs: list[TrainSequence
     return {**finalize_metrics(distributed.reduce_sums(sums)), "loss": sum(losses) / len(losses),
             "grad_norm": sum(grad_norms) / len(grad_norms), "skipped": skipped, "train_tokens": tokens,
             **(finalize_mismatch(distributed.reduce_sums(mismatch)) if mismatch else {})}
+
+
+def grpo_objective(cfg: TrainConfig, norm, mismatch: dict) -> Objective:
+    """The GRPO objective of one micro-batch's forward (`grpo.policy_loss`); a micro-batch without pi_old takes this
+    very forward, detached (rho = 1 exactly, no extra forward), and adds its sampler mismatch into `mismatch`."""
+    def objective(logp: torch.Tensor, entropy: torch.Tensor | None, mb: MicroBatch) -> tuple[torch.Tensor, dict]:
+        if mb.old_logp is None:
+            mb.old_logp = logp.detach()
+            add_mismatch(mismatch, mb, cfg)
+        return policy_loss(LossInputs(logp, mb.old_logp, mb.advantages, mb.mask, mb.ref_logp, entropy,
+                                      mb.sampler_logp), cfg.grpo, norm)
+
+    return objective
+
+
+@torch.no_grad()
+def old_logprobs(models: Models, mbs: list[MicroBatch], cfg: TrainConfig, vocab_size: int, mismatch: dict) -> None:
+    """pi_old := the policy's own no-grad forward at the rollout's weights, before the first of several passes."""
+    for mb in mbs:
+        with models.autocast:
+            mb.old_logp = logprobs(models.policy, mb, cfg.temperature, vocab_size)[0].float()
+        add_mismatch(mismatch, mb, cfg)
 
 
 def add_mismatch(sums: dict, mb: MicroBatch, cfg: TrainConfig) -> None:

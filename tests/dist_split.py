@@ -15,8 +15,8 @@ from torch.distributed.fsdp import FSDPModule
 
 from sqlr1 import distributed
 from sqlr1.distributed import Models
-from sqlr1.grpo import LossInputs, loss_norm, policy_loss
-from sqlr1.update import accumulate_gradients, microbatches
+from sqlr1.grpo import loss_norm
+from sqlr1.update import accumulate_gradients, grpo_objective, microbatches
 from tests.split_case import LOSS_MODES, SYNC_SHARED, VOCAB, make_case, one_step
 
 
@@ -57,13 +57,11 @@ def held_after_first_micro_batch(no_sync: bool, d) -> tuple[int, int, bool]:
     per_rank = len(seqs) // d.world_size
     mbs = microbatches(seqs[d.rank * per_rank : (d.rank + 1) * per_rank], 4, 0, d.device)
     norm = loss_norm([mb.mask for mb in mbs], cfg.max_response_len, world_reduce=distributed.all_reduce)
+    for mb in mbs:  # pi_old: the given log-probs
+        mb.old_logp = mb.sampler_logp
     mbs = ProbeAfterFirst(mbs, model)
-
-    def objective(logp, entropy, mb):
-        return policy_loss(LossInputs(logp, mb.sampler_logp, mb.advantages, mb.mask, entropy=entropy), cfg.grpo, norm)
-
-    accumulate_gradients(Models(model, None, model, contextlib.nullcontext()), mbs, objective, cfg.temperature, True,
-                         VOCAB, cfg, d)
+    accumulate_gradients(Models(model, None, model, contextlib.nullcontext()), mbs, grpo_objective(cfg, norm, {}),
+                         cfg.temperature, True, VOCAB, cfg, d)
     sharded = all(hasattr(p.grad, "full_tensor") and p.grad.to_local().numel() < p.numel() for p in model.parameters()
                   if p.numel() >= d.world_size)
     return mbs.held, full_bytes, sharded

@@ -9,9 +9,9 @@ from sqlr1 import distributed
 from sqlr1.batch import TrainSequence
 from sqlr1.config import TrainConfig
 from sqlr1.distributed import Models
-from sqlr1.grpo import GRPOConfig, LossInputs, group_advantages, loss_norm, policy_loss
+from sqlr1.grpo import GRPOConfig, group_advantages, loss_norm
 from sqlr1.model import ModelConfig, Qwen2
-from sqlr1.update import accumulate_gradients, microbatches, new_optimizer, optimizer_step
+from sqlr1.update import accumulate_gradients, grpo_objective, microbatches, new_optimizer, optimizer_step
 
 VOCAB, GROUP, PROMPTS = 61, 4, 4
 LOSS_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
@@ -51,11 +51,10 @@ def one_step(model, seqs, cfg, d, micro_batch_size: int):
     mbs = microbatches(seqs, micro_batch_size, pad_id=0, device=d.device, shared=cfg.shared_prefix)
     norm = loss_norm([mb.mask for mb in mbs], cfg.max_response_len, world_reduce=distributed.all_reduce)
 
-    def objective(logp, entropy, mb):
-        return policy_loss(LossInputs(logp, mb.sampler_logp, mb.advantages, mb.mask, entropy=entropy), cfg.grpo, norm)
-
+    for mb in mbs:  # pi_old: the given log-probs
+        mb.old_logp = mb.sampler_logp
     models = Models(model, None, model, contextlib.nullcontext())
-    loss_sum, _ = accumulate_gradients(models, mbs, objective, cfg.temperature, True, VOCAB, cfg, d)
+    loss_sum, _ = accumulate_gradients(models, mbs, grpo_objective(cfg, norm, {}), cfg.temperature, True, VOCAB, cfg, d)
     grads = {}
     for name, p in model.named_parameters():
         g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
