@@ -37,7 +37,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -84,7 +84,7 @@ class Scale:
     train_model: Callable[[int], ModelConfig]  # (c) the model's shape, given the toy tokenizer's size
     train_name: str
     train_args: list[str]  # (c) train.py overrides (beyond data, model and run directory)
-    budget: dict[str, int] = field(default_factory=dict)  # seconds per part
+    budget: dict[str, int]  # seconds per part (its subprocess is killed after)
 
 
 TRAIN_COMMON = ["--sft_steps=0", "--dtype=bfloat16", "--gradient_checkpointing=true", "--grpo.kl_coef=0.001",
@@ -323,7 +323,7 @@ def memory_row(part: str, phase: str, measured_gib: float | None, predicted: dic
     else:
         verdict = "check: over the prediction" if not ratio < MEMORY_RANGE[0] else "loose"
     return Row(part, what, "-" if got is None else fmt_bytes(got),
-               "not simulated (host side)" if want is None else fmt_bytes(want), ratio, verdict)
+               "no dry-run phase" if want is None else fmt_bytes(want), ratio, verdict)
 
 
 def peak(records: list[dict], phase: str) -> float | None:
@@ -347,6 +347,8 @@ def part_train(scale: Scale, device: torch.device, emit: Emit, work: Path, deadl
     weights = random_model(scale.train_model(tokenizer.vocab_size), device, torch.float32).cpu()
     model = save_model(weights, work / "model", tokenizer=tokenizer)
     del weights
+    if device.type == "cuda":  # the draw's device memory back to the GPU before train.py starts
+        torch.cuda.empty_cache()
     run_dir = work / "run"
     overrides = [f"--data_root={world}", f"--model={model}", f"--out_dir={run_dir}", "--device=auto",
                  *scale.train_args]
