@@ -81,7 +81,8 @@ def train(cfg: TrainConfig, run: Run) -> None:
                 with phases("eval"), distributed.rollout_weights(models) as model:
                     result = evaluate_policy(env, model, eval_split.examples, eval_split.prompts, cfg, d,
                                              vote=cfg.eval_vote == "always" or step == total)
-                run.log({"stage": f"eval:{label}", "step": step, **result, **phases.peaks()})
+                run.log({"stage": f"eval:{label}", "step": step, **result, "time": phases.seconds["eval"],
+                         **phases.peaks()})
 
         if run.start_step == 0 and cfg.sft_steps == 0 and cfg.grpo_steps and cfg.eval_init:
             evaluate(0, "init")

@@ -4,8 +4,8 @@
 
 Builds the toy world and a tiny Qwen2 model if missing (sqlr1/toyworld.py), then: cold-start SFT on an imperfect
 teacher's traces (sft.json: gold answers with three habitual slips, see toyworld.teacher_answer) -> held-out
-evaluation (greedy and 8-way voting) -> GRPO with SQL-R1's execution reward through the real sandbox, on the train
-questions with their gold SQL -> held-out evaluation. Same code paths as configs/grpo_7b.py; only the sizes differ.
+evaluation (greedy) -> GRPO with SQL-R1's execution reward through the real sandbox, on the train questions with
+their gold SQL, greedy held-out EX every 25 steps -> held-out evaluation (greedy and 8-way voting). Same code paths as configs/grpo_7b.py; only the sizes differ.
 
 SFT runs well past the point (~250-350 steps) where the tiny model learns to copy names from the question into the
 SQL; before it, held-out EX is ~0 and GRPO has nothing to reinforce.
@@ -40,6 +40,8 @@ config = TrainConfig(
     reward=RewardConfig(),
     lr_schedule="constant",
     warmup_steps=5,
+    eval_every=25,  # greedy held-out EX every 25 GRPO steps: the curve in run.png
+    eval_vote="final",  # 8-way voting once, after the last step
     eval_n=8,
     eval_batch_size=0,  # a tiny model on a CPU: all 266 held-out prompts in one generate call (voted KV cache <= 3 GB)
     eval_temperature=0.8,

@@ -60,7 +60,7 @@ def plot_run(run_dir: Path) -> list[Path]:
         return []
     boundary = sft[-1]["step"] if sft and grpo else None
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
-    panels = (("SFT loss (cross-entropy per token)", sft, "loss", "tab:purple"),
+    panels = (("SFT loss (cross-entropy per token, log scale)", sft, "loss", "tab:purple"),
               ("GRPO mean reward", grpo, "reward", "tab:blue"))
     for ax, (title, rows, key, color) in zip(axes, panels):
         ax.set_title(title)
@@ -68,12 +68,17 @@ def plot_run(run_dir: Path) -> list[Path]:
             _trend(ax, [r["step"] for r in rows], [r[key] for r in rows], color)
         else:
             ax.text(0.5, 0.5, "no steps", ha="center", va="center", transform=ax.transAxes, color="gray")
+    if sft and min(r["loss"] for r in sft) > 0:
+        axes[0].set_yscale("log")  # the plateau and the drop after it show; on a linear axis the first steps dominate
     ax = axes[2]
     ax.set_title("held-out execution accuracy")
     ax.plot([e["step"] for e in evals], [e["ex_greedy"] for e in evals], "o-", color="tab:green", ms=4, label="greedy")
     voted = [e for e in evals if "ex_voted" in e]
     ax.plot([e["step"] for e in voted], [e["ex_voted"] for e in voted], "s", color="tab:orange", ms=6,
             label=f"voted ({len(voted)} evaluation{'s' * (len(voted) != 1)})")
+    for e in evals[:1] + evals[-1:] if len(evals) > 1 else evals:  # the first and last greedy EX, written out
+        ax.annotate(f"{e['ex_greedy']:.2f}", (e["step"], e["ex_greedy"]), textcoords="offset points", xytext=(0, 7),
+                    ha="center", fontsize=8, color="tab:green")
     ax.set_ylim(0, 1)
     ax.legend(loc="lower right", fontsize=8)
     for ax in axes:
