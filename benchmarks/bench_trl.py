@@ -130,7 +130,7 @@ def run_trl(sft: Path, seed: int, steps: int, out: Path, cfg, examples, prompts,
     - Batch: 8 prompts x G = 8 per optimizer step. TRL: per_device_train_batch_size=16, gradient_accumulation_steps=4 (=
       our micro_batch_size 16 x 4 micro-batches), steps_per_generation defaults to 4, so one generation batch of 64 = 8
       prompts x 8 completions feeds one optimizer step; num_iterations=1 (one pass). With one pass TRL takes pi_old =
-      the current forward, detached (rho = 1): the same as ours (`TrainConfig.old_logp_from_update`).
+      the current forward, detached (rho = 1): the same as ours (recompute_old_logp at ppo_epochs 1).
     - Loss normalisation. Ours (token-mean): L = sum_{i,t} m_it l_it / sum_{i,t} m_it over all 64 completions of the
       step, whatever the micro-batching. TRL's loss types (grpo_trainer.py, `_compute_loss`): "grpo" and "sapo" average
       per sequence then over sequences; "bnpo" divides by the tokens of the local micro-batch (token-mean per

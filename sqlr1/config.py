@@ -117,11 +117,6 @@ class TrainConfig:
         step is bound by kernel launches; on CPU only when asked (its compile costs more than it saves here)."""
         return self.compile == "true" or (self.compile == "auto" and device.type == "cuda")
 
-    @property
-    def old_logp_from_update(self) -> bool:
-        """log pi_old is the first (only) epoch's own forward, detached: recompute_old_logp at ppo_epochs == 1."""
-        return self.recompute_old_logp and self.ppo_epochs == 1
-
     def __post_init__(self) -> None:
         choices = {"device": ("auto", "cpu", "cuda"), "dtype": ("float32", "bfloat16", "float16"),
                    "dataset": ("spider", "bird", "synsql", "toy"), "prompt_template": ("sqlr1", "short"),
