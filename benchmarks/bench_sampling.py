@@ -40,12 +40,12 @@ QWEN25_7B = ModelConfig(
 )
 
 
-def sync(device: str) -> None:
-    if device == "cuda":
+def sync(device: str | torch.device) -> None:
+    if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
 
 
-def best_times(fns: dict, device: str, repeats: int) -> dict:
+def best_times(fns: dict, device: str | torch.device, repeats: int) -> dict:
     """Best wall time of each callable over `repeats` rounds, after one warm-up call each. The callables run
     interleaved (a, b, a, b, ...) so that a slow spell of a shared machine hits all of them alike."""
     for fn in fns.values():

@@ -44,7 +44,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from bench_sampling import best_times  # noqa: E402
 from sqlr1.dryrun import KNOWN_MODELS  # noqa: E402
 from sqlr1.model import KVCache, ModelConfig, Qwen2, num_params  # noqa: E402
 from sqlr1.toyworld import tiny_config  # noqa: E402
@@ -146,26 +148,6 @@ def random_model(config: ModelConfig, device: torch.device, dtype: torch.dtype) 
         torch.set_default_dtype(default)
     model.init_weights(generator=torch.Generator(device).manual_seed(0))
     return model.eval()
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def best_times(fns: dict[str, Callable[[], object]], device: torch.device, repeats: int) -> dict[str, float]:
-    """Best wall time of each callable over `repeats` interleaved rounds, after one warm-up call each."""
-    for fn in fns.values():
-        fn()
-    best = dict.fromkeys(fns, math.inf)
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            sync(device)
-            t0 = time.perf_counter()
-            fn()
-            sync(device)
-            best[name] = min(best[name], time.perf_counter() - t0)
-    return best
 
 
 def fmt_bytes(n: float) -> str:

@@ -9,7 +9,6 @@ import importlib.util
 import math
 from pathlib import Path
 
-import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -16,16 +16,10 @@ from tests.dryrun_case import CONFIG, MODEL, VOCAB, WORLD, checkpoint_model, pla
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_fake_run_matches_real_gloo_run(tmp_path):
+def test_fake_run_matches_real_gloo_run(tmp_path, torchrun):
     """Every phase's peak per rank under fake tensors + a fake group of 2 is within 15 % of the real 2-rank run."""
     out = tmp_path / "real.json"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}",
-         str(ROOT / "tests" / "dryrun_worker.py"), str(out)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun("dryrun_worker.py", str(out), nproc=WORLD)
     real = json.loads(out.read_text())
     with fake_world(WORLD) as mesh:
         fake = simulate(CONFIG, MODEL, VOCAB, WORLD, plan(), mesh, fake=True)
@@ -58,17 +52,11 @@ def test_the_dry_run_measures_train_pys_own_phases(monkeypatch):
     assert all(after[p] == before[p] for p in before if p != "update")
 
 
-def test_checkpoint_save_gathers_one_parameter_at_a_time(tmp_path):
+def test_checkpoint_save_gathers_one_parameter_at_a_time(tmp_path, torchrun):
     """2 gloo ranks: no rank holds the full fp32 model while saving (it did: every rank gathered all of it), and
     the HF export is byte-identical to saving the full state dict cast to bf16."""
     out = tmp_path / "peaks.json"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(ROOT / "tests" / "ckpt_worker.py"), str(tmp_path / "run"), str(out)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun("ckpt_worker.py", str(tmp_path / "run"), str(out))
     res = json.loads(out.read_text())
     # a CPU run: rank 0's host copy in bf16 (half the fp32 model) shares the device here; rank 1 keeps nothing
     assert res["peaks"][1] < 0.25 * res["full_bytes"], res
@@ -99,17 +87,11 @@ def test_rollout_copy_is_freed_between_uses_and_refilled():
         assert torch.equal(p.to(torch.bfloat16), q), name
 
 
-def test_rollout_copy_refresh_gathers_bf16_shards(tmp_path):
+def test_rollout_copy_refresh_gathers_bf16_shards(tmp_path, torchrun):
     """2 gloo ranks, FSDP2: the bf16 rollout copy of an fp32 policy is bit for bit the policy gathered in fp32 and
     then cast, while the refresh all-gathers bf16 shards: half the bytes of the fp32 model."""
     out = tmp_path / "copy.json"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(ROOT / "tests" / "dist_copy.py"), str(out)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun("dist_copy.py", str(out))
     res = json.loads(out.read_text())
     assert res["same"]
     assert res["gathered"] <= 0.5 * res["full_fp32"] * 1.01, res  # shards padded to equal sizes: ~1 % slack

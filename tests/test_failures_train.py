@@ -347,7 +347,7 @@ def test_sigterm_says_where_the_run_stopped_and_how_to_continue(world, tmp_path)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
     line = err.strip().splitlines()[-1]
-    assert line.startswith("stopped by SIGTERM after step ") and f"continue with: python train.py" in line, line
+    assert line.startswith("stopped by SIGTERM after step ") and "continue with: python train.py" in line, line
 
 
 def test_nothing_to_train_and_a_bad_dry_run_are_refused_before_anything_is_built(world, tmp_path):

@@ -247,25 +247,11 @@ def test_compiled_decode_step_gives_same_results(model):
         assert compiled.finish_reason == eager.finish_reason
 
 
-def test_compiled_decode_builds_a_bounded_number_of_graphs(model, monkeypatch):
+def test_compiled_decode_builds_a_bounded_number_of_graphs(model, compiled_graphs):
     """Over a run's sequence of calls (greedy evaluation, rollouts at two temperatures, compaction down to one live
     row, other prompt lengths, a one-row call) the compiled decode step builds at most 2 graphs (greedy, sampled),
     not one per temperature / batch size / width; dynamo's recompile limit is 8. Graphs are counted by a backend that
     runs them as captured, so every call is also checked against eager decoding."""
-    import torch._dynamo
-
-    from sqlr1 import sampling
-
-    graphs = []
-
-    def counting_backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    real_compile = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, **{**kw, "backend": counting_backend}))
-    sampling._compiled_decode_step.cache_clear()
-    torch._dynamo.reset()
     stops = [1, 2, 3, 4, 5, 6, 7, 8]
     calls = [
         dict(prompts=PROMPTS, temperature=0.0),  # greedy evaluation
@@ -274,17 +260,13 @@ def test_compiled_decode_builds_a_bounded_number_of_graphs(model, monkeypatch):
         dict(prompts=PROMPTS[:1], temperature=0.8),  # one row: eager, never a batch-1 graph
         dict(prompts=PROMPTS[1:3], temperature=0.0),
     ]
-    try:
-        for kw in calls:
-            kw = dict(max_new_tokens=16, stop_ids=stops, vocab_size=VOCAB, seed=0, check_every=1, **kw)
-            eager = gen(model, **kw)
-            compiled = gen(model, compile=True, **kw)
-            assert (compiled.tokens, compiled.finish_reason) == (eager.tokens, eager.finish_reason)
-            torch.testing.assert_close(compiled.logprobs, eager.logprobs, atol=1e-5, rtol=0)
-            if len(kw["prompts"]) == 4:  # one row outlives all others: the live batch reaches 1
-                lengths = sorted(map(len, eager.tokens))
-                assert lengths[-2] < lengths[-1]
-    finally:
-        sampling._compiled_decode_step.cache_clear()
-        torch._dynamo.reset()
-    assert len(graphs) <= 2, f"{len(graphs)} decode graphs"
+    for kw in calls:
+        kw = dict(max_new_tokens=16, stop_ids=stops, vocab_size=VOCAB, seed=0, check_every=1, **kw)
+        eager = gen(model, **kw)
+        compiled = gen(model, compile=True, **kw)
+        assert (compiled.tokens, compiled.finish_reason) == (eager.tokens, eager.finish_reason)
+        torch.testing.assert_close(compiled.logprobs, eager.logprobs, atol=1e-5, rtol=0)
+        if len(kw["prompts"]) == 4:  # one row outlives all others: the live batch reaches 1
+            lengths = sorted(map(len, eager.tokens))
+            assert lengths[-2] < lengths[-1]
+    assert len(compiled_graphs) <= 2, f"{len(compiled_graphs)} decode graphs"

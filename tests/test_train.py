@@ -56,7 +56,7 @@ def test_shared_prefix_step_equals_unshared(mode):
         assert_same(p1, ps, atol=1e-6)
 
 
-def test_fsdp_two_ranks_match_one_process_and_hold_no_unsharded_gradient(tmp_path):
+def test_fsdp_two_ranks_match_one_process_and_hold_no_unsharded_gradient(tmp_path, torchrun):
     """torchrun, gloo, FSDP2 fully_shard: 2 ranks x 2 micro-batches == 1 process x 1 micro-batch, with gradient
     sync after every micro-batch (grad_accum_no_sync=False, the default), with no-sync until the last one, and with
     shared-prefix micro-batches (the shared forward methods registered with FSDP).
@@ -64,13 +64,7 @@ def test_fsdp_two_ranks_match_one_process_and_hold_no_unsharded_gradient(tmp_pat
     With sync, FSDP2 holds no unsharded gradient after micro-batch 0 (only the sharded DTensor .grad); with no-sync
     it holds the whole fp32 model's worth (the ~28 GiB per GPU at 7B this default avoids)."""
     out = tmp_path / "dist.pt"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(ROOT / "tests" / "dist_split.py"), str(out)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun("dist_split.py", str(out))
     dist_results = torch.load(out)
     for mode in LOSS_MODES:
         model, seqs, cfg = make_case(mode)
@@ -236,19 +230,13 @@ def test_step_without_varied_rewards_is_skipped_and_counted(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(initial.state_dict().values(), final.state_dict().values()))
 
 
-def test_rl_filter_runs_on_rank_zero_and_every_rank_gets_its_list(tmp_path):
+def test_rl_filter_runs_on_rank_zero_and_every_rank_gets_its_list(tmp_path, torchrun):
     """torchrun, 2 gloo ranks, the helper train.py calls: both ranks hold rank 0's list though rank 1's own filter
     keeps a different one, and each rank's sandbox gets cores // LOCAL_WORLD_SIZE workers (at least 1)."""
     import json
 
     out = tmp_path / "filter.json"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(ROOT / "tests" / "dist_filter.py"), str(out)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun("dist_filter.py", str(out))
     rank0, rank1 = json.loads(out.read_text())
     assert rank0["own"] == [0, 1] and rank1["own"] == [1]  # left alone, the ranks would disagree
     assert rank0["shared"] == rank1["shared"] == [0, 1]
@@ -268,40 +256,23 @@ def test_sandbox_share_of_the_node(monkeypatch):
     assert cores_per_local_rank() == 1  # never zero workers
 
 
-def test_rollouts_and_evaluations_decode_compiled_when_asked(tmp_path, monkeypatch, capfd):
+def test_rollouts_and_evaluations_decode_compiled_when_asked(tmp_path, compiled_graphs, capfd):
     """compile="auto" is on for CUDA and off for CPU; "true" compiles the decode step of the rollouts (sampled) and
     of the held-out evaluation (greedy, and sampled for voting), each graph's one-time cost logged. Graphs are
     built by a backend that runs them as captured (no inductor: seconds, not minutes)."""
-    import torch._dynamo
-
     import train
-    from sqlr1 import sampling
     from sqlr1.config import TrainConfig
     from sqlr1.toyworld import build_toyworld
 
     assert TrainConfig().compile_decode(torch.device("cuda")) and not TrainConfig().compile_decode(torch.device("cpu"))
-    graphs = []
-
-    def counting_backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    real_compile = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, **{**kw, "backend": counting_backend}))
-    sampling._compiled_decode_step.cache_clear()
-    torch._dynamo.reset()
     world = build_toyworld(tmp_path / "world", seed=0, num_train_dbs=2, num_dev_dbs=1, train_questions_per_db=4,
                            dev_questions_per_db=2)
-    try:
-        code = train.main(["--config", str(ROOT / "configs" / "grpo_tiny.py"), f"--data_root={world}",
-                           f"--out_dir={tmp_path / 'run'}", "--sft_steps=0", "--grpo_steps=1", "--eval_n=2",
-                           "--prompts_per_step=2", "--group_size=2", "--max_response_len=12", "--sandbox_workers=1",
-                           "--compile=true"])
-    finally:
-        sampling._compiled_decode_step.cache_clear()
-        torch._dynamo.reset()
+    code = train.main(["--config", str(ROOT / "configs" / "grpo_tiny.py"), f"--data_root={world}",
+                       f"--out_dir={tmp_path / 'run'}", "--sft_steps=0", "--grpo_steps=1", "--eval_n=2",
+                       "--prompts_per_step=2", "--group_size=2", "--max_response_len=12", "--sandbox_workers=1",
+                       "--compile=true"])
     assert code == 0
     err = capfd.readouterr().err
     assert "torch.compile: decode step (greedy) ready in" in err
     assert "torch.compile: decode step (sampled, top_k=0, top_p=1) ready in" in err
-    assert 2 <= len(graphs) <= 3, len(graphs)  # greedy and sampled (one dynamic re-trace at most)
+    assert 2 <= len(compiled_graphs) <= 3, len(compiled_graphs)  # greedy and sampled (one dynamic re-trace at most)
