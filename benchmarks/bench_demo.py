@@ -2,6 +2,7 @@
 
     python benchmarks/bench_demo.py                      # seed 0: the previous defaults, then configs/grpo_tiny.py
     python benchmarks/bench_demo.py --seeds 0 1 2        # both settings on each seed, one run at a time
+    python benchmarks/bench_demo.py --keep runs/bench    # keep the run directories (their metrics and plots)
 
 Each run is `train.py --config configs/grpo_tiny.py --seed=S` in a fresh process (a quiet machine: nothing else
 running), timed from start to exit; "before" adds BEFORE's overrides. Prints per run the wall time and its stages
@@ -60,6 +61,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--before", nargs="*", default=BEFORE, help="overrides giving the settings to compare against")
+    ap.add_argument("--keep", type=Path, help="keep the run directories here (default: a temporary folder)")
     args = ap.parse_args()
     print(f"{cpu_model()}; before = {' '.join(args.before)}; after = configs/grpo_tiny.py as shipped", flush=True)
     header = f"{'seed':>4} {'run':<7}" + "".join(f"{c + ' s':>10}" for c in COLUMNS) + \
@@ -68,7 +70,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench_demo-") as tmp:
         for seed in args.seeds:
             for label, overrides in (("before", args.before), ("after", [])):
-                r = run(seed, overrides, Path(tmp) / f"{label}-{seed}")
+                r = run(seed, overrides, (args.keep or Path(tmp)) / f"{label}-{seed}")
                 rows.append(r)
                 print(f"seed {seed} {label}: {r['wall']:.0f} s", file=sys.stderr, flush=True)
     print(header)

@@ -17,7 +17,6 @@ from sqlr1.lab import LabConfig
 config = LabConfig(  # seeds 0, 1, 2, two runs at once (1 thread each): LabConfig's defaults
     name="lab_tools",
     base="configs/grpo_tiny_tools.py",
-    base_overrides=["--eval_every=25", "--eval_vote=final"],
     variants={
         "multi_turn": [],
         "single_turn": ["--max_turns=0", "--sft_split=sft_tools_blind"],

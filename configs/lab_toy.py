@@ -10,7 +10,7 @@ and SQL-R1's reward ablations on one world; results and plots are in benchmarks/
   correct, already orders it), and the result ablation cannot show.
 - 900 SFT steps (grpo_tiny: 600): the SFT loss has levelled off on every seed, so a row differs from the
   reference by what it changes, not by which seed it drew.
-- Greedy EX every 25 GRPO steps for the curves; voting only after the last step (eval_vote=final).
+- The curves: greedy EX every 25 GRPO steps, voting after the last (grpo_tiny's eval_every and eval_vote).
 - dr_grpo_no_result: the result ablation under A_i = r_i - mean_g, which keeps the reward's scale; under SQL-R1's
   A_i = (r_i - mean_g) / std_g (no_result) it is only a delay.
 """
@@ -22,7 +22,7 @@ DR_GRPO = ["--grpo.adv_scale=none", "--grpo.loss_agg=seq-mean-token-sum-norm"]
 config = LabConfig(  # seeds 0, 1, 2, two runs at once (1 thread each): LabConfig's defaults
     name="lab_toy",
     base="configs/grpo_tiny.py",
-    base_overrides=["--eval_every=25", "--eval_vote=final", "--sft_split=sft_noisy", "--sft_steps=900"],
+    base_overrides=["--sft_split=sft_noisy", "--sft_steps=900"],
     variants={
         "grpo": [],  # SQL-R1 as grpo_tiny runs it: token-mean, eps 0.2, group-std advantages, beta 0
         "dr_grpo": DR_GRPO,  # Dr.GRPO: no std division, seq-mean-token-sum-norm
