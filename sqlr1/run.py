@@ -27,6 +27,7 @@ import shlex
 import shutil
 import sys
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,9 @@ from sqlr1.checkpoint import SourceExtras, read_json, save_state_dict
 from sqlr1.config import TrainConfig, config_dict, save_config
 from sqlr1.distributed import Dist
 from sqlr1.model import Qwen2
+
+# a single process saving and loading a distributed checkpoint is how every CPU run works: no warning per save
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 RUN_FILES = ("config.json", "metrics.jsonl", "samples.jsonl", "final", "checkpoints")  # any of them: a run lives here
 

@@ -215,6 +215,25 @@ def generate(model: Qwen2, prompts: list[list[int]], num_samples: int = 1, param
                    model_mask=[m[:n] for m, n in zip(own.tolist(), lengths)])
 
 
+def _compact(live: _Rows, kv_cache: KVCache, appended: list, num_live: int, min_rows: int) -> list:
+    """Drop finished rows from the batch and its cache, keeping min_rows (a kept finished row's tokens after its stop
+    id are discarded like any row's); the kept rows' pending observations."""
+    keep = (~live.done).nonzero().squeeze(-1)
+    if num_live < min_rows:
+        keep = torch.cat([keep, live.done.nonzero()[: min_rows - num_live, 0]]).sort().values
+    kv_cache.select_rows(keep)
+    live.select(keep)
+    return [appended[i] for i in keep.tolist()] if appended else []
+
+
+def _grow(live: _Rows, kv_cache: KVCache, columns: torch.Tensor, needed: int) -> torch.Tensor:
+    """Widen the cache and the rows' masks by >= a quarter (observations past its end); the new column indices."""
+    extra = max(needed, len(columns) // 4)
+    kv_cache.grow(extra)
+    live.mask = F.pad(live.mask, (0, extra), value=True)
+    return torch.arange(len(columns) + extra, device=columns.device)
+
+
 def sample_tensors(model: Qwen2, prompts: list[list[int]], num_samples: int, params: SamplingParams,
                    pause: PauseHook | None = None, progress: bool = False, share_prefix: bool = True,
                    first_step: int = 0) -> tuple[torch.Tensor, ...]:
@@ -260,19 +279,11 @@ def sample_tensors(model: Qwen2, prompts: list[list[int]], num_samples: int, par
             if num_live == 0:
                 break
             if max(num_live, min_rows) < len(live.rows):
-                keep = (~live.done).nonzero().squeeze(-1)
-                if num_live < min_rows:  # its tokens after its stop id are discarded like any row's
-                    keep = torch.cat([keep, live.done.nonzero()[: min_rows - num_live, 0]]).sort().values
-                kv_cache.select_rows(keep)
-                live.select(keep)
-                appended = [appended[i] for i in keep.tolist()] if appended else []
+                appended = _compact(live, kv_cache, appended, num_live, min_rows)
         draw = Draw(V, temperature, params.top_k, params.top_p, uniform(live.rows))
         width = 1 + max(map(len, appended), default=0)
-        if col + width > len(columns):  # observations took columns past the cache: grow it (by >= a quarter)
-            extra = max(col + width - len(columns), len(columns) // 4)
-            kv_cache.grow(extra)
-            live.mask = F.pad(live.mask, (0, extra), value=True)
-            columns = torch.arange(len(columns) + extra, device=device)
+        if col + width > len(columns):  # observations took columns past the cache
+            columns = _grow(live, kv_cache, columns, col + width - len(columns))
         if width == 1:  # a decode step: eager it reads the filled columns only, compiled the whole (static) width
             live.ids, live.logp = step_fn(model, live.ids, live.mask[:, : None if compile else col + 1],
                                           live.positions, kv_cache, columns[col : col + 1], draw)
