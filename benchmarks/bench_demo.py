@@ -2,6 +2,7 @@
 
     python benchmarks/bench_demo.py                      # seed 0: the previous defaults, then configs/grpo_tiny.py
     python benchmarks/bench_demo.py --seeds 0 1 2        # both settings on each seed, one run at a time
+    python benchmarks/bench_demo.py --seeds 0 1 2 --before_seeds 0   # the before settings on seed 0 only
     python benchmarks/bench_demo.py --keep runs/bench    # keep the run directories (their metrics and plots)
 
 Each run is `train.py --config configs/grpo_tiny.py --seed=S` in a fresh process (a quiet machine: nothing else
@@ -22,9 +23,9 @@ sys.path.insert(0, str(ROOT))
 
 from sqlr1.run import read_records  # noqa: E402
 
-# grpo_tiny's evaluation settings before the run drew its EX curve: voted evaluations after SFT and after GRPO, none
-# between
-BEFORE = ["--eval_every=0", "--eval_vote=always"]
+# grpo_tiny's settings before its EX curve and its longer cold start: 600 SFT steps, voted evaluations after SFT and
+# after GRPO, none between
+BEFORE = ["--sft_steps=600", "--eval_every=0", "--eval_vote=always"]
 COLUMNS = ("wall", "sft", "eval", "rollout", "reward", "update", "other")
 
 
@@ -60,27 +61,27 @@ def run(seed: int, overrides: list[str], out_dir: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--before_seeds", type=int, nargs="*", help="seeds that also run the before settings (default: all)")
     ap.add_argument("--before", nargs="*", default=BEFORE, help="overrides giving the settings to compare against")
     ap.add_argument("--keep", type=Path, help="keep the run directories here (default: a temporary folder)")
     args = ap.parse_args()
+    before_seeds = args.seeds if args.before_seeds is None else args.before_seeds
     print(f"{cpu_model()}; before = {' '.join(args.before)}; after = configs/grpo_tiny.py as shipped", flush=True)
-    header = f"{'seed':>4} {'run':<7}" + "".join(f"{c + ' s':>10}" for c in COLUMNS) + \
-        f"{'SFT steps':>10}{'evals':>6}  EX greedy SFT -> GRPO (gain)"
-    rows = []
+    rows = {}  # (seed, label) -> numbers
     with tempfile.TemporaryDirectory(prefix="bench_demo-") as tmp:
         for seed in args.seeds:
             for label, overrides in (("before", args.before), ("after", [])):
-                r = run(seed, overrides, (args.keep or Path(tmp)) / f"{label}-{seed}")
-                rows.append(r)
-                print(f"seed {seed} {label}: {r['wall']:.0f} s", file=sys.stderr, flush=True)
-    print(header)
-    for i, r in enumerate(rows):
-        seed, label = args.seeds[i // 2], ("before", "after")[i % 2]
+                if label == "after" or seed in before_seeds:
+                    rows[seed, label] = run(seed, overrides, (args.keep or Path(tmp)) / f"{label}-{seed}")
+                    print(f"seed {seed} {label}: {rows[seed, label]['wall']:.0f} s", file=sys.stderr, flush=True)
+    print(f"{'seed':>4} {'run':<7}" + "".join(f"{c + ' s':>10}" for c in COLUMNS) +
+          f"{'SFT steps':>10}{'evals':>6}  EX greedy SFT -> GRPO (gain)")
+    for (seed, label), r in rows.items():
         print(f"{seed:>4} {label:<7}" + "".join(f"{r[c]:>10.1f}" for c in COLUMNS) +
               f"{r['sft_steps']:>10}{r['evals']:>6}  {r['ex_sft']:.3f} -> {r['ex_grpo']:.3f} "
               f"({100 * (r['ex_grpo'] - r['ex_sft']):+.1f})")
-        if i % 2:
-            before = rows[i - 1]
+        if label == "after" and (seed, "before") in rows:
+            before = rows[seed, "before"]
             print(f"{seed:>4} {'ratio':<7}" + "".join(f"{before[c] / r[c] if r[c] > 0 else float('nan'):>9.2f}x"
                                                      for c in COLUMNS))
 

@@ -81,7 +81,7 @@ def run_train(args: list[str], threads: int, log: Path) -> None:
 
 
 def make_sft(seed: int, sft_steps: int | None, cache_dir: str) -> Path:
-    """The cold start for `seed`: grpo_tiny's own SFT run (sft.json, 600 steps unless --sft_steps), from the lab's
+    """The cold start for `seed`: grpo_tiny's own SFT run (sft.json, its sft_steps unless --sft_steps), from the lab's
     cache (sqlr1.lab.sft_checkpoint: same cache, same key). Not configs/lab_toy.py's (sft_noisy.json, 900 steps)."""
     overrides = [] if sft_steps is None else [f"--sft_steps={sft_steps}"]
     return sft_checkpoint(CONFIG.relative_to(ROOT), overrides, seed, cache_dir)

@@ -8,7 +8,8 @@ evaluation (greedy) -> GRPO with SQL-R1's execution reward through the real sand
 their gold SQL, greedy held-out EX every 25 steps -> held-out evaluation (greedy and 8-way voting). Same code paths as configs/grpo_7b.py; only the sizes differ.
 
 SFT runs well past the point (~250-350 steps) where the tiny model learns to copy names from the question into the
-SQL; before it, held-out EX is ~0 and GRPO has nothing to reinforce.
+SQL; before it, held-out EX is ~0 and GRPO has nothing to reinforce. Values are copied reliably later: at 600 steps
+one seed in three still wrote other values than the question's and GRPO did not move it in 100 steps; at 750 it did.
 """
 
 from sqlr1.config import TrainConfig
@@ -27,7 +28,7 @@ config = TrainConfig(
     max_prompt_len=512,
     max_response_len=128,  # hard JOIN answers reach ~110 tokens
     sft_split="sft",
-    sft_steps=600,
+    sft_steps=750,
     sft_lr=4e-3,
     sft_batch_size=32,
     micro_batch_size=16,

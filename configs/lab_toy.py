@@ -8,7 +8,7 @@ and SQL-R1's reward ablations on one world; results and plots are in benchmarks/
 - Cold start sft_noisy (toyworld.teacher_plural_slip): 40 % of the traces use plural table names, which fail to
   run. If every sample runs, group-std advantages rank a group the same with or without S_r (S_l, paid only when
   correct, already orders it), and the result ablation cannot show.
-- 900 SFT steps (grpo_tiny: 600): the SFT loss has levelled off on every seed, so a row differs from the
+- 900 SFT steps (grpo_tiny: 750): the SFT loss has levelled off on every seed, so a row differs from the
   reference by what it changes, not by which seed it drew.
 - The curves: greedy EX every 25 GRPO steps, voting after the last (grpo_tiny's eval_every and eval_vote).
 - dr_grpo_no_result: the result ablation under A_i = r_i - mean_g, which keeps the reward's scale; under SQL-R1's
