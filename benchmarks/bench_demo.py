@@ -23,9 +23,9 @@ sys.path.insert(0, str(ROOT))
 
 from sqlr1.run import read_records  # noqa: E402
 
-# grpo_tiny's settings before its EX curve and its longer cold start: 600 SFT steps, voted evaluations after SFT and
-# after GRPO, none between
-BEFORE = ["--sft_steps=600", "--eval_every=0", "--eval_vote=always"]
+# grpo_tiny's settings before its EX curve and its longer training: 600 SFT and 100 GRPO steps, voted evaluations
+# after SFT and after GRPO, none between
+BEFORE = ["--sft_steps=600", "--grpo_steps=100", "--eval_every=0", "--eval_vote=always"]
 COLUMNS = ("wall", "sft", "eval", "rollout", "reward", "update", "other")
 
 

@@ -9,7 +9,8 @@ their gold SQL, greedy held-out EX every 25 steps -> held-out evaluation (greedy
 
 SFT runs well past the point (~250-350 steps) where the tiny model learns to copy names from the question into the
 SQL; before it, held-out EX is ~0 and GRPO has nothing to reinforce. Values are copied reliably later: at 600 steps
-one seed in three still wrote other values than the question's and GRPO did not move it in 100 steps; at 750 it did.
+one seed in three still wrote other values than the question's and GRPO did not move it in 100 steps; at 750 it
+does, and its held-out EX is still climbing at GRPO step 100, hence 120.
 """
 
 from sqlr1.config import TrainConfig
@@ -32,7 +33,7 @@ config = TrainConfig(
     sft_lr=4e-3,
     sft_batch_size=32,
     micro_batch_size=16,
-    grpo_steps=100,
+    grpo_steps=120,
     prompts_per_step=8,
     group_size=8,
     lr=2e-4,

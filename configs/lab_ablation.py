@@ -23,7 +23,7 @@ DR_GRPO = ["--grpo.adv_scale=none", "--grpo.loss_agg=seq-mean-token-sum-norm"]
 config = LabConfig(  # seeds 0, 1, 2, two runs at once (1 thread each): LabConfig's defaults
     name="lab_ablation",
     base="configs/grpo_tiny.py",
-    base_overrides=["--sft_split=sft_careful", "--sft_steps=900"],
+    base_overrides=["--sft_split=sft_careful", "--sft_steps=900", "--grpo_steps=100"],
     variants={
         "dr_grpo": DR_GRPO,
         "dr_grpo_no_result": [*DR_GRPO, "--reward.use_result=false"],

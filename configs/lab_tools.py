@@ -17,7 +17,7 @@ from sqlr1.lab import LabConfig
 config = LabConfig(  # seeds 0, 1, 2, two runs at once (1 thread each): LabConfig's defaults
     name="lab_tools",
     base="configs/grpo_tiny_tools.py",
-    base_overrides=["--sft_steps=600"],  # the cold starts RESULTS.md measured
+    base_overrides=["--sft_steps=600", "--grpo_steps=100"],  # the runs RESULTS.md measured
     variants={
         "multi_turn": [],
         "single_turn": ["--max_turns=0", "--sft_split=sft_tools_blind"],

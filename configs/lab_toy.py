@@ -22,7 +22,7 @@ DR_GRPO = ["--grpo.adv_scale=none", "--grpo.loss_agg=seq-mean-token-sum-norm"]
 config = LabConfig(  # seeds 0, 1, 2, two runs at once (1 thread each): LabConfig's defaults
     name="lab_toy",
     base="configs/grpo_tiny.py",
-    base_overrides=["--sft_split=sft_noisy", "--sft_steps=900"],
+    base_overrides=["--sft_split=sft_noisy", "--sft_steps=900", "--grpo_steps=100"],
     variants={
         "grpo": [],  # SQL-R1 as grpo_tiny runs it: token-mean, eps 0.2, group-std advantages, beta 0
         "dr_grpo": DR_GRPO,  # Dr.GRPO: no std division, seq-mean-token-sum-norm
