@@ -76,7 +76,7 @@ def plot_run(run_dir: Path) -> list[Path]:
     voted = [e for e in evals if "ex_voted" in e]
     ax.plot([e["step"] for e in voted], [e["ex_voted"] for e in voted], "s", color="tab:orange", ms=6,
             label=f"voted ({len(voted)} evaluation{'s' * (len(voted) != 1)})")
-    for e in evals[:1] + evals[-1:] if len(evals) > 1 else evals:  # the first and last greedy EX, written out
+    for e in (evals[:1] + evals[-1:] if len(evals) > 1 else evals):  # the first and last greedy EX, written out
         ax.annotate(f"{e['ex_greedy']:.2f}", (e["step"], e["ex_greedy"]), textcoords="offset points", xytext=(0, 7),
                     ha="center", fontsize=8, color="tab:green")
     ax.set_ylim(0, 1)
